@@ -1,0 +1,25 @@
+"""FastAPI dependencies: the per-process objects the lifespan builds, and the caller's tenant."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from service.pipeline import Pipeline
+from service.store.responses import ResponseStore
+
+DEFAULT_TENANT = "default"
+
+
+def pipeline(request: Request) -> Pipeline:
+    turns: Pipeline = request.app.state.pipeline
+    return turns
+
+
+def response_store(request: Request) -> ResponseStore:
+    store: ResponseStore = request.app.state.pipeline.responses
+    return store
+
+
+def current_tenant() -> str:
+    # API keys arrive with the security work; until then every caller is the default tenant.
+    return DEFAULT_TENANT

@@ -1,0 +1,58 @@
+"""OpenAI's error envelope for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ConvstateError
+
+log = logging.getLogger("convstate.api")
+
+
+def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> ORJSONResponse:
+    return ORJSONResponse(envelope(message, type_, param, code), status_code=status)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    path = [part for part in loc if part not in ("body", "query", "path")]
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ConvstateError)
+    async def _convstate_error(_request: Request, exc: ConvstateError) -> ORJSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
+        first = exc.errors()[0]
+        param = _param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        message = first.get("msg", "Invalid request")
+        if param:
+            message = f"Invalid value for '{param}': {message}"
+        return error_response(400, message, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "The server had an error while processing your request.", "server_error")

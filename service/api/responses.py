@@ -1,0 +1,96 @@
+"""HTTP routes of the Responses API."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import ORJSONResponse
+
+from service.api.deps import current_tenant, pipeline, response_store
+from service.api.objects import list_object, response_object
+from service.api.schemas import CreateResponseBody, ListQuery
+from service.domain.items import normalize_input
+from service.errors import InvalidRequest, NotFound
+from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
+from service.store.responses import ResponseStore
+
+router = APIRouter(prefix="/v1/responses", tags=["responses"])
+
+Tenant = Annotated[str, Depends(current_tenant)]
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(f"No response found with id '{response_id}'.", param="response_id")
+
+
+def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnRequest:
+    if body.background and not body.store:
+        raise InvalidRequest("background responses require store=true.", param="background")
+    if body.stream:
+        raise InvalidRequest("Streaming is not supported yet.", param="stream", code="unsupported_value")
+    if body.background:
+        raise InvalidRequest("Background mode is not supported yet.", param="background", code="unsupported_value")
+    dumped = body.model_dump(exclude_none=True, by_alias=True)
+    settings = {key: dumped[key] for key in ECHOED_SETTINGS if key in dumped}
+    return TurnRequest(
+        model=body.model,
+        input=normalize_input(body.input),
+        instructions=body.instructions,
+        previous_response_id=body.previous_response_id,
+        store=body.store,
+        settings=settings,
+        background=body.background,
+        request_id=request_id,
+    )
+
+
+@router.post("")
+async def create_response(
+    body: CreateResponseBody,
+    request: Request,
+    tenant: Tenant,
+    turns: Annotated[Pipeline, Depends(pipeline)],
+) -> ORJSONResponse:
+    result = await turns.create(tenant, turn_request(body, request.headers.get("x-request-id")))
+    headers = {"x-convstate-decision": result.decision.header}
+    if result.prompt_digest:
+        headers["x-convstate-prompt-digest"] = result.prompt_digest
+    headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
+    return ORJSONResponse(response_object(result.response), headers=headers)
+
+
+@router.get("/{response_id}")
+async def get_response(
+    response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
+) -> ORJSONResponse:
+    stored = await store.get(tenant, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return ORJSONResponse(response_object(stored))
+
+
+@router.delete("/{response_id}")
+async def delete_response(
+    response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
+) -> ORJSONResponse:
+    if not await store.delete(tenant, response_id, time.time()):
+        raise _not_found(response_id)
+    return ORJSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.get("/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    tenant: Tenant,
+    store: Annotated[ResponseStore, Depends(response_store)],
+    query: Annotated[ListQuery, Query()],
+) -> ORJSONResponse:
+    page = await store.input_items(
+        tenant, response_id, after=query.after, limit=query.limit, descending=query.order == "desc"
+    )
+    if page is None:
+        raise _not_found(response_id)
+    has_more, items = page
+    return ORJSONResponse(list_object(items, has_more))

@@ -1,0 +1,106 @@
+"""Request bodies of the public API (validation only; the pipeline never sees HTTP)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY = 64
+METADATA_MAX_VALUE = 512
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FunctionTool(_Strict):
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class Reasoning(_Strict):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+def validate_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > METADATA_MAX_PAIRS:
+        raise ValueError(f"metadata may have at most {METADATA_MAX_PAIRS} pairs")
+    for key, item in value.items():
+        if len(key) > METADATA_MAX_KEY:
+            raise ValueError(f"metadata keys may be at most {METADATA_MAX_KEY} characters")
+        if len(item) > METADATA_MAX_VALUE:
+            raise ValueError(f"metadata values may be at most {METADATA_MAX_VALUE} characters")
+    return value
+
+
+class CreateResponseBody(_Strict):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: str | list[Any]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
+    prompt_cache_key: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    reasoning: Reasoning | None = None
+    text: TextConfig | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    include: list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    background: bool = False
+
+    _metadata = field_validator("metadata")(validate_metadata)
+
+    @field_validator("include")
+    @classmethod
+    def _known_include(cls, value: list[str] | None) -> list[str] | None:
+        supported = {"message.output_text.logprobs", "reasoning.encrypted_content"}
+        for entry in value or []:
+            if entry not in supported:
+                raise ValueError(f"unsupported include value {entry!r}; supported: {', '.join(sorted(supported))}")
+        return value
+
+
+class ListQuery(_Strict):
+    after: str | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    order: Literal["asc", "desc"] = "desc"

@@ -1,0 +1,305 @@
+"""Client for a vLLM-compatible backend: chat completions, /tokenize, /v1/models (+ the prompt_cache
+extension described in docs/backend-protocol.md).
+
+Bodies are serialized once with orjson and posted as bytes; connections are pooled. Transient failures
+(connect errors, 429/502/503) are retried with jittered backoff inside a total deadline; a typed cache miss
+(409 prompt_cache_miss) is raised as BackendMiss for the pipeline to fall back on, never retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from service.config import Settings
+from service.domain.fingerprint import BackendModelInfo
+from service.errors import BackendTimeout, BackendUnavailable, ConvstateError, InvalidRequest
+
+_TRANSIENT_STATUS = frozenset({429, 502, 503})
+
+
+class BackendMiss(Exception):
+    """The backend refused a cache reference (HTTP 409, type prompt_cache_miss)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class _TransientStatus(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCacheHandle:
+    ref: str
+    epoch: str
+    tokens: int
+    safe_boundary: bool
+    safe_tokens: int
+    prefix_hash: str
+    covers_output: bool
+    expires_at: float
+    fingerprint: str | None
+    reused_tokens: int
+
+
+@dataclass(slots=True)
+class ChatReply:
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    prompt_digest: str | None
+    handle: PromptCacheHandle | None
+    bytes_sent: int
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_handle(data: Any) -> PromptCacheHandle | None:
+    """The prompt_cache object of a reply; None when absent or malformed (fail closed: no reuse)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return PromptCacheHandle(
+            ref=str(data["ref"]),
+            epoch=str(data["epoch"]),
+            tokens=int(data["tokens"]),
+            safe_boundary=bool(data["safe_boundary"]),
+            safe_tokens=int(data["safe_tokens"]),
+            prefix_hash=str(data["prefix_hash"]),
+            covers_output=bool(data["covers_output"]),
+            expires_at=float(data["expires_at"]),
+            fingerprint=data.get("fingerprint"),
+            reused_tokens=int(data.get("reused_tokens") or 0),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int, int, int]:
+    """(prompt, completion, cached, reasoning) tokens from an OpenAI/vLLM usage object."""
+    usage = usage or {}
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        int(prompt_details.get("cached_tokens") or 0),
+        int(completion_details.get("reasoning_tokens") or 0),
+    )
+
+
+def _model_info(card: dict[str, Any]) -> BackendModelInfo:
+    extension = card.get("prompt_cache") or {}
+    parts = extension.get("fingerprint_parts") or {}
+    block_size = parts.get("block_size")
+    return BackendModelInfo(
+        model=str(card.get("id")),
+        # Upstream vLLM reports no revision; `root` (the weights' path or repo) is the best it has.
+        revision=parts.get("revision") or card.get("root"),
+        tokenizer=parts.get("tokenizer"),
+        renderer=parts.get("renderer"),
+        chat_template=parts.get("chat_template"),
+        lora=parts.get("lora"),
+        block_size=int(block_size) if block_size is not None else None,
+        epoch=extension.get("epoch"),
+        backend_fingerprint=extension.get("fingerprint"),
+        max_model_len=card.get("max_model_len"),
+    )
+
+
+def _error_message(response: httpx.Response) -> tuple[str, str | None, str | None]:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase, None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or body), error.get("type"), error.get("code")
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"]), body.get("type"), None
+    return str(body)[:500], None, None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _TransientStatus))
+
+
+class BackendClient:
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base_url = settings.backend_url
+        self._settings = settings
+        self._http = httpx.AsyncClient(
+            base_url=settings.backend_url,
+            timeout=httpx.Timeout(settings.backend_timeout, connect=settings.backend_connect_timeout),
+            limits=httpx.Limits(
+                max_connections=settings.backend_max_connections,
+                max_keepalive_connections=settings.backend_max_connections,
+            ),
+            transport=transport,
+        )
+        self._models: dict[str, BackendModelInfo] = {}
+        self._models_fetched_at = float("-inf")
+        self._models_lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self._settings.backend_retry_attempts)
+            | stop_after_delay(self._settings.backend_retry_deadline),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        )
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    response = await self._http.post(
+                        path, content=body, headers={"content-type": "application/json", **headers}
+                    )
+                    if response.status_code in _TRANSIENT_STATUS:
+                        raise _TransientStatus(response.status_code, _error_message(response)[0])
+                    return response
+        except _TransientStatus as exc:
+            raise BackendUnavailable(
+                f"The model backend is unavailable (HTTP {exc.status}): {exc}",
+                status=503 if exc.status in (429, 503) else 502,
+            ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise BackendUnavailable(f"The model backend at {self.base_url} is unreachable: {exc}") from None
+        except httpx.TimeoutException:
+            raise BackendTimeout("The model backend did not answer in time.") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"The model backend failed: {exc!r}") from None
+        raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        message, error_type, code = _error_message(response)
+        if response.status_code == 409 and error_type == "prompt_cache_miss":
+            raise BackendMiss(code or "unknown", message)
+        if response.status_code == 404:
+            raise InvalidRequest(f"The model backend does not serve this model: {message}", param="model",
+                                 code="model_not_found")
+        if 400 <= response.status_code < 500:
+            raise InvalidRequest(f"The model backend rejected the request: {message}", code=code)
+        raise BackendUnavailable(f"The model backend failed (HTTP {response.status_code}): {message}")
+
+    async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatReply:
+        payload = orjson.dumps(body)
+        response = await self._post("/v1/chat/completions", payload, headers or {})
+        self._raise_for_status(response)
+        data = orjson.loads(response.content)
+        try:
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+        except (KeyError, IndexError, TypeError):
+            raise BackendUnavailable("The model backend returned a malformed completion.") from None
+        prompt, completion, cached, reasoning_tokens = usage_counts(data.get("usage"))
+        logprobs = (choice.get("logprobs") or {}).get("content") or []
+        return ChatReply(
+            content=message.get("content"),
+            reasoning=message.get("reasoning_content") or message.get("reasoning"),
+            tool_calls=list(message.get("tool_calls") or []),
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning_tokens,
+            prompt_digest=data.get("prompt_digest") or response.headers.get("x-prompt-digest"),
+            handle=parse_handle(data.get("prompt_cache")),
+            bytes_sent=len(payload),
+            logprobs=list(logprobs),
+        )
+
+    async def chat_stream(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yields the backend's chat.completion.chunk objects; the caller owns the request's lifetime."""
+        payload = orjson.dumps(body)
+        request = self._http.build_request(
+            "POST",
+            "/v1/chat/completions",
+            content=payload,
+            headers={"content-type": "application/json", **(headers or {})},
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise BackendUnavailable(f"The model backend at {self.base_url} is unreachable: {exc}") from None
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                if response.status_code in _TRANSIENT_STATUS:
+                    raise BackendUnavailable(
+                        f"The model backend is unavailable (HTTP {response.status_code})",
+                        status=503 if response.status_code in (429, 503) else 502,
+                    )
+                self._raise_for_status(response)
+            yield {"_bytes_sent": len(payload)}
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                yield orjson.loads(data)
+        except httpx.TimeoutException:
+            raise BackendTimeout("The model backend did not answer in time.") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"The model backend failed mid-stream: {exc!r}") from None
+        finally:
+            await response.aclose()
+
+    async def tokenize_chat(self, body: dict[str, Any]) -> list[int]:
+        response = await self._post("/tokenize", orjson.dumps(body), {})
+        self._raise_for_status(response)
+        return list(orjson.loads(response.content)["tokens"])
+
+    async def model_info(self, model: str) -> BackendModelInfo | None:
+        """The model's card from a /v1/models answer at most backend_info_ttl old; None if not served."""
+        if time.monotonic() - self._models_fetched_at > self._settings.backend_info_ttl:
+            async with self._models_lock:
+                if time.monotonic() - self._models_fetched_at > self._settings.backend_info_ttl:
+                    await self._refresh_models()
+        return self._models.get(model)
+
+    async def _refresh_models(self) -> None:
+        try:
+            response = await self._http.get("/v1/models", timeout=self._settings.backend_connect_timeout)
+            response.raise_for_status()
+            cards = orjson.loads(response.content).get("data") or []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            # Unknown epoch and fingerprint: every decision fails closed to the full path until it answers.
+            self._models = {}
+        else:
+            self._models = {str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)}
+        self._models_fetched_at = time.monotonic()
+
+
+__all__ = ["BackendClient", "BackendMiss", "ChatReply", "ConvstateError", "PromptCacheHandle", "parse_handle"]

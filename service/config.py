@@ -1,0 +1,81 @@
+"""Service settings, read from the environment (prefix CONVSTATE_) or a .env file."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from service.domain.policy import BackendMode
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVSTATE_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./convstate.db"
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(20, ge=0)
+
+    backend_url: str = "http://127.0.0.1:8100"
+    backend_mode: BackendMode = BackendMode.FULL
+    backend_connect_timeout: float = Field(2.0, gt=0)
+    backend_timeout: float = Field(300.0, gt=0, description="read timeout for one backend call")
+    backend_retry_attempts: int = Field(3, ge=1, le=10)
+    backend_retry_deadline: float = Field(10.0, gt=0, description="total seconds spent retrying")
+    backend_max_connections: int = Field(256, ge=1)
+    backend_info_ttl: float = Field(1.0, gt=0, description="seconds a /v1/models answer is trusted")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    response_ttl_days: float = Field(30.0, gt=0)
+
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_input_items: int = Field(2048, ge=1)
+
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {value!r}") from exc
+        if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError(
+                f"unsupported driver {url.drivername!r}: use sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        return value
+
+    @field_validator("backend_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"backend_url must start with http:// or https://, got {value!r}")
+        value = value.rstrip("/")
+        if value.endswith("/v1"):
+            raise ValueError("backend_url is the server's base URL, without /v1")
+        return value
+
+    @cached_property
+    def database(self) -> URL:
+        return make_url(self.database_url)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database.drivername.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings or one clear line on stderr and exit code 2: bad configuration fails at start."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise SystemExit(f"convstate: bad configuration: CONVSTATE_{field.upper()}: {first['msg']}") from None

@@ -1,0 +1,33 @@
+"""Public ids, shaped like OpenAI's (`resp_` + 48 hex) and time-ordered so b-tree inserts stay local.
+
+The first 32 hex digits are a UUIDv7 (48-bit millisecond timestamp, version and variant bits); 16 more
+random hex digits follow, so an id carries 138 random bits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def _uuid7_hex() -> str:
+    unix_ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (unix_ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version
+    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b
+    return f"{value:032x}"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{_uuid7_hex()}{os.urandom(8).hex()}"
+
+
+RESPONSE = "resp"
+MESSAGE = "msg"
+FUNCTION_CALL = "fc"
+FUNCTION_CALL_OUTPUT = "fco"
+REASONING = "rs"
+CONVERSATION = "conv"

@@ -1,0 +1,314 @@
+"""Responses items <-> chat-completions messages, pure.
+
+Conversion is by *segment*: the input items of one request, or the output items of one response. A run of
+assistant-side items (reasoning, assistant message, function calls) inside a segment becomes one assistant
+message; runs never cross a segment. So the messages of a whole history are exactly the concatenation of
+its segments' messages, which is what makes sending only the new segments (the cache path) render the
+same tokens as sending everything (the full path).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from service.domain import ids
+from service.errors import InvalidRequest
+
+Item = dict[str, Any]
+ChatMessage = dict[str, Any]
+
+MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+_INPUT_PART_TYPES = ("input_text", "input_image", "input_file")
+MAX_INLINE_BYTES = 20 * 1024 * 1024
+
+
+def _text_part(text: str, role: str) -> dict[str, Any]:
+    if role == "assistant":
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "input_text", "text": text}
+
+
+def _require_str(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"Invalid type for '{param}': expected a string.", param=param)
+    return value
+
+
+def _check_data_url(url: str, param: str) -> None:
+    if not url.startswith("data:"):
+        return
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise InvalidRequest(f"Invalid data URL in '{param}': expected data:<mime>;base64,<data>.", param=param)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"Invalid base64 data in '{param}'.", param=param) from None
+    if len(raw) > MAX_INLINE_BYTES:
+        raise InvalidRequest(f"'{param}' is larger than {MAX_INLINE_BYTES} bytes.", param=param)
+
+
+def _normalize_part(part: Any, role: str, param: str) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise InvalidRequest(f"Invalid type for '{param}': expected an object.", param=param)
+    kind = part.get("type")
+    if role == "assistant":
+        if kind not in ("output_text", "refusal"):
+            raise InvalidRequest(
+                f"Invalid value for '{param}.type': assistant content must be output_text or refusal.",
+                param=f"{param}.type",
+            )
+        key = "text" if kind == "output_text" else "refusal"
+        text = _require_str(part.get(key), f"{param}.{key}")
+        return _text_part(text, role) if kind == "output_text" else {"type": "refusal", "refusal": text}
+    if kind == "input_text":
+        return {"type": "input_text", "text": _require_str(part.get("text"), f"{param}.text")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if part.get("file_id") is not None:
+            raise InvalidRequest("file_id images are not supported; send image_url.", param=f"{param}.file_id")
+        url = _require_str(url, f"{param}.image_url")
+        _check_data_url(url, f"{param}.image_url")
+        return {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
+    if kind == "input_file":
+        data = _require_str(part.get("file_data"), f"{param}.file_data")
+        _check_data_url(data, f"{param}.file_data")
+        filename = part.get("filename") or "file"
+        return {"type": "input_file", "file_data": data, "filename": _require_str(filename, f"{param}.filename")}
+    raise InvalidRequest(
+        f"Invalid value for '{param}.type': expected one of {', '.join(_INPUT_PART_TYPES)}.",
+        param=f"{param}.type",
+    )
+
+
+def _normalize_message(raw: Item, param: str) -> Item:
+    role = raw.get("role")
+    if role not in MESSAGE_ROLES:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.role': expected one of {', '.join(MESSAGE_ROLES)}.",
+            param=f"{param}.role",
+        )
+    content = raw.get("content")
+    if isinstance(content, str):
+        parts = [_text_part(content, role)]
+    elif isinstance(content, list) and content:
+        parts = [_normalize_part(p, role, f"{param}.content[{i}]") for i, p in enumerate(content)]
+    else:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.content': expected a string or a non-empty list of parts.",
+            param=f"{param}.content",
+        )
+    return {
+        "id": ids.new_id(ids.MESSAGE),
+        "type": "message",
+        "role": role,
+        "content": parts,
+        "status": "completed",
+    }
+
+
+def _normalize_function_call(raw: Item, param: str) -> Item:
+    return {
+        "id": ids.new_id(ids.FUNCTION_CALL),
+        "type": "function_call",
+        "call_id": _require_str(raw.get("call_id"), f"{param}.call_id"),
+        "name": _require_str(raw.get("name"), f"{param}.name"),
+        "arguments": _require_str(raw.get("arguments"), f"{param}.arguments"),
+        "status": "completed",
+    }
+
+
+def _normalize_function_call_output(raw: Item, param: str) -> Item:
+    output = raw.get("output")
+    if not isinstance(output, str):
+        raise InvalidRequest(f"Invalid type for '{param}.output': expected a string.", param=f"{param}.output")
+    return {
+        "id": ids.new_id(ids.FUNCTION_CALL_OUTPUT),
+        "type": "function_call_output",
+        "call_id": _require_str(raw.get("call_id"), f"{param}.call_id"),
+        "output": output,
+        "status": "completed",
+    }
+
+
+def _normalize_reasoning(raw: Item, param: str) -> Item:
+    content = raw.get("content") or []
+    summary = raw.get("summary") or []
+    if not isinstance(content, list) or not isinstance(summary, list):
+        raise InvalidRequest(f"Invalid reasoning item '{param}'.", param=param)
+    return {
+        "id": ids.new_id(ids.REASONING),
+        "type": "reasoning",
+        "summary": summary,
+        "content": content,
+    }
+
+
+_NORMALIZERS = {
+    "message": _normalize_message,
+    "function_call": _normalize_function_call,
+    "function_call_output": _normalize_function_call_output,
+    "reasoning": _normalize_reasoning,
+}
+
+
+def normalize_input(raw_input: str | Sequence[Any]) -> list[Item]:
+    """Validate request input and return stored-form items with fresh ids. Raises InvalidRequest."""
+    if isinstance(raw_input, str):
+        return [_normalize_message({"role": "user", "content": raw_input}, "input")]
+    if not raw_input:
+        raise InvalidRequest("'input' must not be empty.", param="input")
+    items: list[Item] = []
+    for index, raw in enumerate(raw_input):
+        param = f"input[{index}]"
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"Invalid type for '{param}': expected an object.", param=param)
+        kind = raw.get("type", "message")
+        normalizer = _NORMALIZERS.get(kind)
+        if normalizer is None:
+            raise InvalidRequest(
+                f"Invalid value for '{param}.type': unsupported item type {kind!r}; supported: "
+                + ", ".join(_NORMALIZERS),
+                param=f"{param}.type",
+            )
+        items.append(normalizer(raw, param))
+    return items
+
+
+# --- items -> chat messages -------------------------------------------------------------------------
+
+
+def _chat_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    if len(parts) == 1 and parts[0]["type"] == "input_text":
+        text: str = parts[0]["text"]
+        return text
+    chat_parts: list[dict[str, Any]] = []
+    for part in parts:
+        kind = part["type"]
+        if kind == "input_text":
+            chat_parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image":
+            chat_parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind == "input_file":
+            chat_parts.append(
+                {"type": "file", "file": {"file_data": part["file_data"], "filename": part["filename"]}}
+            )
+    return chat_parts
+
+
+def reasoning_text(item: Item) -> str:
+    parts = item.get("content") or item.get("summary") or []
+    return "".join(str(part.get("text", "")) for part in parts if isinstance(part, dict))
+
+
+def assistant_text(item: Item) -> str:
+    return "".join(
+        part.get("text", "") if part["type"] == "output_text" else part.get("refusal", "")
+        for part in item["content"]
+    )
+
+
+def segment_messages(items: Iterable[Item]) -> list[ChatMessage]:
+    """Chat messages of one segment (one request's input, or one response's output)."""
+    messages: list[ChatMessage] = []
+    assistant: ChatMessage | None = None
+
+    def open_assistant(force_new: bool) -> ChatMessage:
+        nonlocal assistant
+        if assistant is None or force_new:
+            assistant = {"role": "assistant", "content": None}
+            messages.append(assistant)
+        return assistant
+
+    for item in items:
+        kind = item["type"]
+        if kind == "reasoning":
+            current = assistant
+            force = current is not None and (
+                "reasoning_content" in current or current["content"] is not None or "tool_calls" in current
+            )
+            open_assistant(force)["reasoning_content"] = reasoning_text(item)
+        elif kind == "message" and item["role"] == "assistant":
+            force = assistant is not None and (assistant["content"] is not None or "tool_calls" in assistant)
+            open_assistant(force)["content"] = assistant_text(item)
+        elif kind == "function_call":
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            open_assistant(False).setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            assistant = None
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        else:
+            assistant = None
+            messages.append({"role": item["role"], "content": _chat_content(item["content"])})
+    return messages
+
+
+def history_messages(instructions: str | None, segments: Iterable[Sequence[Item]]) -> list[ChatMessage]:
+    """The full chat history: the request's instructions as the system message, then every segment."""
+    messages: list[ChatMessage] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    for segment in segments:
+        messages.extend(segment_messages(segment))
+    return messages
+
+
+# --- backend reply -> output items ------------------------------------------------------------------
+
+
+def output_items(
+    content: str | None,
+    reasoning: str | None,
+    tool_calls: Sequence[dict[str, Any]],
+    *,
+    status: str = "completed",
+) -> list[Item]:
+    """Output items of one response, in the order the assistant message renders them."""
+    items: list[Item] = []
+    if reasoning:
+        items.append(
+            {
+                "id": ids.new_id(ids.REASONING),
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": reasoning}],
+            }
+        )
+    # An empty reply is still an assistant turn the backend rendered; dropping it would make the next
+    # full render differ from what the backend holds.
+    if content or not tool_calls:
+        items.append(
+            {
+                "id": ids.new_id(ids.MESSAGE),
+                "type": "message",
+                "role": "assistant",
+                "status": status,
+                "content": [_text_part(content or "", "assistant")],
+            }
+        )
+    for call in tool_calls:
+        function = call.get("function") or {}
+        items.append(
+            {
+                "id": ids.new_id(ids.FUNCTION_CALL),
+                "type": "function_call",
+                "call_id": str(call.get("id") or ids.new_id("call")),
+                "name": str(function.get("name", "")),
+                "arguments": str(function.get("arguments", "")),
+                "status": status,
+            }
+        )
+    return items
+
+
+def output_text(items: Iterable[Item]) -> str:
+    return "".join(
+        assistant_text(item) for item in items if item["type"] == "message" and item["role"] == "assistant"
+    )

@@ -1,0 +1,56 @@
+"""Engine construction and the per-connection settings each dialect needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+    url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    if url_text.startswith("sqlite"):
+        # One writer at a time anyway; WAL lets readers proceed while a turn commits.
+        engine = create_async_engine(url_text)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(
+        url_text,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        # Statements are few and fixed; asyncpg's prepared-statement cache pays for itself.
+        connect_args={"server_settings": {"application_name": "convstate"}},
+    )
+
+
+class StatementCounter:
+    """Counts SQL statements sent on an engine (executemany counts once: one round trip)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.count = 0
+        self.statements: list[str] = []
+        self._engine = engine
+        event.listen(engine.sync_engine, "before_cursor_execute", self._on_execute)
+
+    def _on_execute(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.count += 1
+        self.statements.append(statement)
+
+    def reset(self) -> None:
+        self.count = 0
+        self.statements.clear()
+
+    def close(self) -> None:
+        event.remove(self._engine.sync_engine, "before_cursor_execute", self._on_execute)

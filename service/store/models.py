@@ -1,0 +1,153 @@
+"""Tables. Postgres is the system of record; SQLite is the embedded default. Alembic creates them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, SmallInteger, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+Id = String(64)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JsonType, list[Any]: JsonType}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    # Per-tenant salt forwarded as vLLM's cache_salt: KV reuse never crosses tenants.
+    cache_salt: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    tenant: Mapped[str] = mapped_column(Id)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JsonType)
+    next_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped by every edit of the item list; a prefix record seeded at another version is stale.
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    active_response_id: Mapped[str | None] = mapped_column(Id)
+    lock_expires_at: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double)
+    deleted_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_conversations_tenant", "tenant"),)
+
+
+class Response(Base):
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    tenant: Mapped[str] = mapped_column(Id)
+    model: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    previous_response_id: Mapped[str | None] = mapped_column(Id, ForeignKey("responses.id"))
+    conversation_id: Mapped[str | None] = mapped_column(Id, ForeignKey("conversations.id"))
+    # Number of ancestors: orders a lineage without walking it.
+    depth: Mapped[int] = mapped_column(Integer)
+    instructions: Mapped[str | None] = mapped_column(Text)
+    # The effective request settings (tools, sampling, text, reasoning, metadata, ...), as echoed.
+    settings: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    incomplete_details: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    store: Mapped[bool] = mapped_column(Boolean)
+    background: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Double)
+    completed_at: Mapped[float | None] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
+    deleted_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_responses_previous", "previous_response_id"),
+        Index("ix_responses_expires_at", "expires_at"),
+        Index("ix_responses_status_active", "status", postgresql_where="status IN ('queued', 'in_progress')"),
+    )
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    tenant: Mapped[str] = mapped_column(Id)
+    # The response whose request carried it (segment 0) or that produced it (segment 1); NULL for items
+    # added to a conversation directly.
+    response_id: Mapped[str | None] = mapped_column(Id, ForeignKey("responses.id", ondelete="CASCADE"))
+    segment: Mapped[int] = mapped_column(SmallInteger)
+    position: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    conversation_id: Mapped[str | None] = mapped_column(Id, ForeignKey("conversations.id", ondelete="CASCADE"))
+    conversation_position: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_items_response", "response_id", "segment", "position"),
+        Index("ix_items_conversation", "conversation_id", "conversation_position"),
+    )
+
+
+INPUT_SEGMENT = 0
+OUTPUT_SEGMENT = 1
+
+
+class PrefixRecord(Base):
+    """The hot-path row: what the backend rendered for one turn, as hashes and counts, and its handle."""
+
+    __tablename__ = "prefix_records"
+
+    response_id: Mapped[str] = mapped_column(Id, ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(Id)
+    model: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))  # valid | invalidated
+    invalid_reason: Mapped[str | None] = mapped_column(String(128))
+    decision_path: Mapped[str] = mapped_column(String(16))
+    decision_reason: Mapped[str] = mapped_column(String(64))
+    # What the backend generated from, as it reported it.
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    prompt_digest: Mapped[str | None] = mapped_column(String(32))
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
+    reused_tokens: Mapped[int | None] = mapped_column(Integer)
+    bytes_sent: Mapped[int] = mapped_column(Integer)
+    # The turn as the next render sees it, and the safe-boundary proof the backend certified.
+    turn_tokens: Mapped[int | None] = mapped_column(Integer)
+    safe_boundary: Mapped[bool | None] = mapped_column(Boolean)
+    safe_tokens: Mapped[int | None] = mapped_column(Integer)
+    prefix_hash: Mapped[str | None] = mapped_column(String(32))
+    covers_output: Mapped[bool | None] = mapped_column(Boolean)
+    fingerprint: Mapped[str | None] = mapped_column(String(32))
+    # The backend's own model fingerprint the handle was made under; sent back when it is used.
+    backend_fingerprint: Mapped[str | None] = mapped_column(String(32))
+    fingerprint_parts: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    handle_ref: Mapped[str | None] = mapped_column(String(128))
+    handle_endpoint: Mapped[str | None] = mapped_column(String(256))
+    handle_epoch: Mapped[str | None] = mapped_column(String(64))
+    handle_expires_at: Mapped[float | None] = mapped_column(Double)
+    conversation_version: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_prefix_records_tenant_model", "tenant", "model"),)
+
+
+class Invalidation(Base):
+    """A scoped invalidation: every record of the scope created before `created_at` is stale."""
+
+    __tablename__ = "invalidations"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))  # tenant | model | fingerprint | all
+    key: Mapped[str | None] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_invalidations_scope", "scope", "key", "created_at"),)

@@ -1,0 +1,285 @@
+"""Responses, their items and prefix records: every SQL statement of a turn lives here.
+
+Round trips per turn are fixed: the parent with its prefix record and output items is one query, the
+history (full path only) is one recursive query, and writing a turn is one transaction of three inserts,
+whatever the depth of the conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Select, and_, insert, literal_column, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
+
+ItemPayload = dict[str, Any]
+
+
+@dataclass(slots=True)
+class StoredResponse:
+    id: str
+    tenant: str
+    model: str
+    status: str
+    previous_response_id: str | None
+    conversation_id: str | None
+    depth: int
+    instructions: str | None
+    settings: dict[str, Any]
+    usage: dict[str, Any] | None
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    store: bool
+    background: bool
+    created_at: float
+    completed_at: float | None
+    output: list[ItemPayload] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StoredPrefix:
+    status: str
+    fingerprint_parts: dict[str, Any]
+    handle_ref: str | None
+    handle_epoch: str | None
+    handle_expires_at: float | None
+    backend_fingerprint: str | None
+    safe_tokens: int | None
+    prefix_hash: str | None
+    covers_output: bool | None
+    conversation_version: int | None
+    created_at: float
+
+
+@dataclass(slots=True)
+class ParentTurn:
+    response: StoredResponse
+    prefix: StoredPrefix | None
+
+
+@dataclass(slots=True)
+class PrefixWrite:
+    status: str
+    decision_path: str
+    decision_reason: str
+    prompt_tokens: int | None
+    prompt_digest: str | None
+    cached_tokens: int | None
+    reused_tokens: int | None
+    bytes_sent: int
+    turn_tokens: int | None
+    safe_boundary: bool | None
+    safe_tokens: int | None
+    prefix_hash: str | None
+    covers_output: bool | None
+    fingerprint: str | None
+    backend_fingerprint: str | None
+    fingerprint_parts: dict[str, Any]
+    handle_ref: str | None
+    handle_endpoint: str | None
+    handle_epoch: str | None
+    handle_expires_at: float | None
+    conversation_version: int | None
+
+
+@dataclass(slots=True)
+class TurnWrite:
+    response: StoredResponse
+    expires_at: float
+    input_items: Sequence[ItemPayload]
+    output_items: Sequence[ItemPayload]
+    prefix: PrefixWrite | None
+
+
+_RESPONSE_COLUMNS = (
+    Response.id,
+    Response.tenant,
+    Response.model,
+    Response.status,
+    Response.previous_response_id,
+    Response.conversation_id,
+    Response.depth,
+    Response.instructions,
+    Response.settings,
+    Response.usage,
+    Response.error,
+    Response.incomplete_details,
+    Response.store,
+    Response.background,
+    Response.created_at,
+    Response.completed_at,
+)
+_PREFIX_COLUMNS = (
+    PrefixRecord.status,
+    PrefixRecord.fingerprint_parts,
+    PrefixRecord.handle_ref,
+    PrefixRecord.handle_epoch,
+    PrefixRecord.handle_expires_at,
+    PrefixRecord.backend_fingerprint,
+    PrefixRecord.safe_tokens,
+    PrefixRecord.prefix_hash,
+    PrefixRecord.covers_output,
+    PrefixRecord.conversation_version,
+    PrefixRecord.created_at,
+)
+_N_RESPONSE = len(_RESPONSE_COLUMNS)
+_N_PREFIX = len(_PREFIX_COLUMNS)
+
+
+def _live_response(tenant: str, response_id: str) -> Any:
+    return and_(Response.id == response_id, Response.tenant == tenant, Response.deleted_at.is_(None))
+
+
+def _response_with_output(*extra: Any) -> Select[Any]:
+    """Response columns, `extra` columns, then its output items (one row per item, or one NULL row)."""
+    return (
+        select(*_RESPONSE_COLUMNS, *extra, Item.payload)
+        .select_from(Response)
+        .outerjoin(Item, and_(Item.response_id == Response.id, Item.segment == OUTPUT_SEGMENT))
+        .order_by(Item.position)
+    )
+
+
+def _to_response(row: Sequence[Any]) -> StoredResponse:
+    return StoredResponse(*row[:_N_RESPONSE])
+
+
+class ResponseStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def load_parent(self, tenant: str, response_id: str) -> ParentTurn | None:
+        """The parent response, its prefix record and its output items: one round trip."""
+        query = _response_with_output(*_PREFIX_COLUMNS).outerjoin(
+            PrefixRecord, PrefixRecord.response_id == Response.id
+        )
+        query = query.where(_live_response(tenant, response_id), Response.store.is_(True))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return None
+        response = _to_response(rows[0])
+        response.output = [row[-1] for row in rows if row[-1] is not None]
+        prefix_values = rows[0][_N_RESPONSE : _N_RESPONSE + _N_PREFIX]
+        prefix = None if prefix_values[0] is None else StoredPrefix(*prefix_values)
+        return ParentTurn(response, prefix)
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
+        query = _response_with_output().where(_live_response(tenant, response_id), Response.store.is_(True))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return None
+        response = _to_response(rows[0])
+        response.output = [row[-1] for row in rows if row[-1] is not None]
+        return response
+
+    async def history(self, tenant: str, response_id: str) -> list[list[ItemPayload]]:
+        """Every segment of the lineage ending at `response_id`, oldest first: one recursive query."""
+        lineage = (
+            select(Response.id, Response.previous_response_id, Response.depth)
+            .where(Response.id == response_id, Response.tenant == tenant)
+            .cte("lineage", recursive=True)
+        )
+        parent = select(Response.id, Response.previous_response_id, Response.depth).join(
+            lineage, Response.id == lineage.c.previous_response_id
+        )
+        lineage = lineage.union_all(parent)
+        query = (
+            select(Item.response_id, Item.segment, Item.payload)
+            .join(lineage, Item.response_id == lineage.c.id)
+            .order_by(lineage.c.depth, Item.segment, Item.position)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        segments: list[list[ItemPayload]] = []
+        current: tuple[str, int] | None = None
+        for response_ref, segment, payload in rows:
+            if (response_ref, segment) != current:
+                current = (response_ref, segment)
+                segments.append([])
+            segments[-1].append(payload)
+        return segments
+
+    async def write_turn(self, turn: TurnWrite) -> None:
+        """Response, its items and its prefix record, committed together or not at all."""
+        response = turn.response
+        now = response.completed_at or response.created_at
+        values = {column.key: getattr(response, column.key) for column in _RESPONSE_COLUMNS}
+        values["expires_at"] = turn.expires_at
+        item_rows = [
+            _item_row(response, INPUT_SEGMENT, position, item, now)
+            for position, item in enumerate(turn.input_items)
+        ] + [
+            _item_row(response, OUTPUT_SEGMENT, position, item, now)
+            for position, item in enumerate(turn.output_items)
+        ]
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(Response), [values])
+            if item_rows:
+                await conn.execute(insert(Item), item_rows)
+            if turn.prefix is not None:
+                record = {key: getattr(turn.prefix, key) for key in PrefixWrite.__slots__}
+                record.update(response_id=response.id, tenant=response.tenant, model=response.model, created_at=now)
+                await conn.execute(insert(PrefixRecord), [record])
+
+    async def invalidate_record(self, tenant: str, response_id: str, reason: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(PrefixRecord)
+                .where(PrefixRecord.response_id == response_id, PrefixRecord.tenant == tenant)
+                .values(status="invalidated", invalid_reason=reason)
+            )
+        return bool(result.rowcount)
+
+    async def delete(self, tenant: str, response_id: str, now: float) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(Response)
+                .where(_live_response(tenant, response_id), Response.store.is_(True))
+                .values(deleted_at=now)
+            )
+        return bool(result.rowcount)
+
+    async def input_items(
+        self, tenant: str, response_id: str, *, after: str | None, limit: int, descending: bool
+    ) -> tuple[bool, list[ItemPayload]] | None:
+        """(has_more, page) of the response's own input items, or None if the response is unknown."""
+        exists = select(literal_column("1")).where(_live_response(tenant, response_id), Response.store.is_(True))
+        order = Item.position.desc() if descending else Item.position.asc()
+        query = select(Item.id, Item.position, Item.payload).where(
+            Item.response_id == response_id, Item.segment == INPUT_SEGMENT, exists.exists()
+        )
+        if after is not None:
+            cursor = (
+                select(Item.position)
+                .where(Item.id == after, Item.response_id == response_id, Item.segment == INPUT_SEGMENT)
+                .scalar_subquery()
+            )
+            query = query.where(Item.position < cursor if descending else Item.position > cursor)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
+            if not rows and not (await conn.execute(exists)).first():
+                return None
+        return len(rows) > limit, [row.payload for row in rows[:limit]]
+
+
+def _item_row(
+    response: StoredResponse, segment: int, position: int, item: ItemPayload, now: float
+) -> dict[str, Any]:
+    return {
+        "id": item["id"],
+        "tenant": response.tenant,
+        "response_id": response.id,
+        "segment": segment,
+        "position": position,
+        "type": item["type"],
+        "payload": item,
+        "conversation_id": None,
+        "conversation_position": None,
+        "created_at": now,
+    }
