@@ -1,0 +1,147 @@
+"""Shared fixtures: real databases (a throwaway Postgres cluster and SQLite files), the reference backend
+and the service as real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import openai
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.app import create_app
+from service.config import Settings
+from service.serving import ServerThread
+from service.store.db import create_engine
+from service.store.migrate import upgrade
+from tests.pg import ThrowawayCluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """Base URL of a Postgres server whose superuser may create databases."""
+    configured = os.environ.get("CONVSTATE_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    cluster = ThrowawayCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+async def _create_database(server_url: str) -> str:
+    url = make_url(server_url)
+    name = f"convstate_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password, database=url.database or "postgres"
+    )
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def new_postgres_database(postgres_server: str) -> object:
+    """Factory: a fresh, empty database on the test server."""
+
+    def make() -> str:
+        return asyncio.run(_create_database(postgres_server))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def migrated_urls(new_postgres_database: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One migrated database per dialect for the session."""
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'convstate.db'}"
+    postgres_url = new_postgres_database()  # type: ignore[operator]
+    for url in (sqlite_url, postgres_url):
+        upgrade(url)
+    return {"sqlite": sqlite_url, "postgres": postgres_url}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def engine(request: pytest.FixtureRequest, migrated_urls: dict[str, str]) -> AsyncIterator[AsyncEngine]:
+    """A migrated database on each dialect: store tests run on both."""
+    engine = create_engine(migrated_urls[request.param])
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def reference_backend() -> Iterator[ServerThread]:
+    from service.backends.reference.config import ReferenceSettings
+    from service.backends.reference.server import create_app as create_reference_app
+
+    with ServerThread(create_reference_app(ReferenceSettings())) as server:
+        yield server
+
+
+@pytest.fixture
+def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=reference_backend.url) as client:
+        yield client
+
+
+class Service:
+    """The service running over HTTP, with the settings it was started with."""
+
+    def __init__(self, server: ServerThread, settings: Settings) -> None:
+        self.server = server
+        self.settings = settings
+        self.url = server.url
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+def start_service(database_url: str, backend_url: str, **overrides: object) -> ServerThread:
+    settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
+    return ServerThread(create_app(settings)).start()
+
+
+@pytest.fixture(scope="session")
+def service_factory(
+    migrated_urls: dict[str, str], reference_backend: ServerThread
+) -> Iterator[object]:
+    """Start (and cache) one service per (dialect, settings) combination for the session."""
+    running: dict[tuple[object, ...], Service] = {}
+
+    def get(dialect: str = "postgres", **overrides: object) -> Service:
+        key = (dialect, *sorted(overrides.items()))
+        if key not in running:
+            settings = Settings(
+                database_url=migrated_urls[dialect], backend_url=reference_backend.url, **overrides  # type: ignore[arg-type]
+            )
+            running[key] = Service(ServerThread(create_app(settings)).start(), settings)
+        return running[key]
+
+    yield get
+    for service in running.values():
+        service.server.stop()
+
+
+@pytest.fixture
+def service(service_factory: object) -> Service:
+    """The service in full mode on Postgres."""
+    return service_factory()  # type: ignore[operator, no-any-return]
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

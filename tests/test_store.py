@@ -1,0 +1,139 @@
+"""Store tests, on SQLite and on Postgres: history order, branching, round trips and statement counts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.domain import ids
+from service.domain.items import normalize_input, output_items
+from service.store.db import StatementCounter
+from service.store.responses import PrefixWrite, ResponseStore, StoredResponse, TurnWrite
+from service.store.tenants import TenantStore
+
+
+def _prefix(handle: str | None = None) -> PrefixWrite:
+    return PrefixWrite(
+        status="valid", decision_path="full", decision_reason="no_parent", prompt_tokens=10,
+        prompt_digest="ab" * 16, cached_tokens=0, reused_tokens=0, bytes_sent=100, turn_tokens=12,
+        safe_boundary=True, safe_tokens=12, prefix_hash="cd" * 16, covers_output=True, fingerprint="ef" * 16,
+        backend_fingerprint="12" * 16, fingerprint_parts={"model": "x"}, handle_ref=handle, handle_endpoint=None,
+        handle_epoch="e1" if handle else None, handle_expires_at=time.time() + 60 if handle else None,
+        conversation_version=None,
+    )
+
+
+async def _turn(store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str) -> StoredResponse:
+    now = time.time()
+    response = StoredResponse(
+        id=ids.new_id(ids.RESPONSE), tenant=tenant, model="m", status="completed",
+        previous_response_id=parent.id if parent else None, conversation_id=None,
+        depth=parent.depth + 1 if parent else 0, instructions=None, settings={}, usage=None, error=None,
+        incomplete_details=None, store=True, background=False, created_at=now, completed_at=now,
+        output=output_items(f"re: {text}", None, []),
+    )
+    await store.write_turn(TurnWrite(response, now + 3600, normalize_input(text), response.output,
+                                     _prefix(f"pc_{text}")))
+    return response
+
+
+def _texts(segments: list[list[dict[str, object]]]) -> list[str]:
+    return [part["text"] for segment in segments for item in segment for part in item["content"]]  # type: ignore[index, union-attr]
+
+
+async def test_history_is_ordered_and_branches_see_only_their_lineage(engine: AsyncEngine) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    root = await _turn(store, tenant, None, "a")
+    left = await _turn(store, tenant, root, "b")
+    right = await _turn(store, tenant, root, "c")
+    leaf = await _turn(store, tenant, left, "d")
+    assert _texts(await store.history(tenant, leaf.id)) == ["a", "re: a", "b", "re: b", "d", "re: d"]
+    assert _texts(await store.history(tenant, right.id)) == ["a", "re: a", "c", "re: c"]
+    assert await store.history("someone-else", leaf.id) == []
+
+
+async def test_parent_with_record_and_output_is_one_round_trip(engine: AsyncEngine) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    root = await _turn(store, tenant, None, "a")
+    counter = StatementCounter(engine)
+    try:
+        parent = await store.load_parent(tenant, root.id)
+        assert counter.count == 1
+    finally:
+        counter.close()
+    assert parent is not None and parent.prefix is not None
+    assert parent.prefix.handle_ref == "pc_a" and parent.prefix.covers_output is True
+    assert [item["id"] for item in parent.response.output] == [item["id"] for item in root.output]
+    assert await store.load_parent("other-tenant", root.id) is None
+
+
+async def test_writing_and_rebuilding_do_not_grow_with_depth(engine: AsyncEngine) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    counter = StatementCounter(engine)
+    try:
+        counts: list[int] = []
+        rebuild: list[int] = []
+        turn = None
+        for depth in range(200):
+            counter.reset()
+            turn = await _turn(store, tenant, turn, f"t{depth}")
+            counts.append(counter.count)
+            if depth in (1, 199):
+                counter.reset()
+                history = await store.history(tenant, turn.id)
+                rebuild.append(counter.count)
+                assert len(history) == 2 * (depth + 1)
+        assert counts[1] == counts[199]
+        assert rebuild == [1, 1]
+    finally:
+        counter.close()
+
+
+async def test_delete_hides_but_keeps_lineage(engine: AsyncEngine) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    root = await _turn(store, tenant, None, "a")
+    child = await _turn(store, tenant, root, "b")
+    assert await store.delete(tenant, root.id, time.time())
+    assert await store.get(tenant, root.id) is None
+    assert not await store.delete(tenant, root.id, time.time())
+    assert _texts(await store.history(tenant, child.id)) == ["a", "re: a", "b", "re: b"]
+
+
+async def test_input_items_pagination(engine: AsyncEngine) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    now = time.time()
+    items = normalize_input([{"role": "user", "content": f"m{i}"} for i in range(5)])
+    response = StoredResponse(
+        id=ids.new_id(ids.RESPONSE), tenant=tenant, model="m", status="completed", previous_response_id=None,
+        conversation_id=None, depth=0, instructions=None, settings={}, usage=None, error=None,
+        incomplete_details=None, store=True, background=False, created_at=now, completed_at=now,
+    )
+    await store.write_turn(TurnWrite(response, now + 60, items, [], None))
+    has_more, page = await store.input_items(tenant, response.id, after=None, limit=2, descending=False)  # type: ignore[misc]
+    assert has_more and [item["id"] for item in page] == [items[0]["id"], items[1]["id"]]
+    has_more, page = await store.input_items(tenant, response.id, after=items[3]["id"], limit=2, descending=False)  # type: ignore[misc]
+    assert not has_more and [item["id"] for item in page] == [items[4]["id"]]
+    has_more, page = await store.input_items(tenant, response.id, after=None, limit=5, descending=True)  # type: ignore[misc]
+    assert not has_more and [item["id"] for item in page] == [item["id"] for item in reversed(items)]
+    assert await store.input_items("x", response.id, after=None, limit=5, descending=True) is None
+
+
+async def test_tenant_salt_is_stable_and_private(engine: AsyncEngine) -> None:
+    tenants = TenantStore(engine)
+    first = await tenants.cache_salt("t-" + uuid.uuid4().hex)
+    assert len(first) == 64
+    assert await TenantStore(engine).cache_salt("t-" + uuid.uuid4().hex) != first
+
+
+@pytest.mark.parametrize("text", ["x"])
+async def test_turn_is_all_or_nothing(engine: AsyncEngine, text: str) -> None:
+    store, tenant = ResponseStore(engine), uuid.uuid4().hex
+    turn = await _turn(store, tenant, None, text)
+    duplicate = StoredResponse(**{**{k: getattr(turn, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")})
+    # The items collide with the first turn's ids: the whole turn must roll back.
+    with pytest.raises(Exception):
+        await store.write_turn(TurnWrite(duplicate, time.time() + 60, [], turn.output, _prefix()))
+    assert await store.get(tenant, duplicate.id) is None
