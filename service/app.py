@@ -35,7 +35,9 @@ def create_app(settings: Settings) -> FastAPI:
             await backend.aclose()
             await engine.dispose()
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     errors.install(app)

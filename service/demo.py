@@ -29,8 +29,12 @@ def run_demo(database_url: str, *, turns: int, mode: str, model: str, restart_at
         settings = load_settings(database_url=database_url, backend_url=backend.url, backend_mode=mode)
         with ServerThread(create_app(settings)) as service, httpx.Client(base_url=backend.url) as admin:
             client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="demo")
-            typer.echo(f"convstate demo: mode={mode} model={model} backend={backend.url} service={service.url}")
-            typer.echo(f"{'turn':>4}  {'response id':<53} {'decision':<36} {'rendered':>8} {'bytes':>7}  digest")
+            typer.echo(
+                f"convstate demo: mode={mode} model={model} backend={backend.url} service={service.url}"
+            )
+            typer.echo(
+                f"{'turn':>4}  {'response id':<53} {'decision':<36} {'rendered':>8} {'bytes':>7}  digest"
+            )
             previous: str | None = None
             for turn in range(1, turns + 1):
                 if turn == restart_at:

@@ -1,4 +1,4 @@
-"""One turn: load -> decide -> forward -> persist. The only place the store, the domain and the backend meet."""
+"""One turn: load -> decide -> forward -> persist; the only place store, domain and backend meet."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from service.config import Settings
 from service.domain import ids
 from service.domain.fingerprint import RequestRenderSettings, combined_fingerprint, fingerprint_parts
 from service.domain.items import Item, history_messages, output_items, segment_messages
-from service.domain.policy import BackendMode, Decision, DecisionInputs, ParentPrefix, Path, backend_miss, decide
+from service.domain.policy import (
+    BackendMode,
+    Decision,
+    DecisionInputs,
+    ParentPrefix,
+    Path,
+    backend_miss,
+    decide,
+)
 from service.domain.prefix import token_digest
 from service.errors import InvalidRequest
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
@@ -164,7 +172,7 @@ class Pipeline:
             tool_choice=request.settings.get("tool_choice"),
             reasoning=request.settings.get("reasoning"),
             chat_template_kwargs=None,
-            cache_salt_id=xxhash.xxh3_64_hexdigest(salt),
+            cache_salt_id=xxhash.xxh3_64_hexdigest(salt.encode()),
         )
         parts = fingerprint_parts(info, render) if info is not None else {}
         decision = decide(
@@ -317,7 +325,7 @@ class Pipeline:
             segments = await self.responses.history(tenant, response.id)
             messages = history_messages(request.instructions, segments)
             chat = self._chat_body(request, salt)
-            body = {key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat}
+            body: dict[str, Any] = {key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat}
             body.update(messages=messages, add_generation_prompt=False)
             tokens = await self.backend.tokenize_chat(body)
         except Exception:

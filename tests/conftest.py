@@ -42,7 +42,11 @@ async def _create_database(server_url: str) -> str:
     url = make_url(server_url)
     name = f"convstate_test_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(
-        host=url.host, port=url.port, user=url.username, password=url.password, database=url.database or "postgres"
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        database=url.database or "postgres",
     )
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -83,8 +87,9 @@ async def engine(request: pytest.FixtureRequest, migrated_urls: dict[str, str]) 
 
 @pytest.fixture(scope="session")
 def reference_backend() -> Iterator[ServerThread]:
-    from service.backends.reference.config import ReferenceSettings
     from service.backends.reference.server import create_app as create_reference_app
+
+    from service.backends.reference.config import ReferenceSettings
 
     with ServerThread(create_reference_app(ReferenceSettings())) as server:
         yield server
@@ -117,9 +122,7 @@ def start_service(database_url: str, backend_url: str, **overrides: object) -> S
 
 
 @pytest.fixture(scope="session")
-def service_factory(
-    migrated_urls: dict[str, str], reference_backend: ServerThread
-) -> Iterator[object]:
+def service_factory(migrated_urls: dict[str, str], reference_backend: ServerThread) -> Iterator[object]:
     """Start (and cache) one service per (dialect, settings) combination for the session."""
     running: dict[tuple[object, ...], Service] = {}
 
@@ -127,7 +130,9 @@ def service_factory(
         key = (dialect, *sorted(overrides.items()))
         if key not in running:
             settings = Settings(
-                database_url=migrated_urls[dialect], backend_url=reference_backend.url, **overrides  # type: ignore[arg-type]
+                database_url=migrated_urls[dialect],
+                backend_url=reference_backend.url,
+                **overrides,  # type: ignore[arg-type]
             )
             running[key] = Service(ServerThread(create_app(settings)).start(), settings)
         return running[key]

@@ -19,7 +19,9 @@ def _bindir() -> Path | None:
     pg_config = shutil.which("pg_config")
     candidates = []
     if pg_config:
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+        out = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         candidates.append(out)
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
     for candidate in candidates:
@@ -32,7 +34,9 @@ class ThrowawayCluster:
     def __init__(self) -> None:
         bindir = _bindir()
         if bindir is None:
-            raise RuntimeError("PostgreSQL binaries (initdb, pg_ctl) not found; set CONVSTATE_TEST_DATABASE_URL")
+            raise RuntimeError(
+                "PostgreSQL binaries (initdb, pg_ctl) not found; set CONVSTATE_TEST_DATABASE_URL"
+            )
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="convstate-pg-"))
         self.data = self.root / "data"
@@ -48,12 +52,33 @@ class ThrowawayCluster:
     def start(self) -> str:
         if self._as_root:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync")
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off " \
-                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
-                  str(self.root / "log"), "-w", "start")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
+        )
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:

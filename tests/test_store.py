@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 import uuid
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain import ids
@@ -17,31 +19,61 @@ from service.store.tenants import TenantStore
 
 def _prefix(handle: str | None = None) -> PrefixWrite:
     return PrefixWrite(
-        status="valid", decision_path="full", decision_reason="no_parent", prompt_tokens=10,
-        prompt_digest="ab" * 16, cached_tokens=0, reused_tokens=0, bytes_sent=100, turn_tokens=12,
-        safe_boundary=True, safe_tokens=12, prefix_hash="cd" * 16, covers_output=True, fingerprint="ef" * 16,
-        backend_fingerprint="12" * 16, fingerprint_parts={"model": "x"}, handle_ref=handle, handle_endpoint=None,
-        handle_epoch="e1" if handle else None, handle_expires_at=time.time() + 60 if handle else None,
+        status="valid",
+        decision_path="full",
+        decision_reason="no_parent",
+        prompt_tokens=10,
+        prompt_digest="ab" * 16,
+        cached_tokens=0,
+        reused_tokens=0,
+        bytes_sent=100,
+        turn_tokens=12,
+        safe_boundary=True,
+        safe_tokens=12,
+        prefix_hash="cd" * 16,
+        covers_output=True,
+        fingerprint="ef" * 16,
+        backend_fingerprint="12" * 16,
+        fingerprint_parts={"model": "x"},
+        handle_ref=handle,
+        handle_endpoint=None,
+        handle_epoch="e1" if handle else None,
+        handle_expires_at=time.time() + 60 if handle else None,
         conversation_version=None,
     )
 
 
-async def _turn(store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str) -> StoredResponse:
+async def _turn(
+    store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str
+) -> StoredResponse:
     now = time.time()
     response = StoredResponse(
-        id=ids.new_id(ids.RESPONSE), tenant=tenant, model="m", status="completed",
-        previous_response_id=parent.id if parent else None, conversation_id=None,
-        depth=parent.depth + 1 if parent else 0, instructions=None, settings={}, usage=None, error=None,
-        incomplete_details=None, store=True, background=False, created_at=now, completed_at=now,
+        id=ids.new_id(ids.RESPONSE),
+        tenant=tenant,
+        model="m",
+        status="completed",
+        previous_response_id=parent.id if parent else None,
+        conversation_id=None,
+        depth=parent.depth + 1 if parent else 0,
+        instructions=None,
+        settings={},
+        usage=None,
+        error=None,
+        incomplete_details=None,
+        store=True,
+        background=False,
+        created_at=now,
+        completed_at=now,
         output=output_items(f"re: {text}", None, []),
     )
-    await store.write_turn(TurnWrite(response, now + 3600, normalize_input(text), response.output,
-                                     _prefix(f"pc_{text}")))
+    await store.write_turn(
+        TurnWrite(response, now + 3600, normalize_input(text), response.output, _prefix(f"pc_{text}"))
+    )
     return response
 
 
-def _texts(segments: list[list[dict[str, object]]]) -> list[str]:
-    return [part["text"] for segment in segments for item in segment for part in item["content"]]  # type: ignore[index, union-attr]
+def _texts(segments: list[list[dict[str, Any]]]) -> list[str]:
+    return [part["text"] for segment in segments for item in segment for part in item["content"]]
 
 
 async def test_history_is_ordered_and_branches_see_only_their_lineage(engine: AsyncEngine) -> None:
@@ -107,14 +139,29 @@ async def test_input_items_pagination(engine: AsyncEngine) -> None:
     now = time.time()
     items = normalize_input([{"role": "user", "content": f"m{i}"} for i in range(5)])
     response = StoredResponse(
-        id=ids.new_id(ids.RESPONSE), tenant=tenant, model="m", status="completed", previous_response_id=None,
-        conversation_id=None, depth=0, instructions=None, settings={}, usage=None, error=None,
-        incomplete_details=None, store=True, background=False, created_at=now, completed_at=now,
+        id=ids.new_id(ids.RESPONSE),
+        tenant=tenant,
+        model="m",
+        status="completed",
+        previous_response_id=None,
+        conversation_id=None,
+        depth=0,
+        instructions=None,
+        settings={},
+        usage=None,
+        error=None,
+        incomplete_details=None,
+        store=True,
+        background=False,
+        created_at=now,
+        completed_at=now,
     )
     await store.write_turn(TurnWrite(response, now + 60, items, [], None))
     has_more, page = await store.input_items(tenant, response.id, after=None, limit=2, descending=False)  # type: ignore[misc]
     assert has_more and [item["id"] for item in page] == [items[0]["id"], items[1]["id"]]
-    has_more, page = await store.input_items(tenant, response.id, after=items[3]["id"], limit=2, descending=False)  # type: ignore[misc]
+    has_more, page = await store.input_items(
+        tenant, response.id, after=items[3]["id"], limit=2, descending=False
+    )  # type: ignore[misc]
     assert not has_more and [item["id"] for item in page] == [items[4]["id"]]
     has_more, page = await store.input_items(tenant, response.id, after=None, limit=5, descending=True)  # type: ignore[misc]
     assert not has_more and [item["id"] for item in page] == [item["id"] for item in reversed(items)]
@@ -132,8 +179,10 @@ async def test_tenant_salt_is_stable_and_private(engine: AsyncEngine) -> None:
 async def test_turn_is_all_or_nothing(engine: AsyncEngine, text: str) -> None:
     store, tenant = ResponseStore(engine), uuid.uuid4().hex
     turn = await _turn(store, tenant, None, text)
-    duplicate = StoredResponse(**{**{k: getattr(turn, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")})
+    duplicate = StoredResponse(
+        **{**{k: getattr(turn, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")}
+    )
     # The items collide with the first turn's ids: the whole turn must roll back.
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         await store.write_turn(TurnWrite(duplicate, time.time() + 60, [], turn.output, _prefix()))
     assert await store.get(tenant, duplicate.id) is None

@@ -53,7 +53,9 @@ def upgrade() -> None:
     op.create_index("ix_prefix_records_tenant_model", "prefix_records", ["tenant", "model"])
     op.create_table(
         "invalidations",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
         sa.Column("scope", sa.String(16), nullable=False),
         sa.Column("key", sa.String(256)),
         sa.Column("reason", sa.Text(), nullable=False),

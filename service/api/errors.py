@@ -19,7 +19,9 @@ def envelope(message: str, type_: str, param: str | None = None, code: str | Non
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> ORJSONResponse:
+def error_response(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> ORJSONResponse:
     return ORJSONResponse(envelope(message, type_, param, code), status_code=status)
 
 
@@ -41,7 +43,9 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0]
         param = _param(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
-            return error_response(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+            return error_response(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
         message = first.get("msg", "Invalid request")
         if param:
             message = f"Invalid value for '{param}': {message}"

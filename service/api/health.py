@@ -21,7 +21,9 @@ async def readyz(request: Request) -> ORJSONResponse:
     try:
         current = await current_revision(request.app.state.engine)
     except Exception as exc:
-        return ORJSONResponse({"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503)
+        return ORJSONResponse(
+            {"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503
+        )
     if current != head:
         return ORJSONResponse({"status": "unavailable", "database": f"at {current}, head is {head}"}, 503)
     return ORJSONResponse({"status": "ok", "database": current})

@@ -31,7 +31,9 @@ def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnReques
     if body.stream:
         raise InvalidRequest("Streaming is not supported yet.", param="stream", code="unsupported_value")
     if body.background:
-        raise InvalidRequest("Background mode is not supported yet.", param="background", code="unsupported_value")
+        raise InvalidRequest(
+            "Background mode is not supported yet.", param="background", code="unsupported_value"
+        )
     dumped = body.model_dump(exclude_none=True, by_alias=True)
     settings = {key: dumped[key] for key in ECHOED_SETTINGS if key in dumped}
     return TurnRequest(

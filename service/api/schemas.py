@@ -96,7 +96,9 @@ class CreateResponseBody(_Strict):
         supported = {"message.output_text.logprobs", "reasoning.encrypted_content"}
         for entry in value or []:
             if entry not in supported:
-                raise ValueError(f"unsupported include value {entry!r}; supported: {', '.join(sorted(supported))}")
+                raise ValueError(
+                    f"unsupported include value {entry!r}; supported: {', '.join(sorted(supported))}"
+                )
         return value
 
 

@@ -204,8 +204,11 @@ class BackendClient:
         if response.status_code == 409 and error_type == "prompt_cache_miss":
             raise BackendMiss(code or "unknown", message)
         if response.status_code == 404:
-            raise InvalidRequest(f"The model backend does not serve this model: {message}", param="model",
-                                 code="model_not_found")
+            raise InvalidRequest(
+                f"The model backend does not serve this model: {message}",
+                param="model",
+                code="model_not_found",
+            )
         if 400 <= response.status_code < 500:
             raise InvalidRequest(f"The model backend rejected the request: {message}", code=code)
         raise BackendUnavailable(f"The model backend failed (HTTP {response.status_code}): {message}")
@@ -298,7 +301,9 @@ class BackendClient:
             # Unknown epoch and fingerprint: every decision fails closed to the full path until it answers.
             self._models = {}
         else:
-            self._models = {str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)}
+            self._models = {
+                str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)
+            }
         self._models_fetched_at = time.monotonic()
 
 

@@ -42,7 +42,9 @@ def _check_data_url(url: str, param: str) -> None:
         return
     header, sep, payload = url.partition(",")
     if not sep or ";base64" not in header:
-        raise InvalidRequest(f"Invalid data URL in '{param}': expected data:<mime>;base64,<data>.", param=param)
+        raise InvalidRequest(
+            f"Invalid data URL in '{param}': expected data:<mime>;base64,<data>.", param=param
+        )
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -69,7 +71,9 @@ def _normalize_part(part: Any, role: str, param: str) -> dict[str, Any]:
     if kind == "input_image":
         url = part.get("image_url")
         if part.get("file_id") is not None:
-            raise InvalidRequest("file_id images are not supported; send image_url.", param=f"{param}.file_id")
+            raise InvalidRequest(
+                "file_id images are not supported; send image_url.", param=f"{param}.file_id"
+            )
         url = _require_str(url, f"{param}.image_url")
         _check_data_url(url, f"{param}.image_url")
         return {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
@@ -77,7 +81,11 @@ def _normalize_part(part: Any, role: str, param: str) -> dict[str, Any]:
         data = _require_str(part.get("file_data"), f"{param}.file_data")
         _check_data_url(data, f"{param}.file_data")
         filename = part.get("filename") or "file"
-        return {"type": "input_file", "file_data": data, "filename": _require_str(filename, f"{param}.filename")}
+        return {
+            "type": "input_file",
+            "file_data": data,
+            "filename": _require_str(filename, f"{param}.filename"),
+        }
     raise InvalidRequest(
         f"Invalid value for '{param}.type': expected one of {', '.join(_INPUT_PART_TYPES)}.",
         param=f"{param}.type",
@@ -124,7 +132,9 @@ def _normalize_function_call(raw: Item, param: str) -> Item:
 def _normalize_function_call_output(raw: Item, param: str) -> Item:
     output = raw.get("output")
     if not isinstance(output, str):
-        raise InvalidRequest(f"Invalid type for '{param}.output': expected a string.", param=f"{param}.output")
+        raise InvalidRequest(
+            f"Invalid type for '{param}.output': expected a string.", param=f"{param}.output"
+        )
     return {
         "id": ids.new_id(ids.FUNCTION_CALL_OUTPUT),
         "type": "function_call_output",

@@ -7,9 +7,9 @@ this function so that a digest means the same thing everywhere.
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections.abc import Iterable
-import sys
 
 import xxhash
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, SmallInteger, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -13,7 +24,7 @@ Id = String(64)
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JsonType, list[Any]: JsonType}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JsonType, list[Any]: JsonType}
 
 
 class Tenant(Base):
@@ -86,7 +97,9 @@ class Item(Base):
     position: Mapped[int] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
-    conversation_id: Mapped[str | None] = mapped_column(Id, ForeignKey("conversations.id", ondelete="CASCADE"))
+    conversation_id: Mapped[str | None] = mapped_column(
+        Id, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
     conversation_position: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Double)
 
@@ -105,7 +118,9 @@ class PrefixRecord(Base):
 
     __tablename__ = "prefix_records"
 
-    response_id: Mapped[str] = mapped_column(Id, ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True)
+    response_id: Mapped[str] = mapped_column(
+        Id, ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
     tenant: Mapped[str] = mapped_column(Id)
     model: Mapped[str] = mapped_column(String(256))
     status: Mapped[str] = mapped_column(String(16))  # valid | invalidated

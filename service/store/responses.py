@@ -224,7 +224,9 @@ class ResponseStore:
                 await conn.execute(insert(Item), item_rows)
             if turn.prefix is not None:
                 record = {key: getattr(turn.prefix, key) for key in PrefixWrite.__slots__}
-                record.update(response_id=response.id, tenant=response.tenant, model=response.model, created_at=now)
+                record.update(
+                    response_id=response.id, tenant=response.tenant, model=response.model, created_at=now
+                )
                 await conn.execute(insert(PrefixRecord), [record])
 
     async def invalidate_record(self, tenant: str, response_id: str, reason: str) -> bool:
@@ -249,7 +251,9 @@ class ResponseStore:
         self, tenant: str, response_id: str, *, after: str | None, limit: int, descending: bool
     ) -> tuple[bool, list[ItemPayload]] | None:
         """(has_more, page) of the response's own input items, or None if the response is unknown."""
-        exists = select(literal_column("1")).where(_live_response(tenant, response_id), Response.store.is_(True))
+        exists: Select[Any] = select(literal_column("1")).where(
+            _live_response(tenant, response_id), Response.store.is_(True)
+        )
         order = Item.position.desc() if descending else Item.position.asc()
         query = select(Item.id, Item.position, Item.payload).where(
             Item.response_id == response_id, Item.segment == INPUT_SEGMENT, exists.exists()
