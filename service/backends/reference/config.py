@@ -31,7 +31,9 @@ class ReferenceSettings(BaseSettings):
         parse_models(value)
         return value
 
-    @field_validator("block_size", "stream_chunk_tokens", "max_handles", "max_model_len", "prefix_cache_blocks")
+    @field_validator(
+        "block_size", "stream_chunk_tokens", "max_handles", "max_model_len", "prefix_cache_blocks"
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

@@ -27,6 +27,7 @@ from service.backends.reference.tokenizer import (
     THINK_OPEN,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+    token_byte_table,
 )
 
 RENDERER_VERSION = "convstate-ref/1"
@@ -314,14 +315,21 @@ def render_append(ctx: RenderContext, system_open: bool, messages: Sequence[Mess
 
 
 class Encoder:
-    """Text -> token ids with the shipped tokenizer; special tokens in the text are honoured."""
+    """Text <-> token ids with the shipped tokenizer; special tokens in the text are honoured."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._bytes = token_byte_table(tokenizer)
         self.generation_prompt = self.encode(GENERATION_PROMPT)
-        self.im_end = self.encode(IM_END)
 
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def bytes_of(self, token_ids: Sequence[int]) -> bytes:
+        table = self._bytes
+        return b"".join(table[t] for t in token_ids)
+
+    def valid(self, token_ids: Sequence[int]) -> bool:
+        return all(0 <= t < len(self._bytes) for t in token_ids)

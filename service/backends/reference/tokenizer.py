@@ -29,14 +29,98 @@ TOKENIZER_FILE = "tokenizer.json"
 
 # Words the deterministic generator draws replies from; they are in the corpus so replies
 # tokenize into whole-word tokens, like a real model's output would.
-WORDS = (
-    "the model reads every token once and keeps the cache warm while the agent plans its next "
-    "step so a long history costs little when only the new part is sent the service checks "
-    "each handle before it trusts it and falls back to a full render when anything changed "
-    "prefix blocks stay shared across turns of one conversation but never across tenants "
-    "because each tenant has its own salt tools return results that the assistant quotes "
-    "back and reasoning stays hidden unless the template keeps it in the history"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "every",
+    "token",
+    "once",
+    "and",
+    "keeps",
+    "the",
+    "cache",
+    "warm",
+    "while",
+    "the",
+    "agent",
+    "plans",
+    "its",
+    "next",
+    "step",
+    "so",
+    "a",
+    "long",
+    "history",
+    "costs",
+    "little",
+    "when",
+    "only",
+    "the",
+    "new",
+    "part",
+    "is",
+    "sent",
+    "the",
+    "service",
+    "checks",
+    "each",
+    "handle",
+    "before",
+    "it",
+    "trusts",
+    "it",
+    "and",
+    "falls",
+    "back",
+    "to",
+    "a",
+    "full",
+    "render",
+    "when",
+    "anything",
+    "changed",
+    "prefix",
+    "blocks",
+    "stay",
+    "shared",
+    "across",
+    "turns",
+    "of",
+    "one",
+    "conversation",
+    "but",
+    "never",
+    "across",
+    "tenants",
+    "because",
+    "each",
+    "tenant",
+    "has",
+    "its",
+    "own",
+    "salt",
+    "tools",
+    "return",
+    "results",
+    "that",
+    "the",
+    "assistant",
+    "quotes",
+    "back",
+    "and",
+    "reasoning",
+    "stays",
+    "hidden",
+    "unless",
+    "the",
+    "template",
+    "keeps",
+    "it",
+    "in",
+    "the",
+    "history",
+]
 
 _CORPUS_ENGLISH = """
 Conversation state matters for agents. An agent sends the same growing history on every turn,
@@ -269,24 +353,17 @@ def tokenizer_fingerprint() -> str:
     return xxhash.xxh3_128_hexdigest(tokenizer_bytes())
 
 
-class TokenBytes:
-    """Raw bytes of each token id, so streamed pieces can be decoded incrementally and exactly."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        byte_of = _byte_level_decoder()
-        special = set(SPECIAL_TOKENS)
-        table: list[bytes] = []
-        for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
-            token = tokenizer.id_to_token(token_id)
-            assert token is not None
-            if token in special:
-                table.append(token.encode("utf-8"))
-            else:
-                table.append(bytes(byte_of[ch] for ch in token))
-        self._table = table
-
-    def of(self, token_ids: list[int]) -> bytes:
-        return b"".join(self._table[t] for t in token_ids)
+def token_byte_table(tokenizer: Tokenizer) -> list[bytes]:
+    """Raw bytes of every token id, so streamed pieces can be decoded incrementally and exactly."""
+    byte_of = _byte_level_decoder()
+    special = set(SPECIAL_TOKENS)
+    table: list[bytes] = []
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            raise ValueError(f"tokenizer has no token {token_id}")
+        table.append(token.encode("utf-8") if token in special else bytes(byte_of[ch] for ch in token))
+    return table
 
 
 def _byte_level_decoder() -> dict[str, int]:
