@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,9 +34,6 @@ def create_app(settings: Settings) -> FastAPI:
             await backend.aclose()
             await engine.dispose()
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     errors.install(app)

@@ -10,6 +10,7 @@ import typer
 import uvicorn
 
 from service.config import load_settings
+from service.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="convstate: conversation state for vLLM.")
 
@@ -24,7 +25,14 @@ def serve(
 
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     settings = load_settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+    )
 
 
 @app.command()
@@ -67,6 +75,7 @@ def demo(
     """Run a multi-turn conversation through the real HTTP API against the reference backend."""
     from service.demo import run_demo
 
+    configure_logging("warning")
     with tempfile.TemporaryDirectory(prefix="convstate-demo-") as tmp:
         database_url = f"sqlite+aiosqlite:///{Path(tmp) / 'demo.db'}"
         run_demo(database_url, turns=turns, mode=mode, model=model, restart_at=restart_at)

@@ -40,11 +40,16 @@ def test_ten_turn_chain_backend_saw_exactly_the_full_history(service: Service) -
         question = f"Question {turn}: what is {turn} squared?"
         expected.append({"role": "user", "content": question})
         response, headers = _create(
-            client, input=question, instructions="Be brief.", previous_response_id=previous, max_output_tokens=24
+            client,
+            input=question,
+            instructions="Be brief.",
+            previous_response_id=previous,
+            max_output_tokens=128,
         )
         assert response.status == "completed"
-        assert headers["x-convstate-prompt-digest"] == full_render_digest(service.settings.backend_url, MODEL,
-                                                                          expected)
+        assert headers["x-convstate-prompt-digest"] == full_render_digest(
+            service.settings.backend_url, MODEL, expected
+        )
         assert headers["x-convstate-decision"] == "full; reason=mode_full"
         expected.append({"role": "assistant", "content": response.output_text})
         previous = response.id
@@ -55,12 +60,16 @@ def test_ten_turn_chain_backend_saw_exactly_the_full_history(service: Service) -
 def test_branches_see_only_their_own_lineage(service: Service) -> None:
     client = service.openai()
     root, _ = _create(client, input="root question")
-    history = [{"role": "user", "content": "root question"}, {"role": "assistant", "content": root.output_text}]
+    history = [
+        {"role": "user", "content": "root question"},
+        {"role": "assistant", "content": root.output_text},
+    ]
     for branch in ("left", "right"):
         child, headers = _create(client, input=branch, previous_response_id=root.id)
         messages = [*history, {"role": "user", "content": branch}]
-        assert headers["x-convstate-prompt-digest"] == full_render_digest(service.settings.backend_url, MODEL,
-                                                                          messages)
+        assert headers["x-convstate-prompt-digest"] == full_render_digest(
+            service.settings.backend_url, MODEL, messages
+        )
         assert child.previous_response_id == root.id
 
 
@@ -74,13 +83,20 @@ def test_instructions_are_not_inherited(service: Service) -> None:
         {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": "again"},
     ]
-    assert headers["x-convstate-prompt-digest"] == full_render_digest(service.settings.backend_url, MODEL, messages)
+    assert headers["x-convstate-prompt-digest"] == full_render_digest(
+        service.settings.backend_url, MODEL, messages
+    )
 
 
 def test_retrieve_delete_and_echoed_fields(service: Service) -> None:
     client = service.openai()
     created, _ = _create(
-        client, input="keep me", metadata={"k": "v"}, temperature=0.5, top_p=0.9, prompt_cache_key="pck",
+        client,
+        input="keep me",
+        metadata={"k": "v"},
+        temperature=0.5,
+        top_p=0.9,
+        prompt_cache_key="pck",
         safety_identifier="user-1",
     )
     fetched = client.responses.retrieve(created.id)
@@ -125,12 +141,20 @@ def test_store_false_cannot_be_retrieved_or_continued(service: Service) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "param", "code"),
     [
-        ({"model": MODEL, "input": "x", "previous_response_id": "resp_nope"}, 400, "previous_response_id",
-         "previous_response_not_found"),
+        (
+            {"model": MODEL, "input": "x", "previous_response_id": "resp_nope"},
+            400,
+            "previous_response_id",
+            "previous_response_not_found",
+        ),
         ({"model": MODEL}, 400, "input", "invalid_value"),
         ({"model": MODEL, "input": "x", "temperature": 5}, 400, "temperature", "invalid_value"),
-        ({"model": MODEL, "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata",
-         "invalid_value"),
+        (
+            {"model": MODEL, "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}},
+            400,
+            "metadata",
+            "invalid_value",
+        ),
         ({"model": MODEL, "input": "x", "metadata": {"k": "v" * 513}}, 400, "metadata", "invalid_value"),
         ({"model": MODEL, "input": "x", "bogus": 1}, 400, "bogus", "invalid_value"),
         ({"model": MODEL, "input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role", None),
@@ -161,7 +185,9 @@ def test_unreachable_backend_is_a_clear_502(migrated_urls: dict[str, str]) -> No
     from tests.conftest import start_service
 
     server = start_service(
-        migrated_urls["sqlite"], f"http://127.0.0.1:{free_port()}", backend_retry_attempts=2,
+        migrated_urls["sqlite"],
+        f"http://127.0.0.1:{free_port()}",
+        backend_retry_attempts=2,
         backend_retry_deadline=1.0,
     )
     try:

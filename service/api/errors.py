@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.json import JSONBody
 from service.errors import ConvstateError
 
 log = logging.getLogger("convstate.api")
@@ -21,8 +21,8 @@ def envelope(message: str, type_: str, param: str | None = None, code: str | Non
 
 def error_response(
     status: int, message: str, type_: str, param: str | None = None, code: str | None = None
-) -> ORJSONResponse:
-    return ORJSONResponse(envelope(message, type_, param, code), status_code=status)
+) -> JSONBody:
+    return JSONBody(envelope(message, type_, param, code), status_code=status)
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -35,11 +35,11 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ConvstateError)
-    async def _convstate_error(_request: Request, exc: ConvstateError) -> ORJSONResponse:
+    async def _convstate_error(_request: Request, exc: ConvstateError) -> JSONBody:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONBody:
         first = exc.errors()[0]
         param = _param(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
@@ -52,11 +52,11 @@ def install(app: FastAPI) -> None:
         return error_response(400, message, "invalid_request_error", param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONBody:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONBody:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "The server had an error while processing your request.", "server_error")

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
 
+from service.api.json import JSONBody
 from service.store.migrate import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok"})
+async def healthz() -> JSONBody:
+    return JSONBody({"status": "ok"})
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONBody:
     head = head_revision()
     try:
         current = await current_revision(request.app.state.engine)
     except Exception as exc:
-        return ORJSONResponse(
-            {"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503
-        )
+        return JSONBody({"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503)
     if current != head:
-        return ORJSONResponse({"status": "unavailable", "database": f"at {current}, head is {head}"}, 503)
-    return ORJSONResponse({"status": "ok", "database": current})
+        return JSONBody({"status": "unavailable", "database": f"at {current}, head is {head}"}, 503)
+    return JSONBody({"status": "ok", "database": current})

@@ -6,9 +6,9 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import ORJSONResponse
 
 from service.api.deps import current_tenant, pipeline, response_store
+from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
@@ -54,32 +54,32 @@ async def create_response(
     request: Request,
     tenant: Tenant,
     turns: Annotated[Pipeline, Depends(pipeline)],
-) -> ORJSONResponse:
+) -> JSONBody:
     result = await turns.create(tenant, turn_request(body, request.headers.get("x-request-id")))
     headers = {"x-convstate-decision": result.decision.header}
     if result.prompt_digest:
         headers["x-convstate-prompt-digest"] = result.prompt_digest
     headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
-    return ORJSONResponse(response_object(result.response), headers=headers)
+    return JSONBody(response_object(result.response), headers=headers)
 
 
 @router.get("/{response_id}")
 async def get_response(
     response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
-) -> ORJSONResponse:
+) -> JSONBody:
     stored = await store.get(tenant, response_id)
     if stored is None:
         raise _not_found(response_id)
-    return ORJSONResponse(response_object(stored))
+    return JSONBody(response_object(stored))
 
 
 @router.delete("/{response_id}")
 async def delete_response(
     response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
-) -> ORJSONResponse:
+) -> JSONBody:
     if not await store.delete(tenant, response_id, time.time()):
         raise _not_found(response_id)
-    return ORJSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+    return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
 @router.get("/{response_id}/input_items")
@@ -88,11 +88,11 @@ async def list_input_items(
     tenant: Tenant,
     store: Annotated[ResponseStore, Depends(response_store)],
     query: Annotated[ListQuery, Query()],
-) -> ORJSONResponse:
+) -> JSONBody:
     page = await store.input_items(
         tenant, response_id, after=query.after, limit=query.limit, descending=query.order == "desc"
     )
     if page is None:
         raise _not_found(response_id)
     has_more, items = page
-    return ORJSONResponse(list_object(items, has_more))
+    return JSONBody(list_object(items, has_more))

@@ -202,6 +202,8 @@ class BackendClient:
             return
         message, error_type, code = _error_message(response)
         if response.status_code == 409 and error_type == "prompt_cache_miss":
+            # A refused handle often means a restart: learn the new epoch on the next decision.
+            self._models_fetched_at = float("-inf")
             raise BackendMiss(code or "unknown", message)
         if response.status_code == 404:
             raise InvalidRequest(
@@ -225,6 +227,8 @@ class BackendClient:
             raise BackendUnavailable("The model backend returned a malformed completion.") from None
         prompt, completion, cached, reasoning_tokens = usage_counts(data.get("usage"))
         logprobs = (choice.get("logprobs") or {}).get("content") or []
+        handle = parse_handle(data.get("prompt_cache"))
+        self._note_epoch(str(body.get("model")), handle)
         return ChatReply(
             content=message.get("content"),
             reasoning=message.get("reasoning_content") or message.get("reasoning"),
@@ -235,7 +239,7 @@ class BackendClient:
             cached_tokens=cached,
             reasoning_tokens=reasoning_tokens,
             prompt_digest=data.get("prompt_digest") or response.headers.get("x-prompt-digest"),
-            handle=parse_handle(data.get("prompt_cache")),
+            handle=handle,
             bytes_sent=len(payload),
             logprobs=list(logprobs),
         )
@@ -278,6 +282,12 @@ class BackendClient:
             raise BackendUnavailable(f"The model backend failed mid-stream: {exc!r}") from None
         finally:
             await response.aclose()
+
+    def _note_epoch(self, model: str, handle: PromptCacheHandle | None) -> None:
+        """A handle from an epoch the cached /v1/models answer does not know: that answer is stale."""
+        known = self._models.get(model)
+        if handle is not None and known is not None and known.epoch != handle.epoch:
+            self._models_fetched_at = float("-inf")
 
     async def tokenize_chat(self, body: dict[str, Any]) -> list[int]:
         response = await self._post("/tokenize", orjson.dumps(body), {})
