@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import errors, health, responses
+from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import Settings
 from service.pipeline import Pipeline
@@ -37,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     errors.install(app)
+    app.add_middleware(RequestAccounting)
     app.include_router(health.router)
     app.include_router(responses.router)
     return app

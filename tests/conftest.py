@@ -150,3 +150,13 @@ def service(service_factory: object) -> Service:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def pg_engine(migrated_urls: dict[str, str]) -> AsyncIterator[AsyncEngine]:
+    """Direct access to the Postgres database the services use (to read or doctor prefix records)."""
+    engine = create_engine(migrated_urls["postgres"])
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

@@ -55,7 +55,7 @@ async def create_response(
     tenant: Tenant,
     turns: Annotated[Pipeline, Depends(pipeline)],
 ) -> JSONBody:
-    result = await turns.create(tenant, turn_request(body, request.headers.get("x-request-id")))
+    result = await turns.create(tenant, turn_request(body, request.state.request_id))
     headers = {"x-convstate-decision": result.decision.header}
     if result.prompt_digest:
         headers["x-convstate-prompt-digest"] = result.prompt_digest

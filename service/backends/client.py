@@ -25,6 +25,7 @@ from tenacity import (
 )
 
 from service.config import Settings
+from service.observe import in_backend
 from service.domain.fingerprint import BackendModelInfo
 from service.errors import BackendTimeout, BackendUnavailable, ConvstateError, InvalidRequest
 
@@ -217,7 +218,8 @@ class BackendClient:
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatReply:
         payload = orjson.dumps(body)
-        response = await self._post("/v1/chat/completions", payload, headers or {})
+        with in_backend():
+            response = await self._post("/v1/chat/completions", payload, headers or {})
         self._raise_for_status(response)
         data = orjson.loads(response.content)
         try:
@@ -290,7 +292,8 @@ class BackendClient:
             self._models_fetched_at = float("-inf")
 
     async def tokenize_chat(self, body: dict[str, Any]) -> list[int]:
-        response = await self._post("/tokenize", orjson.dumps(body), {})
+        with in_backend():
+            response = await self._post("/tokenize", orjson.dumps(body), {})
         self._raise_for_status(response)
         return list(orjson.loads(response.content)["tokens"])
 

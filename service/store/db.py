@@ -8,6 +8,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from service import observe
+
+
+def _count_statement(*_args: Any) -> None:
+    observe.count_statement()
+
 
 def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
     url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
@@ -24,15 +30,17 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
-        return engine
-    return create_async_engine(
-        url_text,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_pre_ping=True,
-        # Statements are few and fixed; asyncpg's prepared-statement cache pays for itself.
-        connect_args={"server_settings": {"application_name": "convstate"}},
-    )
+    else:
+        engine = create_async_engine(
+            url_text,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            # Statements are few and fixed; asyncpg's prepared-statement cache pays for itself.
+            connect_args={"server_settings": {"application_name": "convstate"}},
+        )
+    event.listen(engine.sync_engine, "before_cursor_execute", _count_statement)
+    return engine
 
 
 class StatementCounter:

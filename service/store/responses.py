@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import Select, and_, insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.observe import db_call
+
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
 
 ItemPayload = dict[str, Any]
@@ -152,6 +154,7 @@ class ResponseStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
+    @db_call
     async def load_parent(self, tenant: str, response_id: str) -> ParentTurn | None:
         """The parent response, its prefix record and its output items: one round trip."""
         query = _response_with_output(*_PREFIX_COLUMNS).outerjoin(
@@ -168,6 +171,7 @@ class ResponseStore:
         prefix = None if prefix_values[0] is None else StoredPrefix(*prefix_values)
         return ParentTurn(response, prefix)
 
+    @db_call
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         query = _response_with_output().where(_live_response(tenant, response_id), Response.store.is_(True))
         async with self.engine.connect() as conn:
@@ -178,6 +182,7 @@ class ResponseStore:
         response.output = [row[-1] for row in rows if row[-1] is not None]
         return response
 
+    @db_call
     async def history(self, tenant: str, response_id: str) -> list[list[ItemPayload]]:
         """Every segment of the lineage ending at `response_id`, oldest first: one recursive query."""
         lineage = (
@@ -205,6 +210,7 @@ class ResponseStore:
             segments[-1].append(payload)
         return segments
 
+    @db_call
     async def write_turn(self, turn: TurnWrite) -> None:
         """Response, its items and its prefix record, committed together or not at all."""
         response = turn.response
@@ -229,6 +235,7 @@ class ResponseStore:
                 )
                 await conn.execute(insert(PrefixRecord), [record])
 
+    @db_call
     async def invalidate_record(self, tenant: str, response_id: str, reason: str) -> bool:
         async with self.engine.begin() as conn:
             result = await conn.execute(
@@ -238,6 +245,7 @@ class ResponseStore:
             )
         return bool(result.rowcount)
 
+    @db_call
     async def delete(self, tenant: str, response_id: str, now: float) -> bool:
         async with self.engine.begin() as conn:
             result = await conn.execute(
@@ -247,6 +255,7 @@ class ResponseStore:
             )
         return bool(result.rowcount)
 
+    @db_call
     async def input_items(
         self, tenant: str, response_id: str, *, after: str | None, limit: int, descending: bool
     ) -> tuple[bool, list[ItemPayload]] | None:

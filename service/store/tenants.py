@@ -9,6 +9,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.observe import db_call
+
 from service.store.models import Tenant
 
 
@@ -24,6 +26,7 @@ class TenantStore:
             self._salts[tenant] = salt
         return salt
 
+    @db_call
     async def _load_or_create(self, tenant: str) -> str:
         query = select(Tenant.cache_salt).where(Tenant.id == tenant)
         async with self.engine.connect() as conn:

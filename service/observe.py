@@ -1,0 +1,72 @@
+"""Per-request accounting (time in the database, SQL statements, time waiting for the backend), carried
+in a context variable so every layer can add to it without passing it around. Rendered as Server-Timing."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class RequestStats:
+    started: float = field(default_factory=time.perf_counter)
+    db_seconds: float = 0.0
+    sql_statements: int = 0
+    backend_seconds: float = 0.0
+
+    def server_timing(self) -> str:
+        total = (time.perf_counter() - self.started) * 1000
+        return (
+            f'db;dur={self.db_seconds * 1000:.3f};desc="{self.sql_statements} statements", '
+            f"backend;dur={self.backend_seconds * 1000:.3f}, total;dur={total:.3f}"
+        )
+
+
+current: ContextVar[RequestStats | None] = ContextVar("convstate_request_stats", default=None)
+
+
+def count_statement() -> None:
+    stats = current.get()
+    if stats is not None:
+        stats.sql_statements += 1
+
+
+@contextmanager
+def in_database() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats = current.get()
+        if stats is not None:
+            stats.db_seconds += time.perf_counter() - started
+
+
+@contextmanager
+def in_backend() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats = current.get()
+        if stats is not None:
+            stats.backend_seconds += time.perf_counter() - started
+
+
+def db_call(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Decorator for store methods: their whole duration (checkout, statements, commit) is database time."""
+
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with in_database():
+            return await function(*args, **kwargs)
+
+    return wrapper
