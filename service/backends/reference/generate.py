@@ -64,7 +64,7 @@ class _Stream:
         return " ".join(WORDS[self.next(len(WORDS))] for _ in range(low + self.next(spread)))
 
 
-def plan_reply(digest: str, last: Message | None, settings: GenerationSettings) -> Plan:
+def plan_reply(digest: str, last: Message, settings: GenerationSettings) -> Plan:
     stream = _Stream(canonical_json([digest, settings.seed, settings.response_format]))
     label = int(digest[:8], 16) % 1000
     reasoning = f"Reasoning {label}: {stream.words(4, 12)}." if settings.thinking else None
@@ -76,7 +76,7 @@ def plan_reply(digest: str, last: Message | None, settings: GenerationSettings) 
             for i, c in enumerate(tool_calls)
         )
         return Plan(reasoning, "", tool_calls, call_ids)
-    if last is not None and last.role == "tool":
+    if last.role == "tool":
         text = f'Answer {label}: the tool returned "{last.text[:200]}". {stream.words(4, 8)}.'
     else:
         text = f"Answer {label}: {stream.words(6, 20)}."
@@ -94,14 +94,14 @@ def _shape(text: str, response_format: Mapping[str, Any] | None) -> str:
     return text
 
 
-def _select_tools(last: Message | None, settings: GenerationSettings) -> list[tuple[str, Any]]:
+def _select_tools(last: Message, settings: GenerationSettings) -> list[tuple[str, Any]]:
     choice = settings.tool_choice
     if not settings.tools or choice == "none":
         return []
     tools = [(t["function"]["name"], t["function"].get("parameters") or {}) for t in settings.tools]
     if isinstance(choice, Mapping):
         return [t for t in tools if t[0] == choice["function"]["name"]][:1]
-    mentioned = [t for t in tools if last is not None and last.role == "user" and t[0] in last.text]
+    mentioned = [t for t in tools if last.role == "user" and t[0] in last.text]
     if choice == "required" and not mentioned:
         mentioned = tools[:1]
     return mentioned if settings.parallel_tool_calls else mentioned[:1]

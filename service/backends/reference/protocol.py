@@ -22,8 +22,6 @@ ERROR_TYPES = {
     504: "GatewayTimeoutError",
 }
 
-MISS_CODES = ("unknown_ref", "expired", "fingerprint_mismatch", "prefix_mismatch", "not_appendable")
-
 
 class ApiError(Exception):
     """An error answered in vLLM's envelope: {"error": {"message", "type", "param", "code"}}."""

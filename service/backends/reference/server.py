@@ -187,7 +187,7 @@ class Backend:
         """The prompt of a chat request: continued from a verified handle, or rendered in full."""
         pc = req.prompt_cache
         if pc is not None and pc.ref is not None:
-            handle = self._verify(pc, req, now)
+            handle = self._verify(pc.ref, pc, req, now)
             try:
                 appended = render_append(req.ctx, handle.system_open, req.messages)
             except NotAppendable as exc:
@@ -208,10 +208,9 @@ class Backend:
         self._check_length(len(tokens), req.max_tokens)
         return Prompt(tokens, new, len(gen), base, appended.system_open, last)
 
-    def _verify(self, pc: PromptCacheRequest, req: ChatRequest, now: float) -> Handle:
+    def _verify(self, ref: str, pc: PromptCacheRequest, req: ChatRequest, now: float) -> Handle:
         """The handle checks, in the protocol's order; each failure is a typed 409."""
-        assert pc.ref is not None
-        handle = self.handles.get(pc.ref)
+        handle = self.handles.get(ref)
         if handle is None or handle.epoch != self.epoch or handle.cache_salt != req.ctx.cache_salt:
             raise self.miss("unknown_ref", "prompt_cache.ref is not known to this backend")
         if handle.expires_at <= now:
@@ -259,7 +258,6 @@ class Backend:
         chain = prompt.base.extend(covered) if prompt.base else TokenChain(None, covered)
         handle = self.handles.add(
             epoch=self.epoch,
-            model=req.model,
             cache_salt=req.ctx.cache_salt,
             context_hash=req.ctx.context_hash,
             chain=chain,

@@ -88,7 +88,6 @@ class TokenChain:
 class Handle:
     ref: str
     epoch: str
-    model: str
     cache_salt: str | None
     context_hash: str
     chain: TokenChain
@@ -109,7 +108,6 @@ class HandleRegistry:
         self,
         *,
         epoch: str,
-        model: str,
         cache_salt: str | None,
         context_hash: str,
         chain: TokenChain,
@@ -120,7 +118,6 @@ class HandleRegistry:
         handle = Handle(
             ref="pc_" + secrets.token_hex(16),
             epoch=epoch,
-            model=model,
             cache_salt=cache_salt,
             context_hash=context_hash,
             chain=chain,
