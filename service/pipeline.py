@@ -6,27 +6,30 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import xxhash
 
-from service.backends.client import BackendClient, BackendMiss, ChatReply
+from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
 from service.config import Settings
 from service.domain import ids
 from service.domain.fingerprint import RequestRenderSettings, combined_fingerprint, fingerprint_parts
-from service.domain.items import Item, history_messages, output_items, segment_messages
+from service.domain.items import Item, history_messages, segment_messages
+from service.domain.output import OutputBuilder
 from service.domain.policy import (
     BackendMode,
     Decision,
     DecisionInputs,
     ParentPrefix,
     Path,
+    Reason,
     backend_miss,
     decide,
 )
 from service.domain.prefix import token_digest
-from service.errors import InvalidRequest
+from service.errors import ConvstateError, InvalidRequest
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 
@@ -76,10 +79,37 @@ class TurnResult:
 
 
 @dataclass(slots=True)
-class _Forwarded:
-    reply: ChatReply
+class PreparedTurn:
+    """Everything decided before the backend is called."""
+
+    tenant: str
+    request: TurnRequest
+    parent: ParentTurn | None
     decision: Decision
-    messages_sent: list[dict[str, Any]] = field(default_factory=list)
+    salt: str
+    parts: dict[str, str | None]
+    backend_fingerprint: str | None
+    response_id: str
+    created_at: float
+
+
+Event = dict[str, Any]
+T = TypeVar("T")
+
+
+class TurnStream:
+    """A streamed turn whose backend call has been accepted: its decision, then its events.
+
+    The turn runs in its own task, so a client that goes away mid-stream does not stop it: the turn is
+    completed and stored either way."""
+
+    def __init__(self, decision: Decision, events: asyncio.Queue[Event | None]) -> None:
+        self.decision = decision
+        self._events = events
+
+    async def events(self) -> AsyncIterator[Event]:
+        while (event := await self._events.get()) is not None:
+            yield event
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -151,9 +181,28 @@ class Pipeline:
         self.responses = responses
         self.tenants = tenants
         self.backend = backend
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- the two entry points -----------------------------------------------------------------------
 
     async def create(self, tenant: str, request: TurnRequest) -> TurnResult:
+        turn = await self._prepare(tenant, request)
+        reply, decision = await self._send(turn, self.backend.chat)
+        builder = OutputBuilder()
+        builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
+        return await self._complete(turn, reply, decision, builder.finish(_status(reply)))
+
+    async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
+        """Validation, parent and backend errors raise here, before any event; later ones become events."""
+        turn = await self._prepare(tenant, request)
+        chat, decision = await self._send(turn, self.backend.open_chat_stream)
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._spawn(self._produce(turn, chat, decision, queue))
+        return TurnStream(decision, queue)
+
+    # --- load and decide ----------------------------------------------------------------------------
+
+    async def _prepare(self, tenant: str, request: TurnRequest) -> PreparedTurn:
         now = time.time()
         parent: ParentTurn | None = None
         if request.previous_response_id is not None:
@@ -187,55 +236,46 @@ class Pipeline:
                 canary=random.random() < self.settings.canary_fraction,
             )
         )
-        forwarded = await self._forward(tenant, request, parent, decision, salt)
-        reply = forwarded.reply
-        truncated = reply.finish_reason == "length"
-        status = "incomplete" if truncated else "completed"
-        output = output_items(reply.content, reply.reasoning, reply.tool_calls, status=status)
-        response = StoredResponse(
-            id=ids.new_id(ids.RESPONSE),
+        return PreparedTurn(
             tenant=tenant,
-            model=request.model,
-            status=status,
-            previous_response_id=request.previous_response_id,
-            conversation_id=None,
-            depth=parent.response.depth + 1 if parent else 0,
-            instructions=request.instructions,
-            settings=request.settings,
-            usage=usage_object(reply),
-            error=None,
-            incomplete_details={"reason": "max_output_tokens"} if truncated else None,
-            store=request.store,
-            background=request.background,
+            request=request,
+            parent=parent,
+            decision=decision,
+            salt=salt,
+            parts=parts,
+            backend_fingerprint=info.backend_fingerprint if info else None,
+            response_id=ids.new_id(ids.RESPONSE),
             created_at=now,
-            completed_at=time.time(),
-            output=output,
         )
-        if request.store:
-            prefix = self._prefix_write(forwarded, parts, info.backend_fingerprint if info else None)
-            await self.responses.write_turn(
-                TurnWrite(
-                    response=response,
-                    expires_at=now + self.settings.response_ttl_days * 86400,
-                    input_items=request.input,
-                    output_items=output,
-                    prefix=prefix,
-                )
-            )
-            if forwarded.decision.reason == "canary" and reply.handle is not None:
-                self._spawn(self._canary(tenant, response, request, salt, reply))
-        return TurnResult(response, forwarded.decision, reply.prompt_digest, reply.bytes_sent)
 
-    def _chat_body(self, request: TurnRequest, salt: str) -> dict[str, Any]:
-        settings = request.settings
-        body: dict[str, Any] = {"model": request.model, "cache_salt": salt}
+    # --- forward ------------------------------------------------------------------------------------
+
+    async def _send(
+        self, turn: PreparedTurn, send: Callable[[dict[str, Any], dict[str, str]], Awaitable[T]]
+    ) -> tuple[T, Decision]:
+        """Send by the decided path; a typed miss on the cache path is resent in full at once."""
+        headers = {"x-request-id": turn.request.request_id} if turn.request.request_id else {}
+        decision = turn.decision
+        body = self._cache_body(turn)
+        if body is not None:
+            try:
+                return await send(body, headers), decision
+            except BackendMiss as miss:
+                log.info("backend refused the handle (%s); resending %s in full", miss.code, turn.response_id)
+                decision = backend_miss(miss.code)
+        return await send(await self._full_body(turn), headers), decision
+
+    def _chat_body(self, turn: PreparedTurn) -> dict[str, Any]:
+        settings = turn.request.settings
+        tools = settings.get("tools")
+        body: dict[str, Any] = {"model": turn.request.model, "cache_salt": turn.salt}
         optional = {
             "temperature": settings.get("temperature"),
             "top_p": settings.get("top_p"),
             "max_tokens": settings.get("max_output_tokens"),
-            "tools": chat_tools(settings.get("tools")),
-            "tool_choice": chat_tool_choice(settings.get("tool_choice")) if settings.get("tools") else None,
-            "parallel_tool_calls": settings.get("parallel_tool_calls") if settings.get("tools") else None,
+            "tools": chat_tools(tools),
+            "tool_choice": chat_tool_choice(settings.get("tool_choice")) if tools else None,
+            "parallel_tool_calls": _parallel_tool_calls(settings) if tools else None,
             "reasoning_effort": reasoning_effort(settings.get("reasoning")),
             "response_format": response_format(settings.get("text")),
             "top_logprobs": settings.get("top_logprobs"),
@@ -243,105 +283,206 @@ class Pipeline:
             "user": settings.get("safety_identifier") or settings.get("user"),
         }
         body.update({key: value for key, value in optional.items() if value is not None})
+        if self.settings.backend_mode is not BackendMode.FULL and turn.request.store:
+            body["prompt_cache"] = {"register": True}
         return body
 
-    async def _forward(
-        self,
-        tenant: str,
-        request: TurnRequest,
-        parent: ParentTurn | None,
-        decision: Decision,
-        salt: str,
-    ) -> _Forwarded:
-        headers = {"x-request-id": request.request_id} if request.request_id else {}
-        body = self._chat_body(request, salt)
-        register = self.settings.backend_mode is not BackendMode.FULL and request.store
-        if decision.path is Path.CACHE_REF and parent is not None and parent.prefix is not None:
-            record = parent.prefix
-            segments = [request.input] if record.covers_output else [parent.response.output, request.input]
-            messages = [message for segment in segments for message in segment_messages(segment)]
-            body["messages"] = messages
-            body["prompt_cache"] = {
-                "ref": record.handle_ref,
-                "tokens": record.safe_tokens,
-                "prefix_hash": record.prefix_hash,
-                "fingerprint": record.backend_fingerprint,
-                "register": register,
-            }
-            try:
-                return _Forwarded(await self.backend.chat(body, headers), decision, messages)
-            except BackendMiss as miss:
-                log.info("backend refused handle %s: %s; resending in full", record.handle_ref, miss.code)
-                decision = backend_miss(miss.code)
-        segments = await self.responses.history(tenant, parent.response.id) if parent else []
-        messages = history_messages(request.instructions, [*segments, request.input])
+    def _cache_body(self, turn: PreparedTurn) -> dict[str, Any] | None:
+        """Only the messages after the parent's handle boundary, and the handle; None off the cache path."""
+        parent = turn.parent
+        if turn.decision.path is not Path.CACHE_REF or parent is None or parent.prefix is None:
+            return None
+        record = parent.prefix
+        messages = [] if record.covers_output else segment_messages(parent.response.output, output=True)
+        messages += segment_messages(turn.request.input)
+        body = self._chat_body(turn)
         body["messages"] = messages
-        body.pop("prompt_cache", None)
-        if register:
-            body["prompt_cache"] = {"register": True}
-        return _Forwarded(await self.backend.chat(body, headers), decision, messages)
+        body["prompt_cache"] = {
+            "ref": record.handle_ref,
+            "tokens": record.safe_tokens,
+            "prefix_hash": record.prefix_hash,
+            "fingerprint": record.backend_fingerprint,
+            "register": "prompt_cache" in body,
+        }
+        return body
 
-    @staticmethod
-    def _prefix_write(
-        forwarded: _Forwarded, parts: dict[str, str | None], backend_fingerprint: str | None
-    ) -> PrefixWrite:
-        reply, decision, handle = forwarded.reply, forwarded.decision, forwarded.reply.handle
-        return PrefixWrite(
-            status="valid",
-            decision_path=str(decision.path),
-            decision_reason=decision.label,
-            prompt_tokens=reply.prompt_tokens,
-            prompt_digest=reply.prompt_digest,
-            cached_tokens=reply.cached_tokens,
-            reused_tokens=handle.reused_tokens if handle else 0,
-            bytes_sent=reply.bytes_sent,
-            turn_tokens=handle.tokens if handle else None,
-            safe_boundary=handle.safe_boundary if handle else None,
-            safe_tokens=handle.safe_tokens if handle else None,
-            prefix_hash=handle.prefix_hash if handle else None,
-            covers_output=handle.covers_output if handle else None,
-            fingerprint=combined_fingerprint(parts),
-            backend_fingerprint=(handle.fingerprint if handle else None) or backend_fingerprint,
-            fingerprint_parts=dict(parts),
-            handle_ref=handle.ref if handle else None,
-            handle_endpoint=None,
-            handle_epoch=handle.epoch if handle else None,
-            handle_expires_at=handle.expires_at if handle else None,
-            conversation_version=None,
+    async def _full_body(self, turn: PreparedTurn) -> dict[str, Any]:
+        parent = turn.parent
+        segments = await self.responses.history(turn.tenant, parent.response.id) if parent else []
+        body = self._chat_body(turn)
+        body["messages"] = history_messages(
+            turn.request.instructions, [*segments, (False, turn.request.input)]
+        )
+        return body
+
+    # --- persist ------------------------------------------------------------------------------------
+
+    def _response(
+        self, turn: PreparedTurn, status: str, output: list[Item], reply: ChatReply | None
+    ) -> StoredResponse:
+        request = turn.request
+        return StoredResponse(
+            id=turn.response_id,
+            tenant=turn.tenant,
+            model=request.model,
+            status=status,
+            previous_response_id=request.previous_response_id,
+            conversation_id=None,
+            depth=turn.parent.response.depth + 1 if turn.parent else 0,
+            instructions=request.instructions,
+            settings=request.settings,
+            usage=usage_object(reply) if reply else None,
+            error=None,
+            incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
+            store=request.store,
+            background=request.background,
+            created_at=turn.created_at,
+            completed_at=time.time() if status != "in_progress" else None,
+            output=output,
         )
 
-    def _spawn(self, coroutine: Any) -> None:
+    async def _complete(
+        self, turn: PreparedTurn, reply: ChatReply, decision: Decision, output: list[Item]
+    ) -> TurnResult:
+        response = self._response(turn, _status(reply), output, reply)
+        if turn.request.store:
+            prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
+            await self._write(turn, response, prefix)
+            if decision.reason is Reason.CANARY and reply.handle is not None:
+                self._spawn(self._canary(turn, response, reply))
+        return TurnResult(response, decision, reply.prompt_digest, reply.bytes_sent)
+
+    async def _write(self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None) -> None:
+        await self.responses.write_turn(
+            TurnWrite(
+                response=response,
+                expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
+                input_items=turn.request.input,
+                output_items=response.output,
+                prefix=prefix,
+            )
+        )
+
+    async def _produce(
+        self, turn: PreparedTurn, chat: ChatStream, decision: Decision, queue: asyncio.Queue[Event | None]
+    ) -> None:
+        sequence = 0
+
+        def emit(event: Event) -> None:
+            nonlocal sequence
+            queue.put_nowait({**event, "sequence_number": sequence})
+            sequence += 1
+
+        builder = OutputBuilder()
+        try:
+            emit({"type": "response.created", "response": self._response(turn, "in_progress", [], None)})
+            emit({"type": "response.in_progress", "response": self._response(turn, "in_progress", [], None)})
+            async for delta in chat.deltas():
+                builder.reasoning_delta(delta.reasoning)
+                builder.text_delta(delta.content, delta.logprobs)
+                for index, call_id, name, arguments in delta.tool_calls:
+                    builder.tool_call_delta(index, call_id, name, arguments)
+                for event in builder.drain():
+                    emit(event)
+            reply = chat.reply()
+            output = builder.finish(_status(reply))
+            for event in builder.drain():
+                emit(event)
+            result = await self._complete(turn, reply, decision, output)
+            emit({"type": f"response.{result.response.status}", "response": result.response})
+        except ConvstateError as exc:
+            log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
+            failed = self._response(turn, "failed", builder.finish("incomplete"), None)
+            failed.error = {"code": exc.code or "server_error", "message": exc.message}
+            if turn.request.store:
+                await self._write(turn, failed, None)
+            emit({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+            emit({"type": "response.failed", "response": failed})
+        finally:
+            await chat.aclose()
+            queue.put_nowait(None)
+
+    # --- off the hot path ---------------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _canary(
-        self, tenant: str, response: StoredResponse, request: TurnRequest, salt: str, reply: ChatReply
-    ) -> None:
-        """Off the hot path: render the whole history in full and check the new handle's prefix hash."""
+    async def _canary(self, turn: PreparedTurn, response: StoredResponse, reply: ChatReply) -> None:
+        """Render the whole history in full and check the new handle's prefix hash against it."""
         handle = reply.handle
         assert handle is not None
         try:
-            segments = await self.responses.history(tenant, response.id)
-            messages = history_messages(request.instructions, segments)
-            chat = self._chat_body(request, salt)
-            body: dict[str, Any] = {key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat}
-            body.update(messages=messages, add_generation_prompt=False)
+            segments = await self.responses.history(turn.tenant, response.id)
+            chat = self._chat_body(turn)
+            body: dict[str, Any] = {
+                key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat
+            }
+            body.update(
+                messages=history_messages(turn.request.instructions, segments),
+                add_generation_prompt=False,
+                cache_salt=turn.salt,
+            )
             tokens = await self.backend.tokenize_chat(body)
         except Exception:
             log.exception("canary render failed for %s", response.id)
             return
         expected = token_digest(tokens[: handle.safe_tokens])
-        if expected != handle.prefix_hash or len(tokens) < handle.safe_tokens:
+        if len(tokens) < handle.safe_tokens or expected != handle.prefix_hash:
             log.error(
                 "canary mismatch for %s: handle prefix_hash=%s full render=%s",
                 response.id,
                 handle.prefix_hash,
                 expected,
             )
-            await self.responses.invalidate_record(tenant, response.id, "canary_mismatch")
+            await self.responses.invalidate_record(turn.tenant, response.id, "canary_mismatch")
 
     async def aclose(self) -> None:
+        """Let turns in flight finish (they persist), then stop."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _status(reply: ChatReply) -> str:
+    return "incomplete" if reply.finish_reason == "length" else "completed"
+
+
+def _parallel_tool_calls(settings: dict[str, Any]) -> bool | None:
+    # A cap of one call is the one max_tool_calls value a chat backend can honour: no parallel calls.
+    if settings.get("max_tool_calls") == 1:
+        return False
+    value: bool | None = settings.get("parallel_tool_calls")
+    return value
+
+
+def _prefix_write(
+    reply: ChatReply, decision: Decision, parts: dict[str, str | None], backend_fingerprint: str | None
+) -> PrefixWrite:
+    handle = reply.handle
+    return PrefixWrite(
+        status="valid",
+        decision_path=str(decision.path),
+        decision_reason=decision.label,
+        prompt_tokens=reply.prompt_tokens,
+        prompt_digest=reply.prompt_digest,
+        cached_tokens=reply.cached_tokens,
+        reused_tokens=handle.reused_tokens if handle else 0,
+        bytes_sent=reply.bytes_sent,
+        turn_tokens=handle.tokens if handle else None,
+        safe_boundary=handle.safe_boundary if handle else None,
+        safe_tokens=handle.safe_tokens if handle else None,
+        prefix_hash=handle.prefix_hash if handle else None,
+        covers_output=handle.covers_output if handle else None,
+        fingerprint=combined_fingerprint(parts),
+        backend_fingerprint=(handle.fingerprint if handle else None) or backend_fingerprint,
+        fingerprint_parts=dict(parts),
+        handle_ref=handle.ref if handle else None,
+        handle_endpoint=None,
+        handle_epoch=handle.epoch if handle else None,
+        handle_expires_at=handle.expires_at if handle else None,
+        conversation_version=None,
+    )

@@ -4,6 +4,7 @@ invisibly with the right recorded reason."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -23,14 +24,14 @@ def cache_service(service_factory: Any) -> Service:
     return service
 
 
-def _turn(client: openai.OpenAI, previous: str | None, text: str, **kwargs: Any) -> tuple[Any, httpx.Headers]:
+def _turn(client: openai.OpenAI, previous: str | None, text: str, **kwargs: Any) -> tuple[Any, Mapping[str, str]]:
     raw = client.responses.with_raw_response.create(
         model=kwargs.pop("model", "ref-chatml"), input=text, previous_response_id=previous, **kwargs
     )
     return raw.parse(), raw.headers
 
 
-def _sql_statements(headers: httpx.Headers) -> int:
+def _sql_statements(headers: Mapping[str, str]) -> int:
     match = re.search(r'db;dur=[0-9.]+;desc="(\d+) statements"', headers["server-timing"])
     assert match, headers["server-timing"]
     return int(match.group(1))
@@ -71,7 +72,7 @@ def _chain(client: openai.OpenAI, turns: int, **kwargs: Any) -> str:
         response, _ = _turn(client, previous, f"warm-up {turn}", **kwargs)
         previous = response.id
     assert previous is not None
-    return previous
+    return str(previous)
 
 
 async def _doctor(engine: AsyncEngine, response_id: str, **values: Any) -> None:
@@ -136,7 +137,7 @@ def test_changed_settings_decide_full_with_the_reason(cache_service: Service) ->
     client = cache_service.openai()
     tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
     parent = _chain(client, 1, instructions="A")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"instructions": "B"}, "full; reason=instructions_changed"),
         ({"instructions": "B"}, "cache_ref; reason=hit"),
         ({"instructions": "B", "tools": [tool]}, "full; reason=tools_changed"),

@@ -4,6 +4,7 @@ as the client, Postgres underneath."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -12,13 +13,14 @@ import pytest
 from openai.types.responses import Response
 
 from service.serving import free_port
+from service.store.migrate import head_revision
 from tests.conftest import Service
 from tests.oracle import full_render_digest
 
 MODEL = "ref-chatml"
 
 
-def _create(client: openai.OpenAI, **kwargs: Any) -> tuple[Response, httpx.Headers]:
+def _create(client: openai.OpenAI, **kwargs: Any) -> tuple[Response, Mapping[str, str]]:
     raw = client.responses.with_raw_response.create(model=kwargs.pop("model", MODEL), **kwargs)
     # Strict validation against the SDK's own types: required fields present, types right.
     validated = Response.model_validate(raw.http_response.json())
@@ -127,8 +129,9 @@ def test_input_items_pagination(service: Service) -> None:
 
 def test_store_false_cannot_be_retrieved_or_continued(service: Service) -> None:
     client = service.openai()
-    ephemeral, _ = _create(client, input="forget me", store=False)
-    assert ephemeral.store is False
+    raw = client.responses.with_raw_response.create(model=MODEL, input="forget me", store=False)
+    ephemeral = raw.parse()
+    assert raw.http_response.json()["store"] is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(ephemeral.id)
     reply = service.http().post(
@@ -202,7 +205,7 @@ def test_unreachable_backend_is_a_clear_502(migrated_urls: dict[str, str]) -> No
 def test_health_and_readiness(service: Service) -> None:
     assert service.http().get("/healthz").json() == {"status": "ok"}
     ready = service.http().get("/readyz")
-    assert ready.status_code == 200 and ready.json()["database"] == "0002"
+    assert ready.status_code == 200 and ready.json()["database"] == head_revision()
 
 
 async def test_concurrent_burst_loses_nothing(service: Service) -> None:

@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from service.domain.items import history_messages, normalize_input, output_items, segment_messages
+from service.domain.items import history_messages, normalize_input, segment_messages
+from service.domain.output import output_items
 from service.errors import InvalidRequest
 
 
@@ -25,7 +26,7 @@ def test_output_segment_becomes_one_assistant_message() -> None:
     items = output_items("text", "thinking", calls)
     assert [item["type"] for item in items] == ["reasoning", "message", "function_call", "function_call"]
     assert [item["id"][:3] for item in items] == ["rs_", "msg", "fc_", "fc_"]
-    assert segment_messages(items) == [
+    assert segment_messages(items, output=True) == [
         {
             "role": "assistant",
             "content": "text",
@@ -39,17 +40,17 @@ def test_output_segment_becomes_one_assistant_message() -> None:
 
 
 def test_empty_reply_is_still_an_assistant_turn() -> None:
-    assert segment_messages(output_items("", None, [])) == [{"role": "assistant", "content": ""}]
+    assert segment_messages(output_items("", None, []), output=True) == [{"role": "assistant", "content": ""}]
 
 
 def test_history_is_the_concatenation_of_segments() -> None:
     first = normalize_input([{"role": "user", "content": "q"}])
     reply = output_items(None, None, [{"id": "c", "function": {"name": "f", "arguments": "{}"}}])
     tool = normalize_input([{"type": "function_call_output", "call_id": "c", "output": "42"}])
-    segments = [first, reply, tool]
+    segments = [(False, first), (True, reply), (False, tool)]
     whole = history_messages("sys", segments)
     assert whole == [{"role": "system", "content": "sys"}] + [
-        m for s in segments for m in segment_messages(s)
+        m for output, s in segments for m in segment_messages(s, output=output)
     ]
     assert whole[-1] == {"role": "tool", "tool_call_id": "c", "content": "42"}
 

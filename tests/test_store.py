@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain import ids
-from service.domain.items import normalize_input, output_items
+from service.domain.items import normalize_input
+from service.domain.output import output_items
 from service.store.db import StatementCounter
 from service.store.responses import PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
@@ -72,8 +73,8 @@ async def _turn(
     return response
 
 
-def _texts(segments: list[list[dict[str, Any]]]) -> list[str]:
-    return [part["text"] for segment in segments for item in segment for part in item["content"]]
+def _texts(segments: list[tuple[bool, list[dict[str, Any]]]]) -> list[str]:
+    return [part["text"] for _, segment in segments for item in segment for part in item["content"]]
 
 
 async def test_history_is_ordered_and_branches_see_only_their_lineage(engine: AsyncEngine) -> None:

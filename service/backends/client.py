@@ -24,10 +24,11 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from service import observe
 from service.config import Settings
-from service.observe import in_backend
 from service.domain.fingerprint import BackendModelInfo
 from service.errors import BackendTimeout, BackendUnavailable, ConvstateError, InvalidRequest
+from service.observe import in_backend
 
 _TRANSIENT_STATUS = frozenset({429, 502, 503})
 
@@ -146,6 +147,105 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, _TransientStatus))
 
 
+@dataclass(slots=True)
+class ChunkDelta:
+    """What one streamed chunk adds: reasoning text, answer text, tool-call pieces (index, id, name, args)."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ChatStream:
+    """An open streaming completion: iterate for deltas, then `reply()` for the totals."""
+
+    def __init__(
+        self, client: BackendClient, model: str, response: httpx.Response, bytes_sent: int, started: float
+    ) -> None:
+        self._client, self._model, self._response = client, model, response
+        self._bytes_sent, self._started = bytes_sent, started
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._digest: str | None = response.headers.get("x-prompt-digest")
+        self._handle: PromptCacheHandle | None = None
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    async def deltas(self) -> AsyncIterator[ChunkDelta]:
+        try:
+            async for line in self._response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                yield self._feed(orjson.loads(data))
+        except httpx.TimeoutException:
+            raise BackendTimeout("The model backend stopped answering mid-stream.") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"The model backend failed mid-stream: {exc!r}") from None
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+        observed = observe.current.get()
+        if observed is not None and self._started:
+            observed.backend_seconds += time.perf_counter() - self._started
+            self._started = 0.0
+
+    def _feed(self, chunk: dict[str, Any]) -> ChunkDelta:
+        delta = ChunkDelta()
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        self._digest = chunk.get("prompt_digest") or self._digest
+        if chunk.get("prompt_cache"):
+            self._handle = parse_handle(chunk["prompt_cache"])
+        for choice in chunk.get("choices") or []:
+            self._finish_reason = choice.get("finish_reason") or self._finish_reason
+            piece = choice.get("delta") or {}
+            delta.reasoning += piece.get("reasoning_content") or piece.get("reasoning") or ""
+            delta.content += piece.get("content") or ""
+            for call in piece.get("tool_calls") or []:
+                function = call.get("function") or {}
+                delta.tool_calls.append(
+                    (
+                        int(call.get("index") or 0),
+                        call.get("id"),
+                        function.get("name"),
+                        function.get("arguments") or "",
+                    )
+                )
+            delta.logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
+        self._reasoning.append(delta.reasoning)
+        self._text.append(delta.content)
+        for index, call_id, name, arguments in delta.tool_calls:
+            call = self._calls.setdefault(index, {"id": call_id, "function": {"name": name, "arguments": ""}})
+            call["id"] = call["id"] or call_id
+            call["function"]["name"] = call["function"]["name"] or name
+            call["function"]["arguments"] += arguments
+        return delta
+
+    def reply(self) -> ChatReply:
+        prompt, completion, cached, reasoning_tokens = usage_counts(self._usage)
+        self._client._note_epoch(self._model, self._handle)
+        return ChatReply(
+            content="".join(self._text),
+            reasoning="".join(self._reasoning) or None,
+            tool_calls=[self._calls[index] for index in sorted(self._calls)],
+            finish_reason=self._finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning_tokens,
+            prompt_digest=self._digest,
+            handle=self._handle,
+            bytes_sent=self._bytes_sent,
+        )
+
+
 class BackendClient:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = settings.backend_url
@@ -246,11 +346,11 @@ class BackendClient:
             logprobs=list(logprobs),
         )
 
-    async def chat_stream(
+    async def open_chat_stream(
         self, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Yields the backend's chat.completion.chunk objects; the caller owns the request's lifetime."""
-        payload = orjson.dumps(body)
+    ) -> ChatStream:
+        """Send a streaming completion and check its status; a typed miss raises here, before any delta."""
+        payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         request = self._http.build_request(
             "POST",
             "/v1/chat/completions",
@@ -258,32 +358,28 @@ class BackendClient:
             headers={"content-type": "application/json", **(headers or {})},
         )
         try:
-            response = await self._http.send(request, stream=True)
+            async for attempt in self._retrying():
+                with attempt:
+                    started = time.perf_counter()
+                    response = await self._http.send(request, stream=True)
+                    if response.status_code in _TRANSIENT_STATUS:
+                        await response.aread()
+                        await response.aclose()
+                        raise _TransientStatus(response.status_code, _error_message(response)[0])
+        except _TransientStatus as exc:
+            raise BackendUnavailable(
+                f"The model backend is unavailable (HTTP {exc.status}): {exc}",
+                status=503 if exc.status in (429, 503) else 502,
+            ) from None
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise BackendUnavailable(f"The model backend at {self.base_url} is unreachable: {exc}") from None
-        try:
-            if response.status_code >= 400:
-                await response.aread()
-                if response.status_code in _TRANSIENT_STATUS:
-                    raise BackendUnavailable(
-                        f"The model backend is unavailable (HTTP {response.status_code})",
-                        status=503 if response.status_code in (429, 503) else 502,
-                    )
-                self._raise_for_status(response)
-            yield {"_bytes_sent": len(payload)}
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                yield orjson.loads(data)
         except httpx.TimeoutException:
             raise BackendTimeout("The model backend did not answer in time.") from None
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable(f"The model backend failed mid-stream: {exc!r}") from None
-        finally:
+        if response.status_code >= 400:
+            await response.aread()
             await response.aclose()
+            self._raise_for_status(response)
+        return ChatStream(self, str(body.get("model")), response, len(payload), started)
 
     def _note_epoch(self, model: str, handle: PromptCacheHandle | None) -> None:
         """A handle from an epoch the cached /v1/models answer does not know: that answer is stale."""

@@ -221,8 +221,41 @@ def assistant_text(item: Item) -> str:
     )
 
 
-def segment_messages(items: Iterable[Item]) -> list[ChatMessage]:
-    """Chat messages of one segment (one request's input, or one response's output)."""
+def output_message(items: Iterable[Item]) -> ChatMessage | None:
+    """A response's output is one assistant turn: one message, whatever order its items arrived in."""
+    reasoning: list[str] = []
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for item in items:
+        if item["type"] == "reasoning":
+            reasoning.append(reasoning_text(item))
+        elif item["type"] == "message":
+            texts.append(assistant_text(item))
+        elif item["type"] == "function_call":
+            calls.append(_tool_call(item))
+    if not (reasoning or texts or calls):
+        return None
+    message: ChatMessage = {"role": "assistant", "content": "".join(texts) if texts else None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_call(item: Item) -> dict[str, Any]:
+    return {
+        "id": item["call_id"],
+        "type": "function",
+        "function": {"name": item["name"], "arguments": item["arguments"]},
+    }
+
+
+def segment_messages(items: Sequence[Item], *, output: bool = False) -> list[ChatMessage]:
+    """Chat messages of one segment: a request's input, or (output=True) a response's output."""
+    if output:
+        message = output_message(items)
+        return [message] if message else []
     messages: list[ChatMessage] = []
     assistant: ChatMessage | None = None
 
@@ -245,12 +278,7 @@ def segment_messages(items: Iterable[Item]) -> list[ChatMessage]:
             force = assistant is not None and (assistant["content"] is not None or "tool_calls" in assistant)
             open_assistant(force)["content"] = assistant_text(item)
         elif kind == "function_call":
-            call = {
-                "id": item["call_id"],
-                "type": "function",
-                "function": {"name": item["name"], "arguments": item["arguments"]},
-            }
-            open_assistant(False).setdefault("tool_calls", []).append(call)
+            open_assistant(False).setdefault("tool_calls", []).append(_tool_call(item))
         elif kind == "function_call_output":
             assistant = None
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
@@ -260,65 +288,14 @@ def segment_messages(items: Iterable[Item]) -> list[ChatMessage]:
     return messages
 
 
-def history_messages(instructions: str | None, segments: Iterable[Sequence[Item]]) -> list[ChatMessage]:
+Segment = tuple[bool, Sequence[Item]]  # (is the output of a response, its items)
+
+
+def history_messages(instructions: str | None, segments: Iterable[Segment]) -> list[ChatMessage]:
     """The full chat history: the request's instructions as the system message, then every segment."""
     messages: list[ChatMessage] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
-    for segment in segments:
-        messages.extend(segment_messages(segment))
+    for is_output, items in segments:
+        messages.extend(segment_messages(items, output=is_output))
     return messages
-
-
-# --- backend reply -> output items ------------------------------------------------------------------
-
-
-def output_items(
-    content: str | None,
-    reasoning: str | None,
-    tool_calls: Sequence[dict[str, Any]],
-    *,
-    status: str = "completed",
-) -> list[Item]:
-    """Output items of one response, in the order the assistant message renders them."""
-    items: list[Item] = []
-    if reasoning:
-        items.append(
-            {
-                "id": ids.new_id(ids.REASONING),
-                "type": "reasoning",
-                "summary": [],
-                "content": [{"type": "reasoning_text", "text": reasoning}],
-            }
-        )
-    # An empty reply is still an assistant turn the backend rendered; dropping it would make the next
-    # full render differ from what the backend holds.
-    if content or not tool_calls:
-        items.append(
-            {
-                "id": ids.new_id(ids.MESSAGE),
-                "type": "message",
-                "role": "assistant",
-                "status": status,
-                "content": [_text_part(content or "", "assistant")],
-            }
-        )
-    for call in tool_calls:
-        function = call.get("function") or {}
-        items.append(
-            {
-                "id": ids.new_id(ids.FUNCTION_CALL),
-                "type": "function_call",
-                "call_id": str(call.get("id") or ids.new_id("call")),
-                "name": str(function.get("name", "")),
-                "arguments": str(function.get("arguments", "")),
-                "status": status,
-            }
-        )
-    return items
-
-
-def output_text(items: Iterable[Item]) -> str:
-    return "".join(
-        assistant_text(item) for item in items if item["type"] == "message" and item["role"] == "assistant"
-    )

@@ -15,7 +15,6 @@ from sqlalchemy import Select, and_, insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.observe import db_call
-
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
 
 ItemPayload = dict[str, Any]
@@ -183,7 +182,7 @@ class ResponseStore:
         return response
 
     @db_call
-    async def history(self, tenant: str, response_id: str) -> list[list[ItemPayload]]:
+    async def history(self, tenant: str, response_id: str) -> list[tuple[bool, list[ItemPayload]]]:
         """Every segment of the lineage ending at `response_id`, oldest first: one recursive query."""
         lineage = (
             select(Response.id, Response.previous_response_id, Response.depth)
@@ -201,13 +200,13 @@ class ResponseStore:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        segments: list[list[ItemPayload]] = []
+        segments: list[tuple[bool, list[ItemPayload]]] = []
         current: tuple[str, int] | None = None
         for response_ref, segment, payload in rows:
             if (response_ref, segment) != current:
                 current = (response_ref, segment)
-                segments.append([])
-            segments[-1].append(payload)
+                segments.append((segment == OUTPUT_SEGMENT, []))
+            segments[-1][1].append(payload)
         return segments
 
     @db_call
