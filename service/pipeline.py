@@ -393,7 +393,8 @@ class Pipeline:
         except ConvstateError as exc:
             log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
             failed = self._response(turn, "failed", builder.finish("incomplete"), None)
-            failed.error = {"code": exc.code or "server_error", "message": exc.message}
+            # The response object's error code is a closed set; the error event carries the precise one.
+            failed.error = {"code": "server_error", "message": exc.message}
             if turn.request.store:
                 await self._write(turn, failed, None)
             emit({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})

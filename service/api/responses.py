@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 
 from service.api.deps import current_tenant, pipeline, response_store
 from service.api.json import JSONBody
@@ -14,7 +17,7 @@ from service.api.schemas import CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
 from service.errors import InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
-from service.store.responses import ResponseStore
+from service.store.responses import ResponseStore, StoredResponse
 
 router = APIRouter(prefix="/v1/responses", tags=["responses"])
 
@@ -28,8 +31,6 @@ def _not_found(response_id: str) -> NotFound:
 def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnRequest:
     if body.background and not body.store:
         raise InvalidRequest("background responses require store=true.", param="background")
-    if body.stream:
-        raise InvalidRequest("Streaming is not supported yet.", param="stream", code="unsupported_value")
     if body.background:
         raise InvalidRequest(
             "Background mode is not supported yet.", param="background", code="unsupported_value"
@@ -48,14 +49,35 @@ def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnReques
     )
 
 
-@router.post("")
+def sse_frame(event: dict[str, Any]) -> bytes:
+    """One whole Server-Sent Event, LF line endings, `event:` equal to the body's type."""
+    response = event.get("response")
+    if isinstance(response, StoredResponse):
+        event = {**event, "response": response_object(response)}
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield sse_frame(event)
+
+
+@router.post("", response_model=None)
 async def create_response(
     body: CreateResponseBody,
     request: Request,
     tenant: Tenant,
     turns: Annotated[Pipeline, Depends(pipeline)],
-) -> JSONBody:
-    result = await turns.create(tenant, turn_request(body, request.state.request_id))
+) -> JSONBody | StreamingResponse:
+    turn = turn_request(body, request.state.request_id)
+    if body.stream:
+        stream = await turns.stream(tenant, turn)
+        return StreamingResponse(
+            _sse(stream.events()),
+            media_type="text/event-stream",
+            headers={"x-convstate-decision": stream.decision.header, "cache-control": "no-cache"},
+        )
+    result = await turns.create(tenant, turn)
     headers = {"x-convstate-decision": result.decision.header}
     if result.prompt_digest:
         headers["x-convstate-prompt-digest"] = result.prompt_digest

@@ -74,6 +74,15 @@ class Faults:
     fail_count: int = 0
     fail_status: int = 503
     latency_ms: float = 0.0
+    # Streams: the next `abort_streams` streamed completions drop the connection after
+    # `abort_after_chunks` chunks (an engine dying mid-generation); every chunk waits `chunk_delay_ms`.
+    abort_streams: int = 0
+    abort_after_chunks: int = 0
+    chunk_delay_ms: float = 0.0
+
+
+class StreamAborted(Exception):
+    """Raised inside a streaming body: the server drops the connection without finishing the stream."""
 
 
 @dataclass(frozen=True)
@@ -376,7 +385,15 @@ class Backend:
         prompt_ids = {"prompt_token_ids": turn.prompt.tokens} if req.return_token_ids else {}
         yield event([choice({"role": "assistant", "content": ""}, None)], **prompt_ids)
         events, rest = turn.completion.stream_deltas(self.encoder, self.settings.stream_chunk_tokens)
-        for delta, ids in events:
+        abort_after = None
+        if self.faults.abort_streams > 0:
+            self.faults.abort_streams -= 1
+            abort_after = self.faults.abort_after_chunks
+        for sent, (delta, ids) in enumerate(events):
+            if abort_after is not None and sent >= abort_after:
+                raise StreamAborted(f"injected stream abort after {sent} chunks")
+            if self.faults.chunk_delay_ms:
+                await asyncio.sleep(self.faults.chunk_delay_ms / 1000)
             yield event([choice(delta, ids)])
         finish = [choice({}, rest, turn.completion.finish_reason)]
         if req.include_usage:
@@ -570,6 +587,21 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
         backend.faults.fail_count = _int_field(body, "count", 1, 0, 1_000_000)
         backend.faults.fail_status = _int_field(body, "status", 503, 400, 599)
         return json_response({"count": backend.faults.fail_count, "status": backend.faults.fail_status})
+
+    @app.post("/admin/stream")
+    async def admin_stream(request: Request) -> Response:
+        body = parse_json(await request.body())
+        faults = backend.faults
+        faults.abort_streams = _int_field(body, "abort_count", 0, 0, 1_000_000)
+        faults.abort_after_chunks = _int_field(body, "abort_after_chunks", 0, 0, 1_000_000)
+        faults.chunk_delay_ms = _int_field(body, "chunk_delay_ms", 0, 0, 60_000)
+        return json_response(
+            {
+                "abort_count": faults.abort_streams,
+                "abort_after_chunks": faults.abort_after_chunks,
+                "chunk_delay_ms": faults.chunk_delay_ms,
+            }
+        )
 
     @app.post("/admin/latency")
     async def admin_latency(request: Request) -> Response:
