@@ -11,17 +11,24 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from openai.types.responses import ResponseStreamEvent
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionToolCall,
+    ResponseStreamEvent,
+)
+from openai.types.responses.function_tool_param import FunctionToolParam
 from pydantic import TypeAdapter
 
 from tests.conftest import Service
 from tests.oracle import full_render_digest
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
-LOOKUP = {
+LOOKUP: FunctionToolParam = {
     "type": "function",
     "name": "lookup",
     "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
+    "strict": False,
 }
 
 
@@ -75,7 +82,7 @@ def test_event_order_sequence_and_final_object(cache_service: Service) -> None:
         "response.content_part.done",
         "response.output_item.done",
     ]
-    done = [event for event in events if event["type"] == "response.output_text.done"][0]
+    done = next(event for event in events if event["type"] == "response.output_text.done")
     deltas = "".join(event["delta"] for event in events if event["type"] == "response.output_text.delta")
     assert done["text"] == deltas
     final = events[-1]["response"]
@@ -113,10 +120,10 @@ def test_function_tool_round_trip_streamed(cache_service: Service) -> None:
     events = list(
         client.responses.create(model="ref-chatml", input="please lookup otters", tools=[LOOKUP], stream=True)
     )
-    assert [e.type for e in events][-1] == "response.completed"
-    final = events[-1].response  # type: ignore[union-attr]
-    (call,) = [item for item in final.output if item.type == "function_call"]
-    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert isinstance(events[-1], ResponseCompletedEvent)
+    final = events[-1].response
+    (call,) = [item for item in final.output if isinstance(item, ResponseFunctionToolCall)]
+    arguments = "".join(e.delta for e in events if isinstance(e, ResponseFunctionCallArgumentsDeltaEvent))
     assert call.name == "lookup" and arguments == call.arguments
     follow = client.responses.create(
         model="ref-chatml",

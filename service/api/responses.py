@@ -54,7 +54,8 @@ def sse_frame(event: dict[str, Any]) -> bytes:
     response = event.get("response")
     if isinstance(response, StoredResponse):
         event = {**event, "response": response_object(response)}
-    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    kind: str = event["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
