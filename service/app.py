@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import errors, health, responses
+from service.api import conversations, errors, health, responses
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import Settings
 from service.pipeline import Pipeline
+from service.store.conversations import ConversationStore
 from service.store.db import create_engine
 from service.store.responses import ResponseStore
 from service.store.tenants import TenantStore
+from service.workers.reaper import reap_forever
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -28,9 +31,14 @@ def create_app(settings: Settings) -> FastAPI:
         turns = Pipeline(settings, ResponseStore(engine), TenantStore(engine), backend)
         app.state.engine = engine
         app.state.pipeline = turns
+        app.state.conversations = ConversationStore(engine)
+        reaper = asyncio.get_running_loop().create_task(
+            reap_forever(turns.responses, settings.reaper_interval)
+        )
         try:
             yield
         finally:
+            reaper.cancel()
             await turns.aclose()
             await backend.aclose()
             await engine.dispose()
@@ -41,4 +49,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestAccounting)
     app.include_router(health.router)
     app.include_router(responses.router)
+    app.include_router(conversations.router)
     return app

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
 
     canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
     response_ttl_days: float = Field(30.0, gt=0)
+    reaper_interval: float = Field(15.0, gt=0, description="seconds between reaper passes")
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)

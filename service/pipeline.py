@@ -96,6 +96,11 @@ class PreparedTurn:
 Event = dict[str, Any]
 T = TypeVar("T")
 
+# A background response's worker holds a lease it renews every heartbeat; the reaper fails responses whose
+# lease ran out (their process died). The heartbeat also notices a cancel made on any replica.
+LEASE_SECONDS = 30.0
+HEARTBEAT_SECONDS = 1.0
+
 
 class TurnStream:
     """A streamed turn whose backend call has been accepted: its decision, then its events.
@@ -187,6 +192,8 @@ class Pipeline:
 
     async def create(self, tenant: str, request: TurnRequest) -> TurnResult:
         turn = await self._prepare(tenant, request)
+        if request.background:
+            return await self._enqueue(turn)
         reply, decision = await self._send(turn, self.backend.chat)
         builder = OutputBuilder()
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
@@ -352,16 +359,19 @@ class Pipeline:
                 self._spawn(self._canary(turn, response, reply))
         return TurnResult(response, decision, reply.prompt_digest, reply.bytes_sent)
 
-    async def _write(self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None) -> None:
-        await self.responses.write_turn(
-            TurnWrite(
-                response=response,
-                expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
-                input_items=turn.request.input,
-                output_items=response.output,
-                prefix=prefix,
-            )
+    def _turn_write(
+        self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None
+    ) -> TurnWrite:
+        return TurnWrite(
+            response=response,
+            expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
+            input_items=turn.request.input,
+            output_items=response.output,
+            prefix=prefix,
         )
+
+    async def _write(self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None) -> None:
+        await self.responses.write_turn(self._turn_write(turn, response, prefix))
 
     async def _produce(
         self, turn: PreparedTurn, chat: ChatStream, decision: Decision, queue: asyncio.Queue[Event | None]
@@ -402,6 +412,37 @@ class Pipeline:
         finally:
             await chat.aclose()
             queue.put_nowait(None)
+
+    # --- background mode ----------------------------------------------------------------------------
+
+    async def _enqueue(self, turn: PreparedTurn) -> TurnResult:
+        """Store the response as queued (readable at once, from any replica) and run it in a task."""
+        queued = self._response(turn, "queued", [], None)
+        await self.responses.insert_queued(self._turn_write(turn, queued, None), time.time() + LEASE_SECONDS)
+        self._spawn(self._run_background(turn))
+        return TurnResult(queued, turn.decision, None, 0)
+
+    async def _run_background(self, turn: PreparedTurn) -> None:
+        if not await self.responses.start(turn.tenant, turn.response_id, time.time() + LEASE_SECONDS):
+            return  # cancelled while queued
+        work = asyncio.get_running_loop().create_task(self._send(turn, self.backend.chat))
+        try:
+            # The heartbeat doubles as the cancel check: it fails once any replica cancelled the response.
+            while not (await asyncio.wait({work}, timeout=HEARTBEAT_SECONDS))[0]:
+                if not await self.responses.heartbeat(turn.response_id, time.time() + LEASE_SECONDS):
+                    work.cancel()
+                    return
+            reply, decision = work.result()
+        except ConvstateError as exc:
+            failed = self._response(turn, "failed", [], None)
+            failed.error = {"code": "server_error", "message": exc.message}
+            await self.responses.finish(self._turn_write(turn, failed, None))
+            return
+        builder = OutputBuilder()
+        builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
+        response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
+        prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
+        await self.responses.finish(self._turn_write(turn, response, prefix))
 
     # --- off the hot path ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
-from service.errors import InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
 from service.store.responses import ResponseStore, StoredResponse
 
@@ -31,9 +31,11 @@ def _not_found(response_id: str) -> NotFound:
 def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnRequest:
     if body.background and not body.store:
         raise InvalidRequest("background responses require store=true.", param="background")
-    if body.background:
+    if body.background and body.stream:
         raise InvalidRequest(
-            "Background mode is not supported yet.", param="background", code="unsupported_value"
+            "Streaming a background response is not supported; create it, then poll GET /v1/responses/{id}.",
+            param="stream",
+            code="unsupported_value",
         )
     dumped = body.model_dump(exclude_none=True, by_alias=True)
     settings = {key: dumped[key] for key in ECHOED_SETTINGS if key in dumped}
@@ -103,6 +105,29 @@ async def delete_response(
     if not await store.delete(tenant, response_id, time.time()):
         raise _not_found(response_id)
     return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post("/{response_id}/cancel")
+async def cancel_response(
+    response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
+) -> JSONBody:
+    stored = await store.get(tenant, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    if not stored.background:
+        raise InvalidRequest(
+            "Responses can only be cancelled if they were created with background=true.", param="response_id"
+        )
+    if stored.status in ("completed", "failed", "incomplete"):
+        raise Conflict(
+            f"Cannot cancel a response whose status is '{stored.status}'.",
+            param="response_id",
+            code="response_not_cancellable",
+        )
+    cancelled = await store.cancel(tenant, response_id, time.time())
+    if cancelled is None:
+        raise _not_found(response_id)
+    return JSONBody(response_object(cancelled))
 
 
 @router.get("/{response_id}/input_items")

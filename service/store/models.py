@@ -49,6 +49,8 @@ class Conversation(Base):
     lock_expires_at: Mapped[float | None] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)
     deleted_at: Mapped[float | None] = mapped_column(Double)
+    # The response of the last finished turn: the parent of the next one.
+    head_response_id: Mapped[str | None] = mapped_column(Id)
 
     __table_args__ = (Index("ix_conversations_tenant", "tenant"),)
 
@@ -73,6 +75,8 @@ class Response(Base):
     store: Mapped[bool] = mapped_column(Boolean)
     background: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Held by the worker running a background response; an expired lease means the worker died.
+    lease_expires_at: Mapped[float | None] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)
     completed_at: Mapped[float | None] = mapped_column(Double)
     expires_at: Mapped[float] = mapped_column(Double)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, and_, insert, literal_column, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.observe import db_call
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
@@ -212,10 +212,15 @@ class ResponseStore:
     @db_call
     async def write_turn(self, turn: TurnWrite) -> None:
         """Response, its items and its prefix record, committed together or not at all."""
+        async with self.engine.begin() as conn:
+            await self._insert(conn, turn, None)
+
+    @staticmethod
+    async def _insert(conn: AsyncConnection, turn: TurnWrite, lease_expires_at: float | None) -> None:
         response = turn.response
         now = response.completed_at or response.created_at
         values = {column.key: getattr(response, column.key) for column in _RESPONSE_COLUMNS}
-        values["expires_at"] = turn.expires_at
+        values.update(expires_at=turn.expires_at, lease_expires_at=lease_expires_at)
         item_rows = [
             _item_row(response, INPUT_SEGMENT, position, item, now)
             for position, item in enumerate(turn.input_items)
@@ -223,16 +228,111 @@ class ResponseStore:
             _item_row(response, OUTPUT_SEGMENT, position, item, now)
             for position, item in enumerate(turn.output_items)
         ]
+        await conn.execute(insert(Response), [values])
+        if item_rows:
+            await conn.execute(insert(Item), item_rows)
+        if turn.prefix is not None:
+            await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+
+    @db_call
+    async def insert_queued(self, turn: TurnWrite, lease_expires_at: float) -> None:
+        """A background response as accepted: the response with its input items, no output yet."""
         async with self.engine.begin() as conn:
-            await conn.execute(insert(Response), [values])
-            if item_rows:
-                await conn.execute(insert(Item), item_rows)
-            if turn.prefix is not None:
-                record = {key: getattr(turn.prefix, key) for key in PrefixWrite.__slots__}
-                record.update(
-                    response_id=response.id, tenant=response.tenant, model=response.model, created_at=now
+            await self._insert(conn, turn, lease_expires_at)
+
+    @db_call
+    async def start(self, tenant: str, response_id: str, lease_expires_at: float) -> bool:
+        """queued -> in_progress, unless it was cancelled first."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(Response)
+                .where(
+                    Response.id == response_id,
+                    Response.tenant == tenant,
+                    Response.status == "queued",
+                    Response.cancel_requested.is_(False),
                 )
-                await conn.execute(insert(PrefixRecord), [record])
+                .values(status="in_progress", lease_expires_at=lease_expires_at)
+            )
+        return bool(result.rowcount)
+
+    @db_call
+    async def heartbeat(self, response_id: str, lease_expires_at: float) -> bool:
+        """Extend the lease; False once the response was cancelled (from any replica)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(Response)
+                .where(Response.id == response_id, Response.status == "in_progress")
+                .values(lease_expires_at=lease_expires_at)
+            )
+        return bool(result.rowcount)
+
+    @db_call
+    async def finish(self, turn: TurnWrite) -> bool:
+        """Complete a running background response with its output and prefix record, all or nothing;
+        False (and nothing written) if it was cancelled or reaped meanwhile."""
+        response = turn.response
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(Response)
+                .where(Response.id == response.id, Response.status == "in_progress")
+                .values(
+                    status=response.status,
+                    usage=response.usage,
+                    error=response.error,
+                    incomplete_details=response.incomplete_details,
+                    completed_at=response.completed_at,
+                    lease_expires_at=None,
+                )
+            )
+            if not result.rowcount:
+                await conn.rollback()
+                return False
+            now = response.completed_at or response.created_at
+            rows = [
+                _item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)
+            ]
+            if rows:
+                await conn.execute(insert(Item), rows)
+            if turn.prefix is not None:
+                await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+        return True
+
+    @db_call
+    async def cancel(self, tenant: str, response_id: str, now: float) -> StoredResponse | None:
+        """Cancel a queued or running background response (idempotent); returns it as it now stands."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(Response)
+                .where(
+                    _live_response(tenant, response_id),
+                    Response.background.is_(True),
+                    Response.status.in_(("queued", "in_progress")),
+                )
+                .values(status="cancelled", cancel_requested=True, completed_at=now, lease_expires_at=None)
+            )
+        return await self.get(tenant, response_id)
+
+    @db_call
+    async def reap(self, now: float, batch: int = 500) -> int:
+        """Fail responses whose worker's lease ran out (the process died), in bounded batches."""
+        stale = (
+            select(Response.id)
+            .where(Response.status.in_(("queued", "in_progress")), Response.lease_expires_at < now)
+            .limit(batch)
+            .scalar_subquery()
+        )
+        error = {
+            "code": "server_error",
+            "message": "The process running this response stopped before it finished.",
+        }
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(Response)
+                .where(Response.id.in_(stale))
+                .values(status="failed", error=error, completed_at=now, lease_expires_at=None)
+            )
+        return int(result.rowcount or 0)
 
     @db_call
     async def invalidate_record(self, tenant: str, response_id: str, reason: str) -> bool:
@@ -278,6 +378,12 @@ class ResponseStore:
             if not rows and not (await conn.execute(exists)).first():
                 return None
         return len(rows) > limit, [row.payload for row in rows[:limit]]
+
+
+def _prefix_row(response: StoredResponse, prefix: PrefixWrite, now: float) -> dict[str, Any]:
+    row = {key: getattr(prefix, key) for key in PrefixWrite.__slots__}
+    row.update(response_id=response.id, tenant=response.tenant, model=response.model, created_at=now)
+    return row
 
 
 def _item_row(

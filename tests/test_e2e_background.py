@@ -1,0 +1,107 @@
+"""Background mode over real HTTP: queued at once, polled to completion, cancelled from any replica,
+and abandoned responses finalized by the reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.domain import ids
+from service.store.responses import ResponseStore, StoredResponse, TurnWrite
+from tests.conftest import Service
+
+
+def _poll(client: openai.OpenAI, response_id: str, until: tuple[str, ...]) -> Any:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response = client.responses.retrieve(response_id)
+        if response.status in until:
+            return response
+        time.sleep(0.05)
+    raise AssertionError(f"{response_id} did not reach {until}")
+
+
+def test_background_create_poll_and_continue(service: Service) -> None:
+    client = service.openai()
+    queued = client.responses.create(model="ref-chatml", input="take your time", background=True)
+    assert queued.status == "queued" and queued.background is True and queued.output == []
+    done = _poll(client, queued.id, ("completed",))
+    assert done.output_text and done.usage is not None
+    follow = client.responses.create(model="ref-chatml", input="and then?", previous_response_id=done.id)
+    assert follow.status == "completed"
+
+
+def test_cancel_from_another_replica(service_factory: Any, backend_admin: httpx.Client) -> None:
+    first: Service = service_factory("postgres")
+    second: Service = service_factory("postgres", reaper_interval=14.0)  # another process, same database
+    backend_admin.post("/admin/latency", json={"ms": 3000}).raise_for_status()
+    try:
+        queued = first.openai().responses.create(model="ref-chatml", input="slow", background=True)
+        _poll(first.openai(), queued.id, ("in_progress",))
+        cancelled = second.openai().responses.cancel(queued.id)
+        assert cancelled.status == "cancelled"
+        again = second.openai().responses.cancel(queued.id)  # idempotent
+        assert again.status == "cancelled"
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    time.sleep(1.5)  # the worker's next heartbeat sees the cancel and stops
+    assert first.openai().responses.retrieve(queued.id).status == "cancelled"
+
+
+def test_cancel_rules(service: Service) -> None:
+    client = service.openai()
+    foreground = client.responses.create(model="ref-chatml", input="now")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(foreground.id)
+    background = client.responses.create(model="ref-chatml", input="later", background=True)
+    _poll(client, background.id, ("completed",))
+    with pytest.raises(openai.ConflictError) as caught:
+        client.responses.cancel(background.id)
+    assert caught.value.code == "response_not_cancellable"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_missing")
+    reply = service.http().post(
+        "/v1/responses", json={"model": "ref-chatml", "input": "x", "background": True, "store": False}
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "background"
+
+
+async def test_reaper_fails_responses_whose_worker_died(engine: AsyncEngine) -> None:
+    store = ResponseStore(engine)
+    now = time.time()
+    orphan = StoredResponse(
+        id=ids.new_id(ids.RESPONSE),
+        tenant=uuid.uuid4().hex,
+        model="m",
+        status="queued",
+        previous_response_id=None,
+        conversation_id=None,
+        depth=0,
+        instructions=None,
+        settings={},
+        usage=None,
+        error=None,
+        incomplete_details=None,
+        store=True,
+        background=True,
+        created_at=now,
+        completed_at=None,
+    )
+    await store.insert_queued(TurnWrite(orphan, now + 60, [], [], None), lease_expires_at=now - 1)
+    live = StoredResponse(
+        **{**{k: getattr(orphan, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")}
+    )
+    await store.insert_queued(TurnWrite(live, now + 60, [], [], None), lease_expires_at=now + 60)
+    assert await store.reap(now) >= 1
+    reaped = await store.get(orphan.tenant, orphan.id)
+    assert reaped is not None and reaped.status == "failed" and reaped.error is not None
+    kept = await store.get(live.tenant, live.id)
+    assert kept is not None and kept.status == "queued"
+    await asyncio.sleep(0)
