@@ -87,9 +87,8 @@ async def engine(request: pytest.FixtureRequest, migrated_urls: dict[str, str]) 
 
 @pytest.fixture(scope="session")
 def reference_backend() -> Iterator[ServerThread]:
-    from service.backends.reference.server import create_app as create_reference_app
-
     from service.backends.reference.config import ReferenceSettings
+    from service.backends.reference.server import create_app as create_reference_app
 
     with ServerThread(create_reference_app(ReferenceSettings())) as server:
         yield server

@@ -24,7 +24,9 @@ def cache_service(service_factory: Any) -> Service:
     return service
 
 
-def _turn(client: openai.OpenAI, previous: str | None, text: str, **kwargs: Any) -> tuple[Any, Mapping[str, str]]:
+def _turn(
+    client: openai.OpenAI, previous: str | None, text: str, **kwargs: Any
+) -> tuple[Any, Mapping[str, str]]:
     raw = client.responses.with_raw_response.create(
         model=kwargs.pop("model", "ref-chatml"), input=text, previous_response_id=previous, **kwargs
     )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import IntegrityError
