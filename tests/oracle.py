@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import httpx
+from sqlalchemy.engine import make_url
 
 from service.domain.prefix import token_digest
 
@@ -14,3 +17,20 @@ def full_render_digest(backend_url: str, model: str, messages: list[dict[str, An
     reply = httpx.post(f"{backend_url}/tokenize", json=body, timeout=30)
     reply.raise_for_status()
     return token_digest(reply.json()["tokens"])
+
+
+def recorded_digest(database_url: str, response_id: str) -> str | None:
+    """The prompt digest the service recorded for a turn (a streamed turn has no digest header)."""
+
+    async def fetch() -> str | None:
+        url = make_url(database_url)
+        conn = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+        try:
+            digest: str | None = await conn.fetchval(
+                "SELECT prompt_digest FROM prefix_records WHERE response_id = $1", response_id
+            )
+            return digest
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())

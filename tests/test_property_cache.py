@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Service
-from tests.oracle import full_render_digest
+from tests.oracle import full_render_digest, recorded_digest
 
 EXAMPLES = int(os.environ.get("CONVSTATE_PROPERTY_EXAMPLES", "20"))
 MAX_TURNS = int(os.environ.get("CONVSTATE_PROPERTY_TURNS", "30"))
@@ -86,6 +87,7 @@ class Turn:
     call_tool: bool
     fault: str | None
     canary: bool
+    stream: bool
 
 
 @st.composite
@@ -107,6 +109,7 @@ def conversations(draw: st.DrawFn) -> tuple[str, list[Turn]]:
                 call_tool=draw(_rarely(st.just(True), False, one_in=3)),
                 fault=draw(_rarely(st.sampled_from(FAULTS), None, one_in=8)),
                 canary=draw(st.booleans()),
+                stream=draw(_rarely(st.just(True), False, one_in=3)),
             )
         )
     return model, turns
@@ -137,13 +140,29 @@ def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     return message
 
 
+def _send(service: Service, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], httpx.Headers]:
+    """One turn, plain or streamed; the response object as the client finally sees it."""
+    with service.http() as http:
+        if not stream:
+            reply = http.post("/v1/responses", json=body)
+            assert reply.status_code == 200, reply.text
+            return reply.json(), reply.headers
+        with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as reply:
+            assert reply.status_code == 200, reply.read()
+            frames = reply.read().split(b"\n\n")
+    last = orjson.loads(next(frame for frame in reversed(frames) if frame).split(b"\ndata: ", 1)[1])
+    assert last["type"] == "response.completed" or last["type"] == "response.incomplete", last
+    return last["response"], reply.headers
+
+
 def run_conversation(
     plain: Service, canary: Service, admin: httpx.Client, model: str, turns: list[Turn]
-) -> list[str]:
+) -> list[tuple[str, bool]]:
+    """Runs one conversation; returns each turn's (decision, streamed)."""
     history: list[dict[str, Any]] = []
     pending_calls: list[dict[str, Any]] = []
     previous: str | None = None
-    decisions: list[str] = []
+    decisions: list[tuple[str, bool]] = []
     for turn in turns:
         if turn.fault == "restart":
             admin.post("/admin/restart").raise_for_status()
@@ -182,20 +201,23 @@ def run_conversation(
         if turn.effort:
             body["reasoning"] = {"effort": turn.effort}
         service = canary if turn.canary else plain
-        reply = service.http().post("/v1/responses", json=body)
-        assert reply.status_code == 200, reply.text
-        response = reply.json()
+        response, headers = _send(service, body, turn.stream)
         expected = ([{"role": "system", "content": turn.instructions}] if turn.instructions else []) + history
         render: dict[str, Any] = {}
         if tools:
             render["tools"] = _chat_tools(tools)
         if turn.effort:
             render["reasoning_effort"] = turn.effort
-        decision = reply.headers["x-convstate-decision"]
-        assert reply.headers["x-convstate-prompt-digest"] == full_render_digest(
-            plain.settings.backend_url, model, expected, **render
-        ), f"turn {len(decisions)} ({decision}) generated from a prompt that differs from the full render"
-        decisions.append(decision)
+        decision = headers["x-convstate-decision"]
+        digest = (
+            recorded_digest(plain.settings.database_url, response["id"])
+            if turn.stream
+            else headers["x-convstate-prompt-digest"]
+        )
+        assert digest == full_render_digest(plain.settings.backend_url, model, expected, **render), (
+            f"turn {len(decisions)} ({decision}) generated from a prompt that differs from the full render"
+        )
+        decisions.append((decision, turn.stream))
         history.append(_assistant_message(response["output"]))
         pending_calls = [item for item in response["output"] if item["type"] == "function_call"]
         previous = response["id"]
@@ -205,7 +227,7 @@ def run_conversation(
 def test_cache_path_renders_exactly_the_full_history(service_factory: Any, reference_backend: Any) -> None:
     plain: Service = service_factory("postgres", backend_mode="cache_ref")
     canary: Service = service_factory("postgres", backend_mode="cache_ref", canary_fraction=1.0)
-    seen: set[str] = set()
+    seen: set[tuple[str, bool]] = set()
 
     @settings(
         max_examples=EXAMPLES,
@@ -221,5 +243,7 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
 
     check()
     # The examples must have exercised both paths, or the property says nothing about the cache path.
-    assert "cache_ref; reason=hit" in seen and "cache_ref; reason=canary" in seen
-    assert any(decision.startswith("full; reason=") and "no_parent" not in decision for decision in seen)
+    decisions = {decision for decision, _ in seen}
+    assert "cache_ref; reason=hit" in decisions and "cache_ref; reason=canary" in decisions
+    assert any(decision.startswith("full; reason=") and "no_parent" not in decision for decision in decisions)
+    assert ("cache_ref; reason=hit", True) in seen, "no streamed turn took the cache path"
