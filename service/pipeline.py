@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import xxhash
 
+from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
 from service.config import Settings
 from service.domain import ids
@@ -269,6 +270,7 @@ class Pipeline:
                 return await send(body, headers), decision
             except BackendMiss as miss:
                 log.info("backend refused the handle (%s); resending %s in full", miss.code, turn.response_id)
+                metrics.fallbacks.labels(miss.code).inc()
                 decision = backend_miss(miss.code)
         return await send(await self._full_body(turn), headers), decision
 
@@ -352,6 +354,7 @@ class Pipeline:
         self, turn: PreparedTurn, reply: ChatReply, decision: Decision, output: list[Item]
     ) -> TurnResult:
         response = self._response(turn, _status(reply), output, reply)
+        _count(reply, decision)
         if turn.request.store:
             prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
             await self._write(turn, response, prefix)
@@ -441,6 +444,7 @@ class Pipeline:
         builder = OutputBuilder()
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
         response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
+        _count(reply, decision)
         prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
         await self.responses.finish(self._turn_write(turn, response, prefix))
 
@@ -471,7 +475,9 @@ class Pipeline:
             log.exception("canary render failed for %s", response.id)
             return
         expected = token_digest(tokens[: handle.safe_tokens])
-        if len(tokens) < handle.safe_tokens or expected != handle.prefix_hash:
+        matched = len(tokens) >= handle.safe_tokens and expected == handle.prefix_hash
+        metrics.canary_checks.labels("match" if matched else "mismatch").inc()
+        if not matched:
             log.error(
                 "canary mismatch for %s: handle prefix_hash=%s full render=%s",
                 response.id,
@@ -487,6 +493,13 @@ class Pipeline:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _count(reply: ChatReply, decision: Decision) -> None:
+    metrics.decisions.labels(decision.path, decision.label).inc()
+    metrics.bytes_forwarded.labels(decision.path).inc(reply.bytes_sent)
+    metrics.prompt_tokens.inc(reply.prompt_tokens)
+    metrics.cached_tokens.inc(reply.cached_tokens)
 
 
 def _status(reply: ChatReply) -> str:

@@ -1,9 +1,11 @@
-"""Liveness (process up, no I/O) and readiness (database reachable, schema at the migrations' head)."""
+"""Liveness (process up, no I/O), readiness (database reachable, schema at head) and Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import metrics
 from service.api.json import JSONBody
 from service.store.migrate import current_revision, head_revision
 
@@ -13,6 +15,14 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz() -> JSONBody:
     return JSONBody({"status": "ok"})
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    pool = request.app.state.engine.pool
+    if hasattr(pool, "checkedout"):
+        metrics.db_pool_checked_out.set(pool.checkedout())
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz")

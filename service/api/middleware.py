@@ -3,12 +3,13 @@ id (taken from `x-request-id` or made), and a Server-Timing header with db, back
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import observe
+from service import metrics, observe
 
 
 class RequestAccounting:
@@ -24,8 +25,12 @@ class RequestAccounting:
         stats = observe.RequestStats()
         token = observe.current.set(stats)
 
+        status = 500
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.append((b"server-timing", stats.server_timing().encode()))
@@ -36,6 +41,13 @@ class RequestAccounting:
             await self.app(scope, receive, send_with_headers)
         finally:
             observe.current.reset(token)
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            method = scope["method"]
+            metrics.requests.labels(method, path, str(status)).inc()
+            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - stats.started)
+            metrics.stage_seconds.labels("db").observe(stats.db_seconds)
+            metrics.stage_seconds.labels("backend").observe(stats.backend_seconds)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -1,0 +1,30 @@
+"""Prometheus metrics. Decisions by path and reason are the ones to alert on: a drop in `hit` or a rise
+in `backend_miss:*` means the cache path stopped paying."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+requests = Counter("convstate_requests_total", "HTTP requests", ["method", "route", "status"])
+request_seconds = Histogram(
+    "convstate_request_seconds", "HTTP request latency", ["method", "route"], buckets=LATENCY_BUCKETS
+)
+stage_seconds = Histogram(
+    "convstate_stage_seconds",
+    "Time per request spent in a stage (db, backend)",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+decisions = Counter("convstate_decisions_total", "Turn decisions", ["path", "reason"])
+fallbacks = Counter("convstate_backend_misses_total", "Cache references the backend refused", ["code"])
+bytes_forwarded = Counter(
+    "convstate_backend_bytes_sent_total", "Request bytes forwarded to the backend", ["path"]
+)
+prompt_tokens = Counter("convstate_backend_prompt_tokens_total", "Prompt tokens reported by the backend")
+cached_tokens = Counter(
+    "convstate_backend_cached_tokens_total", "Cached prompt tokens reported by the backend"
+)
+canary_checks = Counter("convstate_canary_checks_total", "Canary full renders compared", ["result"])
+db_pool_checked_out = Gauge("convstate_db_pool_checked_out", "Database connections in use")
