@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from service.pipeline import Pipeline
+from service.store.conversations import ConversationStore
 from service.store.responses import ResponseStore
 
 DEFAULT_TENANT = "default"
@@ -17,6 +18,11 @@ def pipeline(request: Request) -> Pipeline:
 
 def response_store(request: Request) -> ResponseStore:
     store: ResponseStore = request.app.state.pipeline.responses
+    return store
+
+
+def conversations(request: Request) -> ConversationStore:
+    store: ConversationStore = request.app.state.conversations
     return store
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.store.conversations import StoredConversation
 from service.store.responses import StoredResponse
 
 _DEFAULT_TEXT = {"format": {"type": "text"}, "verbosity": "medium"}
@@ -61,4 +62,13 @@ def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
+    }
+
+
+def conversation_object(conversation: StoredConversation) -> dict[str, Any]:
+    return {
+        "id": conversation.id,
+        "object": "conversation",
+        "created_at": int(conversation.created_at),
+        "metadata": conversation.metadata or {},
     }

@@ -106,3 +106,61 @@ class ListQuery(_Strict):
     after: str | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     order: Literal["asc", "desc"] = "desc"
+
+
+# --- Conversations API --------------------------------------------------------------------------------
+
+CONVERSATION_MAX_ITEMS = 20
+
+INCLUDABLE = frozenset(
+    {
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "code_interpreter_call.outputs",
+        "reasoning.encrypted_content",
+        "message.output_text.logprobs",
+    }
+)
+
+
+def validate_includable(value: list[str] | None) -> list[str] | None:
+    for entry in value or []:
+        if entry not in INCLUDABLE:
+            raise ValueError(
+                f"unsupported include value {entry!r}; supported: {', '.join(sorted(INCLUDABLE))}"
+            )
+    return value
+
+
+class CreateConversationBody(_Strict):
+    items: Annotated[list[Any], Field(max_length=CONVERSATION_MAX_ITEMS)] | None = None
+    metadata: dict[str, str] | None = None
+
+    _metadata = field_validator("metadata")(validate_metadata)
+
+
+class UpdateConversationBody(_Strict):
+    # Required, as in OpenAI's API; null clears the metadata.
+    metadata: dict[str, str] | None
+
+    _metadata = field_validator("metadata")(validate_metadata)
+
+
+class AddConversationItemsBody(_Strict):
+    items: Annotated[list[Any], Field(min_length=1, max_length=CONVERSATION_MAX_ITEMS)]
+
+
+class IncludeQuery(_Strict):
+    """`include` as plain repeated keys or as `include[]` (the openai SDK's array format)."""
+
+    include: list[str] | None = None
+    include_brackets: Annotated[list[str] | None, Field(alias="include[]")] = None
+
+    _include = field_validator("include", "include_brackets")(validate_includable)
+
+
+class ConversationItemsQuery(ListQuery, IncludeQuery):
+    pass
