@@ -16,11 +16,13 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ADD/DROP COLUMN, not batch mode: SQLite (3.35+) does both in place, while a batch table copy
+# would drop `responses` and cascade into its items.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("responses") as batch:
-        batch.add_column(sa.Column("lease_expires_at", sa.Double()))
+    op.add_column("responses", sa.Column("lease_expires_at", sa.Double()))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("responses") as batch:
-        batch.drop_column("lease_expires_at")
+    op.drop_column("responses", "lease_expires_at")

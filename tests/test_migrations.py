@@ -1,0 +1,62 @@
+"""Migrations go up, down and up again on both dialects, and a downgrade never loses a turn's items."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from service.store.db import create_engine
+from service.store.migrate import current_revision, downgrade, head_revision, upgrade
+
+
+async def _scalar(url: str, sql: str) -> Any:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(text(sql))).scalar()
+    finally:
+        await engine.dispose()
+
+
+async def _revision(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        return await current_revision(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_up_down_up_keeps_items(dialect: str, new_postgres_database: Any, tmp_path: Any) -> None:
+    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    assert asyncio.run(_revision(url)) == head_revision()
+    engine_sql = [
+        "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
+        " cancel_requested, created_at, expires_at)"
+        " VALUES ('resp_1', 't', 'm', 'completed', 0, '{}', true, false, false, 0, 1)",
+        "INSERT INTO items (id, tenant, response_id, segment, position, type, payload, created_at)"
+        " VALUES ('msg_1', 't', 'resp_1', 0, 0, 'message', '{}', 0)",
+    ]
+
+    async def seed() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                for statement in engine_sql:
+                    await conn.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    downgrade(url, "0002")
+    assert asyncio.run(_scalar(url, "SELECT count(*) FROM items")) == 1
+    upgrade(url)
+    assert asyncio.run(_scalar(url, "SELECT count(*) FROM items")) == 1
+    downgrade(url, "base")
+    assert asyncio.run(_revision(url)) is None
+    upgrade(url)
+    assert asyncio.run(_revision(url)) == head_revision()
