@@ -28,10 +28,11 @@ def create_app(settings: Settings) -> FastAPI:
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
         )
         backend = BackendClient(settings)
-        turns = Pipeline(settings, ResponseStore(engine), TenantStore(engine), backend)
+        conversations = ConversationStore(engine)
+        turns = Pipeline(settings, ResponseStore(engine), conversations, TenantStore(engine), backend)
         app.state.engine = engine
         app.state.pipeline = turns
-        app.state.conversations = ConversationStore(engine)
+        app.state.conversations = conversations
         reaper = asyncio.get_running_loop().create_task(
             reap_forever(turns.responses, settings.reaper_interval)
         )

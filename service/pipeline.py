@@ -7,10 +7,12 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import xxhash
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
@@ -30,7 +32,8 @@ from service.domain.policy import (
     decide,
 )
 from service.domain.prefix import token_digest
-from service.errors import ConvstateError, InvalidRequest
+from service.errors import ConvstateError, InvalidRequest, NotFound
+from service.store.conversations import ConversationStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 
@@ -69,6 +72,7 @@ class TurnRequest:
     settings: dict[str, Any]
     background: bool = False
     request_id: str | None = None
+    conversation_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +96,7 @@ class PreparedTurn:
     backend_fingerprint: str | None
     response_id: str
     created_at: float
+    conversation_version: int | None = None
 
 
 Event = dict[str, Any]
@@ -181,10 +186,16 @@ def _parent_prefix(parent: ParentTurn | None) -> ParentPrefix | None:
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, responses: ResponseStore, tenants: TenantStore, backend: BackendClient
+        self,
+        settings: Settings,
+        responses: ResponseStore,
+        conversations: ConversationStore,
+        tenants: TenantStore,
+        backend: BackendClient,
     ) -> None:
         self.settings = settings
         self.responses = responses
+        self.conversations = conversations
         self.tenants = tenants
         self.backend = backend
         self._background: set[asyncio.Task[Any]] = set()
@@ -193,17 +204,19 @@ class Pipeline:
 
     async def create(self, tenant: str, request: TurnRequest) -> TurnResult:
         turn = await self._prepare(tenant, request)
-        if request.background:
-            return await self._enqueue(turn)
-        reply, decision = await self._send(turn, self.backend.chat)
-        builder = OutputBuilder()
-        builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
-        return await self._complete(turn, reply, decision, builder.finish(_status(reply)))
+        async with self._releasing_on_failure(turn):
+            if request.background:
+                return await self._enqueue(turn)
+            reply, decision = await self._send(turn, self.backend.chat)
+            builder = OutputBuilder()
+            builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
+            return await self._complete(turn, reply, decision, builder.finish(_status(reply)))
 
     async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
         """Validation, parent and backend errors raise here, before any event; later ones become events."""
         turn = await self._prepare(tenant, request)
-        chat, decision = await self._send(turn, self.backend.open_chat_stream)
+        async with self._releasing_on_failure(turn):
+            chat, decision = await self._send(turn, self.backend.open_chat_stream)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._spawn(self._produce(turn, chat, decision, queue))
         return TurnStream(decision, queue)
@@ -212,8 +225,46 @@ class Pipeline:
 
     async def _prepare(self, tenant: str, request: TurnRequest) -> PreparedTurn:
         now = time.time()
+        response_id = ids.new_id(ids.RESPONSE)
+        if request.conversation_id is None:
+            return await self._decide(tenant, request, response_id, now, None, None)
+        conversation = await self.conversations.begin_turn(
+            tenant, request.conversation_id, response_id, self.settings.backend_timeout + LEASE_SECONDS, now
+        )
+        if conversation is None:
+            raise NotFound(
+                f"Conversation with id '{request.conversation_id}' not found.", param="conversation"
+            )
+        try:
+            return await self._decide(
+                tenant, request, response_id, now, conversation.head_response_id, conversation.version
+            )
+        except BaseException:
+            await self.conversations.release_turn(tenant, request.conversation_id, response_id)
+            raise
+
+    @asynccontextmanager
+    async def _releasing_on_failure(self, turn: PreparedTurn) -> AsyncIterator[None]:
+        """A conversation turn that fails before it is stored gives its conversation's lock back."""
+        try:
+            yield
+        except BaseException:
+            await self._release(turn)
+            raise
+
+    async def _decide(
+        self,
+        tenant: str,
+        request: TurnRequest,
+        response_id: str,
+        now: float,
+        head_response_id: str | None,
+        conversation_version: int | None,
+    ) -> PreparedTurn:
         parent: ParentTurn | None = None
-        if request.previous_response_id is not None:
+        if head_response_id is not None:
+            parent = await self.responses.load_parent(tenant, head_response_id)
+        elif request.previous_response_id is not None:
             parent = await self.responses.load_parent(tenant, request.previous_response_id)
             if parent is None:
                 raise InvalidRequest(
@@ -241,6 +292,7 @@ class Pipeline:
                 current_parts=parts,
                 backend_epoch=info.epoch if info else None,
                 now=now,
+                conversation_version=conversation_version,
                 canary=random.random() < self.settings.canary_fraction,
             )
         )
@@ -252,8 +304,9 @@ class Pipeline:
             salt=salt,
             parts=parts,
             backend_fingerprint=info.backend_fingerprint if info else None,
-            response_id=ids.new_id(ids.RESPONSE),
+            response_id=response_id,
             created_at=now,
+            conversation_version=conversation_version,
         )
 
     # --- forward ------------------------------------------------------------------------------------
@@ -316,8 +369,11 @@ class Pipeline:
         return body
 
     async def _full_body(self, turn: PreparedTurn) -> dict[str, Any]:
-        parent = turn.parent
-        segments = await self.responses.history(turn.tenant, parent.response.id) if parent else []
+        parent, conversation_id = turn.parent, turn.request.conversation_id
+        if conversation_id is not None:
+            segments = await self.conversations.history(turn.tenant, conversation_id)
+        else:
+            segments = await self.responses.history(turn.tenant, parent.response.id) if parent else []
         body = self._chat_body(turn)
         body["messages"] = history_messages(
             turn.request.instructions, [*segments, (False, turn.request.input)]
@@ -336,7 +392,7 @@ class Pipeline:
             model=request.model,
             status=status,
             previous_response_id=request.previous_response_id,
-            conversation_id=None,
+            conversation_id=request.conversation_id,
             depth=turn.parent.response.depth + 1 if turn.parent else 0,
             instructions=request.instructions,
             settings=request.settings,
@@ -356,25 +412,44 @@ class Pipeline:
         response = self._response(turn, _status(reply), output, reply)
         _count(reply, decision)
         if turn.request.store:
-            prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
+            prefix = _prefix_write(reply, decision, turn)
             await self._write(turn, response, prefix)
             if decision.reason is Reason.CANARY and reply.handle is not None:
                 self._spawn(self._canary(turn, response, reply))
         return TurnResult(response, decision, reply.prompt_digest, reply.bytes_sent)
 
     def _turn_write(
-        self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None
+        self,
+        turn: PreparedTurn,
+        response: StoredResponse,
+        prefix: PrefixWrite | None,
+        *,
+        append: bool = False,
     ) -> TurnWrite:
+        """The turn's rows; with `append`, a conversation turn's items join the conversation in the same
+        transaction (which also moves its head and releases its lock)."""
+        conversation_id = turn.request.conversation_id
+        also: Callable[[AsyncConnection], Awaitable[int]] | None = None
+        if append and conversation_id is not None:
+            item_ids = [item["id"] for item in (*turn.request.input, *response.output)]
+
+            def also(conn: AsyncConnection) -> Awaitable[int]:
+                return self.conversations.finish_turn(
+                    conn, turn.tenant, conversation_id, turn.response_id, item_ids
+                )
+
         return TurnWrite(
             response=response,
             expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
             input_items=turn.request.input,
             output_items=response.output,
             prefix=prefix,
+            also=also,
         )
 
     async def _write(self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None) -> None:
-        await self.responses.write_turn(self._turn_write(turn, response, prefix))
+        """A completed turn (with a prefix record) joins its conversation; a failed one only frees it."""
+        await self.responses.write_turn(self._turn_write(turn, response, prefix, append=prefix is not None))
 
     async def _produce(
         self, turn: PreparedTurn, chat: ChatStream, decision: Decision, queue: asyncio.Queue[Event | None]
@@ -387,6 +462,7 @@ class Pipeline:
             sequence += 1
 
         builder = OutputBuilder()
+        completed = False
         try:
             emit({"type": "response.created", "response": self._response(turn, "in_progress", [], None)})
             emit({"type": "response.in_progress", "response": self._response(turn, "in_progress", [], None)})
@@ -402,6 +478,7 @@ class Pipeline:
             for event in builder.drain():
                 emit(event)
             result = await self._complete(turn, reply, decision, output)
+            completed = True
             emit({"type": f"response.{result.response.status}", "response": result.response})
         except ConvstateError as exc:
             log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
@@ -415,6 +492,8 @@ class Pipeline:
         finally:
             await chat.aclose()
             queue.put_nowait(None)
+            if not completed:
+                await self._release(turn)
 
     # --- background mode ----------------------------------------------------------------------------
 
@@ -426,27 +505,40 @@ class Pipeline:
         return TurnResult(queued, turn.decision, None, 0)
 
     async def _run_background(self, turn: PreparedTurn) -> None:
+        appended = False
+        try:
+            appended = await self._run_started(turn)
+        finally:
+            if not appended:
+                await self._release(turn)
+
+    async def _run_started(self, turn: PreparedTurn) -> bool:
+        """True once the completed turn is stored (and, in a conversation, appended to it)."""
         if not await self.responses.start(turn.tenant, turn.response_id, time.time() + LEASE_SECONDS):
-            return  # cancelled while queued
+            return False  # cancelled while queued
         work = asyncio.get_running_loop().create_task(self._send(turn, self.backend.chat))
         try:
             # The heartbeat doubles as the cancel check: it fails once any replica cancelled the response.
             while not (await asyncio.wait({work}, timeout=HEARTBEAT_SECONDS))[0]:
                 if not await self.responses.heartbeat(turn.response_id, time.time() + LEASE_SECONDS):
                     work.cancel()
-                    return
+                    return False
             reply, decision = work.result()
         except ConvstateError as exc:
             failed = self._response(turn, "failed", [], None)
             failed.error = {"code": "server_error", "message": exc.message}
             await self.responses.finish(self._turn_write(turn, failed, None))
-            return
+            return False
         builder = OutputBuilder()
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
         response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
         _count(reply, decision)
-        prefix = _prefix_write(reply, decision, turn.parts, turn.backend_fingerprint)
-        await self.responses.finish(self._turn_write(turn, response, prefix))
+        prefix = _prefix_write(reply, decision, turn)
+        return await self.responses.finish(self._turn_write(turn, response, prefix, append=True))
+
+    async def _release(self, turn: PreparedTurn) -> None:
+        if turn.request.conversation_id is not None:
+            await self.conversations.release_turn(turn.tenant, turn.request.conversation_id, turn.response_id)
 
     # --- off the hot path ---------------------------------------------------------------------------
 
@@ -514,10 +606,8 @@ def _parallel_tool_calls(settings: dict[str, Any]) -> bool | None:
     return value
 
 
-def _prefix_write(
-    reply: ChatReply, decision: Decision, parts: dict[str, str | None], backend_fingerprint: str | None
-) -> PrefixWrite:
-    handle = reply.handle
+def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn) -> PrefixWrite:
+    handle, parts = reply.handle, turn.parts
     return PrefixWrite(
         status="valid",
         decision_path=str(decision.path),
@@ -533,11 +623,11 @@ def _prefix_write(
         prefix_hash=handle.prefix_hash if handle else None,
         covers_output=handle.covers_output if handle else None,
         fingerprint=combined_fingerprint(parts),
-        backend_fingerprint=(handle.fingerprint if handle else None) or backend_fingerprint,
+        backend_fingerprint=(handle.fingerprint if handle else None) or turn.backend_fingerprint,
         fingerprint_parts=dict(parts),
         handle_ref=handle.ref if handle else None,
         handle_endpoint=None,
         handle_epoch=handle.epoch if handle else None,
         handle_expires_at=handle.expires_at if handle else None,
-        conversation_version=None,
+        conversation_version=turn.conversation_version,
     )

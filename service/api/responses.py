@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from service.api.deps import current_tenant, pipeline, response_store
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
-from service.api.schemas import CreateResponseBody, ListQuery
+from service.api.schemas import ConversationRef, CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
@@ -37,6 +37,17 @@ def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnReques
             param="stream",
             code="unsupported_value",
         )
+    conversation = (
+        body.conversation.id if isinstance(body.conversation, ConversationRef) else body.conversation
+    )
+    if conversation is not None and body.previous_response_id is not None:
+        raise InvalidRequest(
+            "Mutually exclusive parameters: provide 'previous_response_id' or 'conversation', not both.",
+            param="conversation",
+            code="mutually_exclusive_parameters",
+        )
+    if conversation is not None and not body.store:
+        raise InvalidRequest("A response in a conversation must be stored (store=true).", param="store")
     dumped = body.model_dump(exclude_none=True, by_alias=True)
     settings = {key: dumped[key] for key in ECHOED_SETTINGS if key in dumped}
     return TurnRequest(
@@ -48,6 +59,7 @@ def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnReques
         settings=settings,
         background=body.background,
         request_id=request_id,
+        conversation_id=conversation,
     )
 
 

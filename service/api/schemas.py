@@ -61,6 +61,10 @@ def validate_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+class ConversationRef(_Strict):
+    id: str
+
+
 class CreateResponseBody(_Strict):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     input: str | list[Any]
@@ -87,6 +91,7 @@ class CreateResponseBody(_Strict):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     background: bool = False
+    conversation: str | ConversationRef | None = None
 
     _metadata = field_validator("metadata")(validate_metadata)
 

@@ -7,7 +7,7 @@ whatever the depth of the conversation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,8 @@ class TurnWrite:
     input_items: Sequence[ItemPayload]
     output_items: Sequence[ItemPayload]
     prefix: PrefixWrite | None
+    # More statements for the same transaction (a conversation turn appends its items to the conversation).
+    also: Callable[[AsyncConnection], Awaitable[object]] | None = None
 
 
 _RESPONSE_COLUMNS = (
@@ -233,6 +235,8 @@ class ResponseStore:
             await conn.execute(insert(Item), item_rows)
         if turn.prefix is not None:
             await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+        if turn.also is not None:
+            await turn.also(conn)
 
     @db_call
     async def insert_queued(self, turn: TurnWrite, lease_expires_at: float) -> None:
@@ -296,6 +300,8 @@ class ResponseStore:
                 await conn.execute(insert(Item), rows)
             if turn.prefix is not None:
                 await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+            if turn.also is not None:
+                await turn.also(conn)
         return True
 
     @db_call

@@ -1,0 +1,140 @@
+"""Responses in a conversation: history from the conversation, items appended after each turn, the cache
+path across turns, edits that invalidate it, and the per-conversation lock."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Service
+from tests.oracle import full_render_digest
+
+MODEL = "ref-chatml"
+
+
+@pytest.fixture
+def cache_service(service_factory: Any) -> Service:
+    service: Service = service_factory("postgres", backend_mode="cache_ref")
+    return service
+
+
+def _turn(client: openai.OpenAI, conversation: str, text: str) -> tuple[Any, Any]:
+    raw = client.responses.with_raw_response.create(model=MODEL, conversation=conversation, input=text)
+    return raw.parse(), raw.headers
+
+
+def test_three_turn_conversation_uses_the_cache_and_appends_items(cache_service: Service) -> None:
+    client = cache_service.openai()
+    conversation = client.conversations.create(items=[{"role": "user", "content": "Remember: blue."}])
+    history: list[dict[str, Any]] = [{"role": "user", "content": "Remember: blue."}]
+    decisions = []
+    for text in ("What colour?", "Why?", "Thanks."):
+        response, headers = _turn(client, conversation.id, text)
+        history.append({"role": "user", "content": text})
+        assert headers["x-convstate-prompt-digest"] == full_render_digest(
+            cache_service.settings.backend_url, MODEL, history
+        )
+        history.append({"role": "assistant", "content": response.output_text})
+        assert response.conversation is not None and response.conversation.id == conversation.id
+        decisions.append(headers["x-convstate-decision"])
+    assert decisions == ["full; reason=no_parent", "cache_ref; reason=hit", "cache_ref; reason=hit"]
+    items = list(client.conversations.items.list(conversation.id, order="asc"))
+    assert [item.type for item in items] == ["message"] * 7
+    assert [getattr(item, "role", None) for item in items] == ["user"] + ["user", "assistant"] * 3
+
+
+def test_editing_the_conversation_invalidates_the_handle(cache_service: Service) -> None:
+    client = cache_service.openai()
+    conversation = client.conversations.create()
+    first, _ = _turn(client, conversation.id, "one")
+    added = client.conversations.items.create(
+        conversation.id, items=[{"role": "user", "content": "an aside"}]
+    )
+    second, headers = _turn(client, conversation.id, "two")
+    assert headers["x-convstate-decision"] == "full; reason=history_edited"
+    messages = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "an aside"},
+        {"role": "user", "content": "two"},
+    ]
+    assert headers["x-convstate-prompt-digest"] == full_render_digest(
+        cache_service.settings.backend_url, MODEL, messages
+    )
+    _, headers = _turn(client, conversation.id, "three")
+    assert headers["x-convstate-decision"] == "cache_ref; reason=hit"
+    added_id = added.data[0].id
+    assert added_id is not None
+    client.conversations.items.delete(added_id, conversation_id=conversation.id)
+    _, headers = _turn(client, conversation.id, "four")
+    assert headers["x-convstate-decision"] == "full; reason=history_edited"
+    assert second.status == "completed"
+
+
+def test_a_second_turn_while_one_runs_is_refused(cache_service: Service, backend_admin: httpx.Client) -> None:
+    client = cache_service.openai()
+    conversation = client.conversations.create()
+    backend_admin.post("/admin/latency", json={"ms": 800}).raise_for_status()
+    results: list[Any] = []
+    try:
+        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
+        slow.start()
+        threading.Event().wait(0.3)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=MODEL, conversation=conversation.id, input="impatient")
+        slow.join()
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    assert caught.value.code == "conversation_locked"
+    items = list(client.conversations.items.list(conversation.id, order="asc"))
+    assert [getattr(item, "role", None) for item in items] == ["user", "assistant"]  # nothing interleaved
+    assert results[0].status == "completed"
+    follow, _ = _turn(client, conversation.id, "now")  # the lock was released
+    assert follow.status == "completed"
+
+
+def test_streamed_and_background_turns_join_the_conversation(cache_service: Service) -> None:
+    client = cache_service.openai()
+    conversation = client.conversations.create()
+    events = list(
+        client.responses.create(model=MODEL, conversation=conversation.id, input="stream", stream=True)
+    )
+    assert events[-1].type == "response.completed"
+    queued = client.responses.create(
+        model=MODEL, conversation=conversation.id, input="later", background=True
+    )
+    for _ in range(200):
+        if client.responses.retrieve(queued.id).status == "completed":
+            break
+        threading.Event().wait(0.05)
+    roles = [
+        getattr(item, "role", None) for item in client.conversations.items.list(conversation.id, order="asc")
+    ]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_conversation_errors(cache_service: Service) -> None:
+    http = cache_service.http()
+    client = cache_service.openai()
+    first = client.responses.create(model=MODEL, input="x")
+    conversation = client.conversations.create()
+    both = http.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "input": "x",
+            "conversation": conversation.id,
+            "previous_response_id": first.id,
+        },
+    )
+    assert both.status_code == 400 and both.json()["error"]["code"] == "mutually_exclusive_parameters"
+    missing = http.post("/v1/responses", json={"model": MODEL, "input": "x", "conversation": "conv_missing"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "conversation"
+    by_object = http.post(
+        "/v1/responses", json={"model": MODEL, "input": "x", "conversation": {"id": conversation.id}}
+    )
+    assert by_object.status_code == 200 and by_object.json()["conversation"] == {"id": conversation.id}
