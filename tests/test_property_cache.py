@@ -1,9 +1,10 @@
 """The differential property: over random conversations and random mutations between turns, the exact
 token sequence the backend generated from (its prompt digest) equals a full render of the same history.
 
-The oracle keeps its own copy of the history as chat messages, built here independently of the service's
-item conversion, and asks the reference backend for a full render. Runs a bounded, derandomized number of
-examples in CI; CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TURNS raise it.
+Conversations are previous_response_id chains or Conversations-API conversations (with items added between
+turns). The oracle keeps its own copy of the history as chat messages, built here independently of the
+service's item conversion, and asks the reference backend for a full render. Runs a bounded, derandomized
+number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TURNS raise it.
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ class Turn:
     fault: str | None
     canary: bool
     stream: bool
+    aside: str | None  # conversation mode: an item added through the Conversations API first
 
 
 @st.composite
-def conversations(draw: st.DrawFn) -> tuple[str, list[Turn]]:
+def conversations(draw: st.DrawFn) -> tuple[str, bool, list[Turn]]:
+    """(model, in a Conversations-API conversation rather than a previous_response_id chain, turns)"""
     model = draw(st.sampled_from(MODELS))
+    in_conversation = draw(st.booleans())
     turns: list[Turn] = []
     instructions, toolset, effort = draw(st.sampled_from(INSTRUCTIONS)), "none", None
     for _ in range(draw(st.integers(1, MAX_TURNS))):
@@ -110,9 +114,10 @@ def conversations(draw: st.DrawFn) -> tuple[str, list[Turn]]:
                 fault=draw(_rarely(st.sampled_from(FAULTS), None, one_in=8)),
                 canary=draw(st.booleans()),
                 stream=draw(_rarely(st.just(True), False, one_in=3)),
+                aside=draw(_rarely(st.just("An aside."), None, one_in=8)),
             )
         )
-    return model, turns
+    return model, in_conversation, turns
 
 
 def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -156,9 +161,10 @@ def _send(service: Service, body: dict[str, Any], stream: bool) -> tuple[dict[st
 
 
 def run_conversation(
-    plain: Service, canary: Service, admin: httpx.Client, model: str, turns: list[Turn]
+    plain: Service, canary: Service, admin: httpx.Client, model: str, in_conversation: bool, turns: list[Turn]
 ) -> list[tuple[str, bool]]:
     """Runs one conversation; returns each turn's (decision, streamed)."""
+    conversation = plain.http().post("/v1/conversations", json={}).json()["id"] if in_conversation else None
     history: list[dict[str, Any]] = []
     pending_calls: list[dict[str, Any]] = []
     previous: str | None = None
@@ -170,6 +176,12 @@ def run_conversation(
             admin.post("/admin/evict", json={}).raise_for_status()
         elif turn.fault == "expire":
             admin.post("/admin/expire").raise_for_status()
+        if conversation and turn.aside:
+            aside = {"role": "user", "content": turn.aside}
+            plain.http().post(
+                f"/v1/conversations/{conversation}/items", json={"items": [aside]}
+            ).raise_for_status()
+            history.append(aside)
         tools = TOOLSETS[turn.toolset]
         items: list[dict[str, Any]] = []
         if pending_calls:
@@ -192,7 +204,9 @@ def run_conversation(
             items.append({"role": "user", "content": text})
             history.append({"role": "user", "content": text})
         body: dict[str, Any] = {"model": model, "input": items, "max_output_tokens": 48}
-        if previous:
+        if conversation:
+            body["conversation"] = conversation
+        elif previous:
             body["previous_response_id"] = previous
         if turn.instructions:
             body["instructions"] = turn.instructions
@@ -236,10 +250,10 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(conversations())
-    def check(conversation: tuple[str, list[Turn]]) -> None:
-        model, turns = conversation
+    def check(conversation: tuple[str, bool, list[Turn]]) -> None:
+        model, in_conversation, turns = conversation
         with httpx.Client(base_url=reference_backend.url) as admin:
-            seen.update(run_conversation(plain, canary, admin, model, turns))
+            seen.update(run_conversation(plain, canary, admin, model, in_conversation, turns))
 
     check()
     # The examples must have exercised both paths, or the property says nothing about the cache path.
@@ -247,3 +261,4 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
     assert "cache_ref; reason=hit" in decisions and "cache_ref; reason=canary" in decisions
     assert any(decision.startswith("full; reason=") and "no_parent" not in decision for decision in decisions)
     assert ("cache_ref; reason=hit", True) in seen, "no streamed turn took the cache path"
+    assert "full; reason=history_edited" in decisions, "no conversation edit was exercised"
