@@ -19,6 +19,13 @@ class InvalidRequest(ConvstateError):
     type = "invalid_request_error"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt does not fit the backend's context window."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="input", code="context_length_exceeded")
+
+
 class NotFound(ConvstateError):
     status = 404
     type = "invalid_request_error"

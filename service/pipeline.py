@@ -30,9 +30,10 @@ from service.domain.policy import (
     Reason,
     backend_miss,
     decide,
+    truncated,
 )
 from service.domain.prefix import token_digest
-from service.errors import ConvstateError, InvalidRequest, NotFound
+from service.errors import ContextLengthExceeded, ConvstateError, InvalidRequest, NotFound
 from service.store.conversations import ConversationStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
@@ -57,6 +58,7 @@ ECHOED_SETTINGS = (
     "service_tier",
     "top_logprobs",
     "max_tool_calls",
+    "include",
 )
 
 
@@ -325,7 +327,24 @@ class Pipeline:
                 log.info("backend refused the handle (%s); resending %s in full", miss.code, turn.response_id)
                 metrics.fallbacks.labels(miss.code).inc()
                 decision = backend_miss(miss.code)
-        return await send(await self._full_body(turn), headers), decision
+            except ContextLengthExceeded:
+                if turn.request.settings.get("truncation") != "auto":
+                    raise
+        segments = await self._history(turn)
+        try:
+            return await send(self._full_body(turn, segments), headers), decision
+        except ContextLengthExceeded:
+            if turn.request.settings.get("truncation") != "auto" or not segments:
+                raise
+        # truncation=auto: drop the oldest history, doubling the cut, until the prompt fits.
+        dropped = 1
+        while True:
+            try:
+                return await send(self._full_body(turn, segments[dropped:]), headers), truncated(dropped)
+            except ContextLengthExceeded:
+                if dropped >= len(segments):
+                    raise
+                dropped = min(2 * dropped, len(segments))
 
     def _chat_body(self, turn: PreparedTurn) -> dict[str, Any]:
         settings = turn.request.settings
@@ -341,7 +360,7 @@ class Pipeline:
             "reasoning_effort": reasoning_effort(settings.get("reasoning")),
             "response_format": response_format(settings.get("text")),
             "top_logprobs": settings.get("top_logprobs"),
-            "logprobs": True if settings.get("top_logprobs") else None,
+            "logprobs": True if settings.get("top_logprobs") or _wants_logprobs(settings) else None,
             "user": settings.get("safety_identifier") or settings.get("user"),
         }
         body.update({key: value for key, value in optional.items() if value is not None})
@@ -368,12 +387,14 @@ class Pipeline:
         }
         return body
 
-    async def _full_body(self, turn: PreparedTurn) -> dict[str, Any]:
+    async def _history(self, turn: PreparedTurn) -> list[tuple[bool, list[Item]]]:
+        """The stored history before this turn: one query, from the conversation or the lineage."""
         parent, conversation_id = turn.parent, turn.request.conversation_id
         if conversation_id is not None:
-            segments = await self.conversations.history(turn.tenant, conversation_id)
-        else:
-            segments = await self.responses.history(turn.tenant, parent.response.id) if parent else []
+            return await self.conversations.history(turn.tenant, conversation_id)
+        return await self.responses.history(turn.tenant, parent.response.id) if parent else []
+
+    def _full_body(self, turn: PreparedTurn, segments: list[tuple[bool, list[Item]]]) -> dict[str, Any]:
         body = self._chat_body(turn)
         body["messages"] = history_messages(
             turn.request.instructions, [*segments, (False, turn.request.input)]
@@ -594,6 +615,10 @@ def _count(reply: ChatReply, decision: Decision) -> None:
     metrics.cached_tokens.inc(reply.cached_tokens)
 
 
+def _wants_logprobs(settings: dict[str, Any]) -> bool:
+    return "message.output_text.logprobs" in (settings.get("include") or ())
+
+
 def _status(reply: ChatReply) -> str:
     return "incomplete" if reply.finish_reason == "length" else "completed"
 
@@ -607,7 +632,9 @@ def _parallel_tool_calls(settings: dict[str, Any]) -> bool | None:
 
 
 def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn) -> PrefixWrite:
-    handle, parts = reply.handle, turn.parts
+    # A truncated turn's handle covers a history its children will not render: never offer it.
+    handle = None if decision.reason is Reason.TRUNCATED else reply.handle
+    parts = turn.parts
     return PrefixWrite(
         status="valid",
         decision_path=str(decision.path),

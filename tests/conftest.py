@@ -115,9 +115,9 @@ class Service:
         return httpx.Client(base_url=self.url, timeout=30)
 
 
-def start_service(database_url: str, backend_url: str, **overrides: object) -> ServerThread:
+def start_service(database_url: str, backend_url: str, **overrides: object) -> Service:
     settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
-    return ServerThread(create_app(settings)).start()
+    return Service(ServerThread(create_app(settings)).start(), settings)
 
 
 @pytest.fixture(scope="session")

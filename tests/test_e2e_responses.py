@@ -187,16 +187,16 @@ def test_malformed_json_and_unknown_ids(service: Service) -> None:
 def test_unreachable_backend_is_a_clear_502(migrated_urls: dict[str, str]) -> None:
     from tests.conftest import start_service
 
-    server = start_service(
+    service = start_service(
         migrated_urls["sqlite"],
         f"http://127.0.0.1:{free_port()}",
         backend_retry_attempts=2,
         backend_retry_deadline=1.0,
     )
     try:
-        reply = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "x"}, timeout=30)
+        reply = httpx.post(f"{service.url}/v1/responses", json={"model": MODEL, "input": "x"}, timeout=30)
     finally:
-        server.stop()
+        service.server.stop()
     assert reply.status_code == 502
     error = _error(reply)
     assert error["type"] == "server_error" and "unreachable" in error["message"]

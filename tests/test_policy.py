@@ -16,6 +16,7 @@ from service.domain.policy import (
     Reason,
     backend_miss,
     decide,
+    truncated,
 )
 
 NOW = 1_000_000.0
@@ -112,7 +113,10 @@ def test_decision(inputs: DecisionInputs, path: Path, label: str) -> None:
 
 
 def test_every_reason_is_reachable() -> None:
-    produced = {decide(case[1]).reason for case in CASES} | {backend_miss("unknown_ref").reason}
+    produced = {decide(case[1]).reason for case in CASES} | {
+        backend_miss("unknown_ref").reason,
+        truncated(2).reason,
+    }
     assert produced == set(Reason)
 
 

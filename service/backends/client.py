@@ -27,7 +27,13 @@ from tenacity import (
 from service import observe
 from service.config import Settings
 from service.domain.fingerprint import BackendModelInfo
-from service.errors import BackendTimeout, BackendUnavailable, ConvstateError, InvalidRequest
+from service.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    ContextLengthExceeded,
+    ConvstateError,
+    InvalidRequest,
+)
 from service.observe import in_backend
 
 _TRANSIENT_STATUS = frozenset({429, 502, 503})
@@ -312,6 +318,8 @@ class BackendClient:
                 param="model",
                 code="model_not_found",
             )
+        if response.status_code == 400 and "maximum context length" in message:
+            raise ContextLengthExceeded(f"The input is too long for the model: {message}")
         if 400 <= response.status_code < 500:
             raise InvalidRequest(f"The model backend rejected the request: {message}", code=code)
         raise BackendUnavailable(f"The model backend failed (HTTP {response.status_code}): {message}")

@@ -48,6 +48,7 @@ class Reason(StrEnum):
     REASONING_CHANGED = "reasoning_changed"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     BACKEND_MISS = "backend_miss"
+    TRUNCATED = "truncated"
 
 
 _PART_REASONS = {
@@ -160,6 +161,12 @@ def decide(inputs: DecisionInputs) -> Decision:
         return full(reason) if reason else full(Reason.FINGERPRINT_MISMATCH, part)
     path = Path.AFFINITY if inputs.mode is BackendMode.AFFINITY else Path.CACHE_REF
     return Decision(path, Reason.CANARY if inputs.canary else Reason.HIT)
+
+
+def truncated(dropped_segments: int) -> Decision:
+    """truncation=auto dropped the oldest history to fit the context window: a history edit, so the
+    handle registered for this turn must not be offered to the next one."""
+    return Decision(Path.FULL, Reason.TRUNCATED, str(dropped_segments))
 
 
 def backend_miss(code: str) -> Decision:
