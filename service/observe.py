@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
@@ -40,25 +40,26 @@ def count_statement() -> None:
 
 
 @contextmanager
-def in_database() -> Iterator[None]:
+def _timed(stage: str) -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
     finally:
         stats = current.get()
         if stats is not None:
-            stats.db_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            if stage == "db":
+                stats.db_seconds += elapsed
+            else:
+                stats.backend_seconds += elapsed
 
 
-@contextmanager
-def in_backend() -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        stats = current.get()
-        if stats is not None:
-            stats.backend_seconds += time.perf_counter() - started
+def in_database() -> AbstractContextManager[None]:
+    return _timed("db")
+
+
+def in_backend() -> AbstractContextManager[None]:
+    return _timed("backend")
 
 
 def db_call(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:

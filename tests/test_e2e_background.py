@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain import ids
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from tests.conftest import Service
+from tests.factories import stored_response
 
 
 def _poll(client: openai.OpenAI, response_id: str, until: tuple[str, ...]) -> Any:
@@ -76,24 +77,7 @@ def test_cancel_rules(service: Service) -> None:
 async def test_reaper_fails_responses_whose_worker_died(engine: AsyncEngine) -> None:
     store = ResponseStore(engine)
     now = time.time()
-    orphan = StoredResponse(
-        id=ids.new_id(ids.RESPONSE),
-        tenant=uuid.uuid4().hex,
-        model="m",
-        status="queued",
-        previous_response_id=None,
-        conversation_id=None,
-        depth=0,
-        instructions=None,
-        settings={},
-        usage=None,
-        error=None,
-        incomplete_details=None,
-        store=True,
-        background=True,
-        created_at=now,
-        completed_at=None,
-    )
+    orphan = stored_response(uuid.uuid4().hex, status="queued", background=True, completed_at=None)
     await store.insert_queued(TurnWrite(orphan, now + 60, [], [], None), lease_expires_at=now - 1)
     live = StoredResponse(
         **{**{k: getattr(orphan, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")}

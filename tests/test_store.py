@@ -16,6 +16,7 @@ from service.domain.output import output_items
 from service.store.db import StatementCounter
 from service.store.responses import PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
+from tests.factories import stored_response
 
 
 def _prefix(handle: str | None = None) -> PrefixWrite:
@@ -48,23 +49,10 @@ async def _turn(
     store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str
 ) -> StoredResponse:
     now = time.time()
-    response = StoredResponse(
-        id=ids.new_id(ids.RESPONSE),
-        tenant=tenant,
-        model="m",
-        status="completed",
+    response = stored_response(
+        tenant,
         previous_response_id=parent.id if parent else None,
-        conversation_id=None,
         depth=parent.depth + 1 if parent else 0,
-        instructions=None,
-        settings={},
-        usage=None,
-        error=None,
-        incomplete_details=None,
-        store=True,
-        background=False,
-        created_at=now,
-        completed_at=now,
         output=output_items(f"re: {text}", None, []),
     )
     await store.write_turn(
@@ -139,24 +127,7 @@ async def test_input_items_pagination(engine: AsyncEngine) -> None:
     store, tenant = ResponseStore(engine), uuid.uuid4().hex
     now = time.time()
     items = normalize_input([{"role": "user", "content": f"m{i}"} for i in range(5)])
-    response = StoredResponse(
-        id=ids.new_id(ids.RESPONSE),
-        tenant=tenant,
-        model="m",
-        status="completed",
-        previous_response_id=None,
-        conversation_id=None,
-        depth=0,
-        instructions=None,
-        settings={},
-        usage=None,
-        error=None,
-        incomplete_details=None,
-        store=True,
-        background=False,
-        created_at=now,
-        completed_at=now,
-    )
+    response = stored_response(tenant)
     await store.write_turn(TurnWrite(response, now + 60, items, [], None))
     has_more, page = await store.input_items(tenant, response.id, after=None, limit=2, descending=False)  # type: ignore[misc]
     assert has_more and [item["id"] for item in page] == [items[0]["id"], items[1]["id"]]

@@ -19,6 +19,7 @@ from service.errors import InvalidRequest, NotFound
 from service.store.conversations import ConversationStore, ConversationTurn, StoredConversation
 from service.store.db import StatementCounter
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
+from tests.factories import stored_response
 
 T = TypeVar("T")
 
@@ -63,23 +64,11 @@ async def _turn(
     now = time.time()
     response_id = ids.new_id(ids.RESPONSE)
     assert await store.begin_turn(tenant, conversation_id, response_id, 30, now) is not None
-    response = StoredResponse(
+    response = stored_response(
+        tenant,
         id=response_id,
-        tenant=tenant,
-        model="m",
-        status="completed",
         previous_response_id=parent,
         conversation_id=conversation_id,
-        depth=0,
-        instructions=None,
-        settings={},
-        usage=None,
-        error=None,
-        incomplete_details=None,
-        store=True,
-        background=False,
-        created_at=now,
-        completed_at=now,
         output=output_items(f"re: {text}", None, []),
     )
     inputs = _messages(text)

@@ -281,14 +281,20 @@ class BackendClient:
             reraise=True,
         )
 
-    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], *, stream: bool = False
+    ) -> httpx.Response:
+        """POST with bounded, jittered retries on transient failures; transport errors become typed ones."""
+        request = self._http.build_request(
+            "POST", path, content=body, headers={"content-type": "application/json", **headers}
+        )
         try:
             async for attempt in self._retrying():
                 with attempt:
-                    response = await self._http.post(
-                        path, content=body, headers={"content-type": "application/json", **headers}
-                    )
+                    response = await self._http.send(request, stream=stream)
                     if response.status_code in _TRANSIENT_STATUS:
+                        await response.aread()
+                        await response.aclose()
                         raise _TransientStatus(response.status_code, _error_message(response)[0])
                     return response
         except _TransientStatus as exc:
@@ -359,30 +365,8 @@ class BackendClient:
     ) -> ChatStream:
         """Send a streaming completion and check its status; a typed miss raises here, before any delta."""
         payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
-        request = self._http.build_request(
-            "POST",
-            "/v1/chat/completions",
-            content=payload,
-            headers={"content-type": "application/json", **(headers or {})},
-        )
-        try:
-            async for attempt in self._retrying():
-                with attempt:
-                    started = time.perf_counter()
-                    response = await self._http.send(request, stream=True)
-                    if response.status_code in _TRANSIENT_STATUS:
-                        await response.aread()
-                        await response.aclose()
-                        raise _TransientStatus(response.status_code, _error_message(response)[0])
-        except _TransientStatus as exc:
-            raise BackendUnavailable(
-                f"The model backend is unavailable (HTTP {exc.status}): {exc}",
-                status=503 if exc.status in (429, 503) else 502,
-            ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise BackendUnavailable(f"The model backend at {self.base_url} is unreachable: {exc}") from None
-        except httpx.TimeoutException:
-            raise BackendTimeout("The model backend did not answer in time.") from None
+        started = time.perf_counter()
+        response = await self._post("/v1/chat/completions", payload, headers or {}, stream=True)
         if response.status_code >= 400:
             await response.aread()
             await response.aclose()
