@@ -161,27 +161,31 @@ class ResponseStore:
         query = _response_with_output(*_PREFIX_COLUMNS).outerjoin(
             PrefixRecord, PrefixRecord.response_id == Response.id
         )
-        query = query.where(_live_response(tenant, response_id), Response.store.is_(True))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        if not rows:
+        found = await self._with_output(
+            query.where(_live_response(tenant, response_id), Response.store.is_(True))
+        )
+        if found is None:
             return None
-        response = _to_response(rows[0])
-        response.output = [row[-1] for row in rows if row[-1] is not None]
-        prefix_values = rows[0][_N_RESPONSE : _N_RESPONSE + _N_PREFIX]
+        response, first_row = found
+        prefix_values = first_row[_N_RESPONSE : _N_RESPONSE + _N_PREFIX]
         prefix = None if prefix_values[0] is None else StoredPrefix(*prefix_values)
         return ParentTurn(response, prefix)
 
     @db_call
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
         query = _response_with_output().where(_live_response(tenant, response_id), Response.store.is_(True))
+        found = await self._with_output(query)
+        return found[0] if found else None
+
+    async def _with_output(self, query: Select[Any]) -> tuple[StoredResponse, Sequence[Any]] | None:
+        """Runs a `_response_with_output` query: the response with its output, and the first row."""
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         if not rows:
             return None
         response = _to_response(rows[0])
         response.output = [row[-1] for row in rows if row[-1] is not None]
-        return response
+        return response, rows[0]
 
     @db_call
     async def history(self, tenant: str, response_id: str) -> list[tuple[bool, list[ItemPayload]]]:
