@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     errors.install(app)
-    app.add_middleware(RequestAccounting)
+    app.add_middleware(RequestAccounting, max_request_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)

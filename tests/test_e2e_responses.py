@@ -222,3 +222,15 @@ async def test_concurrent_burst_loses_nothing(service: Service) -> None:
         fetched = await client.responses.retrieve(second_id)
         assert fetched.previous_response_id == first_id and fetched.status == "completed"
     await client.close()
+
+
+def test_request_size_and_item_limits(service_factory: Any) -> None:
+    small: Service = service_factory("postgres", max_request_bytes=2048, max_input_items=3)
+    http = small.http()
+    big = http.post("/v1/responses", json={"model": MODEL, "input": "x" * 4096})
+    assert big.status_code == 413 and _error(big)["code"] == "request_too_large"
+    many = http.post("/v1/responses", json={"model": MODEL, "input": [{"role": "user", "content": "x"}] * 4})
+    assert many.status_code == 400 and (_error(many)["param"], _error(many)["code"]) == (
+        "input",
+        "too_many_items",
+    )

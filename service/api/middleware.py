@@ -10,11 +10,13 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics, observe
+from service.api.errors import error_response
 
 
 class RequestAccounting:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
         self.app = app
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,7 +40,17 @@ class RequestAccounting:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            length = _header(scope, b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+                too_large = error_response(
+                    413,
+                    f"The request body is larger than {self.max_request_bytes} bytes.",
+                    "invalid_request_error",
+                    code="request_too_large",
+                )
+                await too_large(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
         finally:
             observe.current.reset(token)
             route = scope.get("route")

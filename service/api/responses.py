@@ -28,7 +28,7 @@ def _not_found(response_id: str) -> NotFound:
     return NotFound(f"No response found with id '{response_id}'.", param="response_id")
 
 
-def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnRequest:
+def turn_request(body: CreateResponseBody, request_id: str | None, max_items: int) -> TurnRequest:
     if body.background and not body.store:
         raise InvalidRequest("background responses require store=true.", param="background")
     if body.background and body.stream:
@@ -36,6 +36,10 @@ def turn_request(body: CreateResponseBody, request_id: str | None) -> TurnReques
             "Streaming a background response is not supported; create it, then poll GET /v1/responses/{id}.",
             param="stream",
             code="unsupported_value",
+        )
+    if isinstance(body.input, list) and len(body.input) > max_items:
+        raise InvalidRequest(
+            f"'input' may hold at most {max_items} items.", param="input", code="too_many_items"
         )
     conversation = (
         body.conversation.id if isinstance(body.conversation, ConversationRef) else body.conversation
@@ -84,7 +88,7 @@ async def create_response(
     tenant: Tenant,
     turns: Annotated[Pipeline, Depends(pipeline)],
 ) -> JSONBody | StreamingResponse:
-    turn = turn_request(body, request.state.request_id)
+    turn = turn_request(body, request.state.request_id, request.app.state.settings.max_input_items)
     if body.stream:
         stream = await turns.stream(tenant, turn)
         return StreamingResponse(
