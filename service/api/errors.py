@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.json import JSONBody
@@ -33,6 +34,17 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return text or None
 
 
+def validation_param(exc: RequestValidationError | ValidationError) -> str | None:
+    return _param(tuple(exc.errors()[0].get("loc", ())))
+
+
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
+    """The first problem, naming the field: "Invalid value for 'temperature': ..."."""
+    message = str(exc.errors()[0].get("msg", "Invalid request"))
+    param = validation_param(exc)
+    return f"Invalid value for '{param}': {message}" if param else message
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ConvstateError)
     async def _convstate_error(_request: Request, exc: ConvstateError) -> JSONBody:
@@ -40,16 +52,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONBody:
-        first = exc.errors()[0]
-        param = _param(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
+        if exc.errors()[0].get("type") == "json_invalid":
             return error_response(
                 400, "We could not parse the JSON body of your request.", "invalid_request_error"
             )
-        message = first.get("msg", "Invalid request")
-        if param:
-            message = f"Invalid value for '{param}': {message}"
-        return error_response(400, message, "invalid_request_error", param, "invalid_value")
+        return error_response(
+            400, validation_message(exc), "invalid_request_error", validation_param(exc), "invalid_value"
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONBody:

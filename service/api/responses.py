@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from service.api.deps import current_tenant, pipeline, response_store
+from service.api.errors import validation_message, validation_param
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import ConversationRef, CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
 from service.store.responses import ResponseStore, StoredResponse
 
@@ -67,13 +70,18 @@ def turn_request(body: CreateResponseBody, request_id: str | None, max_items: in
     )
 
 
-def sse_frame(event: dict[str, Any]) -> bytes:
-    """One whole Server-Sent Event, LF line endings, `event:` equal to the body's type."""
+def sse_payload(event: dict[str, Any]) -> bytes:
+    """An event's JSON, with any stored response rendered as the public object."""
     response = event.get("response")
     if isinstance(response, StoredResponse):
         event = {**event, "response": response_object(response)}
+    return orjson.dumps(event)
+
+
+def sse_frame(event: dict[str, Any]) -> bytes:
+    """One whole Server-Sent Event, LF line endings, `event:` equal to the body's type."""
     kind: str = event["type"]
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + sse_payload(event) + b"\n\n"
 
 
 async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -102,6 +110,61 @@ async def create_response(
         headers["x-convstate-prompt-digest"] = result.prompt_digest
     headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
     return JSONBody(response_object(result.response), headers=headers)
+
+
+# Fields of a `response.create` frame that only steer the socket, not the response.
+_SOCKET_ONLY_FIELDS = ("type", "stream", "stream_options", "stream_id", "generate")
+
+
+def _socket_error(exc: ConvstateError, stream_id: str | None) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "error",
+        "status": exc.status,
+        "error": {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param},
+    }
+    if stream_id is not None:
+        event["stream_id"] = stream_id
+    return event
+
+
+@router.websocket("")
+async def responses_socket(websocket: WebSocket) -> None:
+    """The Responses WebSocket mode: `response.create` frames in, the streaming events of each response
+    out, one response at a time on a connection."""
+    turns: Pipeline = websocket.app.state.pipeline
+    settings = websocket.app.state.settings
+    tenant = current_tenant()
+    await websocket.accept()
+    while True:
+        try:
+            frame = await websocket.receive_text()
+        except WebSocketDisconnect:
+            return
+        stream_id: str | None = None
+        try:
+            event = orjson.loads(frame)
+            if not isinstance(event, dict) or event.get("type") != "response.create":
+                raise InvalidRequest("Expected a JSON object with type 'response.create'.", param="type")
+            stream_id = event.get("stream_id")
+            fields = {key: value for key, value in event.items() if key not in _SOCKET_ONLY_FIELDS}
+            try:
+                body = CreateResponseBody.model_validate(fields)
+            except ValidationError as exc:
+                raise InvalidRequest(validation_message(exc), param=validation_param(exc)) from None
+            request_id = f"req_{uuid.uuid4().hex}"
+            stream = await turns.stream(tenant, turn_request(body, request_id, settings.max_input_items))
+            async for outgoing in stream.events():
+                if stream_id is not None:
+                    outgoing = {**outgoing, "stream_id": stream_id}
+                await websocket.send_bytes(sse_payload(outgoing))
+        except orjson.JSONDecodeError:
+            await websocket.send_bytes(
+                orjson.dumps(_socket_error(InvalidRequest("Malformed JSON frame."), None))
+            )
+        except ConvstateError as exc:
+            await websocket.send_bytes(orjson.dumps(_socket_error(exc, stream_id)))
+        except WebSocketDisconnect:
+            return
 
 
 @router.get("/{response_id}")
