@@ -19,7 +19,7 @@ from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatS
 from service.config import Settings
 from service.domain import ids
 from service.domain.fingerprint import RequestRenderSettings, combined_fingerprint, fingerprint_parts
-from service.domain.items import Item, history_messages, segment_messages
+from service.domain.items import Item, compaction_item, history_messages, segment_messages
 from service.domain.output import OutputBuilder
 from service.domain.policy import (
     BackendMode,
@@ -83,6 +83,22 @@ class TurnResult:
     decision: Decision
     prompt_digest: str | None
     bytes_sent: int
+
+
+@dataclass(slots=True)
+class Compaction:
+    """POST /v1/responses/compact: the user's messages, then one item standing for everything."""
+
+    id: str
+    created_at: float
+    output: list[Item]
+    usage: dict[str, Any]
+
+
+COMPACT_PROMPT = (
+    "Summarize the conversation so far for your own later use: the user's goals, the facts and decisions "
+    "established, tool results that still matter, and what remains to be done. Be complete but brief."
+)
 
 
 @dataclass(slots=True)
@@ -222,6 +238,29 @@ class Pipeline:
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._spawn(self._produce(turn, chat, decision, queue))
         return TurnStream(decision, queue)
+
+    async def compact(self, tenant: str, request: TurnRequest) -> Compaction:
+        """Summarize a history with the backend. Nothing is stored: the caller continues from the
+        returned items, which start a new history (the first turn after it decides `no_parent`)."""
+        turn = await self._prepare(tenant, request)
+        segments = [*await self._history(turn), (False, request.input)]
+        body = self._chat_body(turn)
+        body.pop("prompt_cache", None)
+        body["messages"] = [
+            *history_messages(request.instructions, segments),
+            {"role": "user", "content": COMPACT_PROMPT},
+        ]
+        headers = {"x-request-id": request.request_id} if request.request_id else {}
+        reply = await self.backend.chat(body, headers)
+        users = [
+            item
+            for is_output, items in segments
+            if not is_output
+            for item in items
+            if item["type"] == "message" and item["role"] == "user"
+        ]
+        output = [*users, compaction_item(reply.content or "")]
+        return Compaction(turn.response_id, turn.created_at, output, usage_object(reply))
 
     # --- load and decide ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from service.api.deps import current_tenant, pipeline, response_store
 from service.api.errors import validation_message, validation_param
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
-from service.api.schemas import ConversationRef, CreateResponseBody, ListQuery
+from service.api.schemas import CompactBody, ConversationRef, CreateResponseBody, ListQuery
 from service.domain.items import normalize_input
 from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
@@ -184,6 +184,35 @@ async def delete_response(
     if not await store.delete(tenant, response_id, time.time()):
         raise _not_found(response_id)
     return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post("/compact")
+async def compact_response(
+    body: CompactBody, request: Request, tenant: Tenant, turns: Annotated[Pipeline, Depends(pipeline)]
+) -> JSONBody:
+    if not body.input and body.previous_response_id is None:
+        raise InvalidRequest("Provide 'input', 'previous_response_id' or both.", param="input")
+    compaction = await turns.compact(
+        tenant,
+        TurnRequest(
+            model=body.model,
+            input=normalize_input(body.input) if body.input else [],
+            instructions=body.instructions,
+            previous_response_id=body.previous_response_id,
+            store=True,
+            settings={},
+            request_id=request.state.request_id,
+        ),
+    )
+    return JSONBody(
+        {
+            "id": compaction.id,
+            "object": "response.compaction",
+            "created_at": int(compaction.created_at),
+            "output": compaction.output,
+            "usage": compaction.usage,
+        }
+    )
 
 
 @router.post("/{response_id}/cancel")

@@ -107,6 +107,15 @@ class CreateResponseBody(_Strict):
         return value
 
 
+class CompactBody(_Strict):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+
+
 class ListQuery(_Strict):
     after: str | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 20

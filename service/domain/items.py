@@ -14,6 +14,8 @@ import binascii
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
+
 from service.domain import ids
 from service.errors import InvalidRequest
 
@@ -157,11 +159,40 @@ def _normalize_reasoning(raw: Item, param: str) -> Item:
     }
 
 
+COMPACTION_PREFIX = "Summary of the conversation so far:\n"
+
+
+def compaction_item(summary: str) -> Item:
+    """The item that stands for compacted history. Its content is opaque to clients (OpenAI's is
+    encrypted); here it is base64 JSON, and it is only ever rendered as text, like any input."""
+    content = base64.b64encode(orjson.dumps({"v": 1, "summary": summary})).decode()
+    return {"id": ids.new_id(ids.COMPACTION), "type": "compaction", "encrypted_content": content}
+
+
+def compaction_summary(item: Item) -> str:
+    summary: str = orjson.loads(base64.b64decode(item["encrypted_content"], validate=True))["summary"]
+    return summary
+
+
+def _normalize_compaction(raw: Item, param: str) -> Item:
+    content = _require_str(raw.get("encrypted_content"), f"{param}.encrypted_content")
+    item = {"id": ids.new_id(ids.COMPACTION), "type": "compaction", "encrypted_content": content}
+    try:
+        compaction_summary(item)
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidRequest(
+            f"Invalid '{param}.encrypted_content': not a compaction this service produced.",
+            param=f"{param}.encrypted_content",
+        ) from None
+    return item
+
+
 _NORMALIZERS = {
     "message": _normalize_message,
     "function_call": _normalize_function_call,
     "function_call_output": _normalize_function_call_output,
     "reasoning": _normalize_reasoning,
+    "compaction": _normalize_compaction,
 }
 
 
@@ -282,6 +313,9 @@ def segment_messages(items: Sequence[Item], *, output: bool = False) -> list[Cha
         elif kind == "function_call_output":
             assistant = None
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        elif kind == "compaction":
+            assistant = None
+            messages.append({"role": "user", "content": COMPACTION_PREFIX + compaction_summary(item)})
         else:
             assistant = None
             messages.append({"role": item["role"], "content": _chat_content(item["content"])})
