@@ -7,7 +7,6 @@ import base64
 from typing import Any
 
 import orjson
-
 from openai.types.responses import ResponseCompactionItem
 
 from tests.conftest import Service
