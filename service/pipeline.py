@@ -18,6 +18,7 @@ from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
 from service.config import Settings
 from service.domain import ids
+from service.domain.chat import chat_options, responses_usage
 from service.domain.fingerprint import RequestRenderSettings, combined_fingerprint, fingerprint_parts
 from service.domain.items import Item, compaction_item, history_messages, segment_messages
 from service.domain.output import OutputBuilder
@@ -141,47 +142,10 @@ class TurnStream:
             yield event
 
 
-def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Responses function tools -> chat-completions tools."""
-    if not tools:
-        return None
-    converted = []
-    for tool in tools:
-        function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
-        converted.append({"type": "function", "function": function})
-    return converted
-
-
-def chat_tool_choice(choice: Any) -> Any:
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    return choice
-
-
-def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
-    fmt = (text or {}).get("format") or {}
-    kind = fmt.get("type")
-    if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
-        return {"type": "json_schema", "json_schema": schema}
-    return None
-
-
-def reasoning_effort(reasoning: dict[str, Any] | None) -> str | None:
-    effort = (reasoning or {}).get("effort")
-    return str(effort) if effort else None
-
-
 def usage_object(reply: ChatReply) -> dict[str, Any]:
-    return {
-        "input_tokens": reply.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": reply.cached_tokens, "cache_write_tokens": 0},
-        "output_tokens": reply.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
+    return responses_usage(
+        reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, reply.reasoning_tokens
+    )
 
 
 def _parent_prefix(parent: ParentTurn | None) -> ParentPrefix | None:
@@ -386,23 +350,11 @@ class Pipeline:
                 dropped = min(2 * dropped, len(segments))
 
     def _chat_body(self, turn: PreparedTurn) -> dict[str, Any]:
-        settings = turn.request.settings
-        tools = settings.get("tools")
-        body: dict[str, Any] = {"model": turn.request.model, "cache_salt": turn.salt}
-        optional = {
-            "temperature": settings.get("temperature"),
-            "top_p": settings.get("top_p"),
-            "max_tokens": settings.get("max_output_tokens"),
-            "tools": chat_tools(tools),
-            "tool_choice": chat_tool_choice(settings.get("tool_choice")) if tools else None,
-            "parallel_tool_calls": _parallel_tool_calls(settings) if tools else None,
-            "reasoning_effort": reasoning_effort(settings.get("reasoning")),
-            "response_format": response_format(settings.get("text")),
-            "top_logprobs": settings.get("top_logprobs"),
-            "logprobs": True if settings.get("top_logprobs") or _wants_logprobs(settings) else None,
-            "user": settings.get("safety_identifier") or settings.get("user"),
+        body: dict[str, Any] = {
+            "model": turn.request.model,
+            "cache_salt": turn.salt,
+            **chat_options(turn.request.settings),
         }
-        body.update({key: value for key, value in optional.items() if value is not None})
         if self.settings.backend_mode is not BackendMode.FULL and turn.request.store:
             body["prompt_cache"] = {"register": True}
         return body
@@ -654,20 +606,8 @@ def _count(reply: ChatReply, decision: Decision) -> None:
     metrics.cached_tokens.inc(reply.cached_tokens)
 
 
-def _wants_logprobs(settings: dict[str, Any]) -> bool:
-    return "message.output_text.logprobs" in (settings.get("include") or ())
-
-
 def _status(reply: ChatReply) -> str:
     return "incomplete" if reply.finish_reason == "length" else "completed"
-
-
-def _parallel_tool_calls(settings: dict[str, Any]) -> bool | None:
-    # A cap of one call is the one max_tool_calls value a chat backend can honour: no parallel calls.
-    if settings.get("max_tool_calls") == 1:
-        return False
-    value: bool | None = settings.get("parallel_tool_calls")
-    return value
 
 
 def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn) -> PrefixWrite:
