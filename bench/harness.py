@@ -178,8 +178,28 @@ def _cpu_model() -> str | None:
     return None
 
 
+def _revision() -> str | None:
+    """The commit measured, marked dirty when the service's sources differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "service", "migrations"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head}+dirty" if changed else head
+
+
 def machine(database_url: str) -> dict[str, Any]:
     return {
+        "revision": _revision(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "memory_gib": _meminfo_gib(),
@@ -203,6 +223,8 @@ def rss_kib(pid: int) -> int | None:
 # --- CPU accounting ------------------------------------------------------------------------------
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+# CPU (in cores) taken by processes outside a benchmark above which a measured pass counts as disturbed.
+DISTURBED_CORES = 0.1
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -543,50 +565,75 @@ async def drive(
     max_output_tokens: int = 48,
     conversation_offset: int = 0,
     on_turn: Callable[[Turn], Awaitable[None] | None] | None = None,
+    rate: float | None = None,
 ) -> DriveResult:
     """`conversations` conversations of `turns` turns each, every conversation sequential (a turn
     continues the previous response), at most `concurrency` requests in flight at once. A failed turn
-    ends its conversation (there is no id to continue from) and is counted."""
+    ends its conversation (there is no id to continue from) and is counted. With `rate`, turns start
+    no faster than `rate` per second overall (paced load: latency without the client saturating the
+    service); without it every conversation sends its next turn as soon as the last one is answered."""
     result = DriveResult()
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(120.0, connect=10.0)
     headers = {"content-type": "application/json", "authorization": "Bearer bench"}
+    # One single-connection client per request slot, not one shared pool: httpcore scans (and polls the
+    # socket of) every pooled connection on each request, which at 32+ connections costs the driver more
+    # CPU than the service it measures. The queue of idle clients is also the concurrency gate.
+    single = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [
+        httpx.AsyncClient(base_url=base_url, limits=single, timeout=timeout, headers=headers)
+        for _ in range(concurrency)
+    ]
+    idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+    for client in clients:
+        idle.put_nowait(client)
     origin = time.perf_counter()
+    next_start = origin
 
-    async with httpx.AsyncClient(
-        base_url=base_url, limits=limits, timeout=timeout, headers=headers
-    ) as client:
+    async def pace() -> None:
+        nonlocal next_start
+        if rate is None:
+            return
+        now = time.perf_counter()
+        slot = max(now, next_start)
+        next_start = slot + 1 / rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
-        async def conversation(index: int) -> None:
-            previous: str | None = None
-            for turn in range(1, turns + 1):
-                body = request_body(index, turn, previous, max_output_tokens)
-                async with gate:
-                    start = time.perf_counter()
-                    try:
-                        response = await client.post("/v1/responses", content=body)
-                    except httpx.HTTPError as exc:
-                        result.transport_errors += 1
-                        elapsed = (time.perf_counter() - start) * 1000
-                        result.turns.append(Turn(index, turn, start - origin, elapsed, 0, error=repr(exc)))
-                        return
-                    elapsed = (time.perf_counter() - start) * 1000
-                failure = response.text if response.status_code != 200 else None
-                sample = measured_turn(
-                    index, turn, start - origin, elapsed, response.status_code, response.headers, failure
-                )
-                result.turns.append(sample)
-                if on_turn is not None:
-                    pending = on_turn(sample)
-                    if pending is not None:
-                        await pending
-                if sample.error is not None:
-                    return
-                previous = orjson.loads(response.content)["id"]
+    async def conversation(index: int) -> None:
+        previous: str | None = None
+        for turn in range(1, turns + 1):
+            body = request_body(index, turn, previous, max_output_tokens)
+            await pace()
+            client = await idle.get()
+            start = time.perf_counter()
+            try:
+                response = await client.post("/v1/responses", content=body)
+            except httpx.HTTPError as exc:
+                result.transport_errors += 1
+                elapsed = (time.perf_counter() - start) * 1000
+                result.turns.append(Turn(index, turn, start - origin, elapsed, 0, error=repr(exc)))
+                return
+            finally:
+                idle.put_nowait(client)
+            elapsed = (time.perf_counter() - start) * 1000
+            failure = response.text if response.status_code != 200 else None
+            sample = measured_turn(
+                index, turn, start - origin, elapsed, response.status_code, response.headers, failure
+            )
+            result.turns.append(sample)
+            if on_turn is not None:
+                pending = on_turn(sample)
+                if pending is not None:
+                    await pending
+            if sample.error is not None:
+                return
+            previous = orjson.loads(response.content)["id"]
 
+    try:
         first = conversation_offset
         await asyncio.gather(*(conversation(first + i) for i in range(conversations)))
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
     result.wall_seconds = time.perf_counter() - origin
     return result
 

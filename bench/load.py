@@ -1,13 +1,16 @@
 """Concurrent conversations through ONE service process, in each backend mode.
 
-    python -m bench.load [--conversations 32] [--turns 50] [--prefill-us 20] [--profile]
+    python -m bench.load [--conversations 32] [--turns 50] [--prefill-us 20] [--rate N] [--profile]
+                         [--set NAME=VALUE ...]
 
 Three processes besides Postgres: this driver (httpx.AsyncClient), `convstate serve` and
 `convstate refbackend`. Per mode it reports throughput, service overhead and end-to-end latency
 percentiles, errors and decisions, and the CPU each process spent per turn (on a 2-core machine the
 processes compete for the same cores, so CPU per turn explains the throughput). A second pass turns on
 the reference backend's simulated prefill cost (microseconds per prompt token not in its prefix cache)
-and plots end-to-end time per turn against depth.
+and plots end-to-end time per turn against depth. By default the load is a closed loop (every
+conversation sends its next turn as soon as it is answered, so the service is saturated); `--rate`
+paces it, which is how per-turn latency at a given load is read.
 """
 
 from __future__ import annotations
@@ -32,18 +35,14 @@ MODES = ("full", "cache_ref")
 WARMUP_TURNS = 3  # per conversation, on separate conversations, before the clock starts
 # What a service profile is grouped into, in order: the first group whose frames a stack holds wins.
 PROFILE_GROUPS: dict[str, Sequence[str]] = {
-    "opening Postgres connections": ("asyncpg/connect_utils.py", "AsyncAdapt_dbapi_connection.create"),
-    "store: SQLAlchemy + asyncpg": ("sqlalchemy", "asyncpg", "service/store/"),
-    "backend client: httpx": ("service/backends/client.py",),
-    "request parsing and validation": ("solve_dependencies", "request_body_to_args", "pydantic", "_compat"),
-    "threadpool hops (sync dependencies)": (
-        "anyio/to_thread.py",
-        "run_sync_in_worker_thread",
-        "WorkerThread",
-    ),
+    "opening Postgres connections": ("asyncpg/connect_utils.py",),
+    "store: SQLAlchemy + asyncpg": ("sqlalchemy/", "asyncpg/", "service/store/"),
+    "backend client: httpx": ("service/backends/client.py", "httpx/", "httpcore/"),
+    "request validation (FastAPI + pydantic)": ("fastapi/dependencies/", "pydantic"),
+    "threadpool hops (sync dependencies)": ("anyio/to_thread.py", "run_sync_in_worker_thread"),
     "logging": ("logging/__init__.py", "service/logs.py"),
-    "pipeline and domain": ("service/pipeline.py", "service/domain/", "service/api/"),
-    "uvicorn + h11": ("h11", "uvicorn/protocols"),
+    "rest of the request (routing, middleware, pipeline, response)": ("service/",),
+    "uvicorn + h11 outside the app": ("h11/", "uvicorn/protocols/"),
     "event loop": ("asyncio/",),
 }
 
@@ -58,6 +57,7 @@ def run(
     record_profile: Path | None,
     service_settings: dict[str, str],
     postgres: int | None,
+    rate: float | None,
 ) -> dict[str, Any]:
     with (
         harness.fresh_database(server) as database_url,
@@ -78,7 +78,11 @@ def run(
         try:
             result = asyncio.run(
                 harness.drive(
-                    service.url, conversations=conversations, turns=turns, concurrency=conversations
+                    service.url,
+                    conversations=conversations,
+                    turns=turns,
+                    concurrency=conversations,
+                    rate=rate,
                 )
             )
         finally:
@@ -89,6 +93,7 @@ def run(
     summary: dict[str, Any] = {
         "mode": mode,
         "prefill_us_per_token": prefill_us,
+        "offered_turns_per_s": rate,
         "conversations": conversations,
         "turns_per_conversation": turns,
         "turns_completed": len(done),
@@ -182,6 +187,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=120.0,
         help="seconds to wait for other work on the machine to stop",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="pace turns to this many per second (default: as fast as answered)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="re-runs of a pass that other processes disturbed"
+    )
     parser.add_argument("--name", default=NAME, help="results file name (bench/results/<name>.json)")
     args = parser.parse_args(argv)
     service_settings = harness.parse_settings(parser, args.set)
@@ -196,28 +210,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         for prefill in passes:
             for mode in modes:
                 key = f"{mode}+prefill" if prefill else mode
-                idle = harness.wait_for_quiet(args.quiet_wait)
-                harness.log(f"{key}: {args.conversations} conversations x {args.turns} turns")
                 profile_path = (
                     harness.RESULTS / f"{args.name}-{mode}.pyspy.txt"
                     if args.profile and not prefill
                     else None
                 )
-                runs[key] = run(
-                    server,
-                    mode,
-                    conversations=args.conversations,
-                    turns=args.turns,
-                    prefill_us=prefill,
-                    record_profile=profile_path,
-                    service_settings=service_settings,
-                    postgres=postmaster,
-                )
-                runs[key]["machine_busy_percent_before"] = idle
-                harness.log(
-                    f"{key}: {runs[key]['throughput_turns_per_s']} turns/s, "
-                    f"overhead p99 {runs[key]['overhead_ms'].get('p99')} ms, errors {runs[key]['errors']}"
-                )
+                # On a shared machine another job may start mid-pass; such a pass is run again and the
+                # least disturbed attempt is kept (every attempt reports the CPU others took).
+                for attempt in range(1 + args.retries):
+                    idle = harness.wait_for_quiet(args.quiet_wait)
+                    harness.log(f"{key}: {args.conversations} conversations x {args.turns} turns")
+                    summary = run(
+                        server,
+                        mode,
+                        conversations=args.conversations,
+                        turns=args.turns,
+                        prefill_us=prefill,
+                        record_profile=profile_path,
+                        service_settings=service_settings,
+                        postgres=postmaster,
+                        rate=args.rate,
+                    )
+                    summary["machine_busy_percent_before"] = idle
+                    summary["attempt"] = attempt + 1
+                    harness.log(
+                        f"{key}: {summary['throughput_turns_per_s']} turns/s, overhead p99 "
+                        f"{summary['overhead_ms'].get('p99')} ms, errors {summary['errors']}, "
+                        f"other processes {summary['other_processes_cores']} cores"
+                    )
+                    best = runs.get(key)
+                    if best is None or summary["other_processes_cores"] < best["other_processes_cores"]:
+                        runs[key] = summary
+                    if summary["other_processes_cores"] <= harness.DISTURBED_CORES:
+                        break
 
     figure = harness.RESULTS / f"{args.name}.png"
     plot(runs, figure)
