@@ -16,7 +16,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONVSTATE_", env_file=".env", extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./convstate.db"
-    db_pool_size: int = Field(10, ge=1)
+    # Size the pool to the turns one replica runs at once: a turn beyond it opens and closes a connection,
+    # which costs Postgres more than the turn itself.
+    db_pool_size: int = Field(40, ge=1)
     db_max_overflow: int = Field(20, ge=0)
 
     backend_url: str = "http://127.0.0.1:8100"

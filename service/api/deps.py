@@ -1,4 +1,6 @@
-"""FastAPI dependencies: the per-process objects the lifespan builds, and the caller's tenant."""
+"""FastAPI dependencies: the per-process objects the lifespan builds, and the caller's tenant.
+
+Async on purpose: FastAPI runs plain functions in its threadpool, a hop that costs more than they do."""
 
 from __future__ import annotations
 
@@ -11,21 +13,21 @@ from service.store.responses import ResponseStore
 DEFAULT_TENANT = "default"
 
 
-def pipeline(request: Request) -> Pipeline:
+async def pipeline(request: Request) -> Pipeline:
     turns: Pipeline = request.app.state.pipeline
     return turns
 
 
-def response_store(request: Request) -> ResponseStore:
+async def response_store(request: Request) -> ResponseStore:
     store: ResponseStore = request.app.state.pipeline.responses
     return store
 
 
-def conversations(request: Request) -> ConversationStore:
+async def conversations(request: Request) -> ConversationStore:
     store: ConversationStore = request.app.state.conversations
     return store
 
 
-def current_tenant() -> str:
+async def current_tenant() -> str:
     # API keys arrive with the security work; until then every caller is the default tenant.
     return DEFAULT_TENANT

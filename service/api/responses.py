@@ -133,7 +133,7 @@ async def responses_socket(websocket: WebSocket) -> None:
     out, one response at a time on a connection."""
     turns: Pipeline = websocket.app.state.pipeline
     settings = websocket.app.state.settings
-    tenant = current_tenant()
+    tenant = await current_tenant()
     await websocket.accept()
     while True:
         try:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service.domain import ids
 from service.errors import InvalidRequest, NotFound
 from service.observe import db_call
+from service.store.db import autocommit
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Conversation, Item
 
 ItemPayload = dict[str, Any]
@@ -92,6 +93,7 @@ def _item_row(
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._reads = autocommit(engine)
 
     @db_call
     async def create(
@@ -127,7 +129,7 @@ class ConversationStore:
     async def get(self, tenant: str, conversation_id: str) -> StoredConversation | None:
         """The conversation, or None if unknown: one query."""
         query = select(*_CONVERSATION_COLUMNS).where(_live(tenant, conversation_id))
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (await conn.execute(query)).first()
         return None if row is None else StoredConversation(*row)
 
@@ -198,7 +200,7 @@ class ConversationStore:
             query = query.where(
                 Item.conversation_position < cursor if descending else Item.conversation_position > cursor
             )
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
             if not rows and not (await conn.execute(exists)).first():
                 return None
@@ -213,7 +215,7 @@ class ConversationStore:
             Item.tenant == tenant,
             _exists(tenant, conversation_id).exists(),
         )
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             payload = (await conn.execute(query)).scalar_one_or_none()
             if payload is None:
                 if (await conn.execute(_exists(tenant, conversation_id))).first() is None:
@@ -266,7 +268,7 @@ class ConversationStore:
             )
             .order_by(Item.conversation_position)
         )
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
         segments: list[tuple[bool, list[ItemPayload]]] = []
         current: tuple[str | None, int] | None = None

@@ -74,3 +74,8 @@ class StatementCounter:
 
     def close(self) -> None:
         event.remove(self._engine.sync_engine, "before_cursor_execute", self._on_execute)
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, without transactions: a single-statement read then costs no BEGIN/ROLLBACK."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")

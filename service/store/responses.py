@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, insert, literal_column, select, update
+from sqlalchemy import Select, and_, bindparam, insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.observe import db_call
+from service.store.db import autocommit
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
 
 ItemPayload = dict[str, Any]
@@ -147,6 +148,25 @@ def _response_with_output(*extra: Any) -> Select[Any]:
     )
 
 
+# The hot path's statements are built once: constructing a query and looking it up in SQLAlchemy's
+# compiled cache on every call cost a fifth of a turn's CPU.
+_LIVE_BY_ID = and_(
+    Response.id == bindparam("response_id"),
+    Response.tenant == bindparam("tenant"),
+    Response.deleted_at.is_(None),
+    Response.store.is_(True),
+)
+_PARENT = (
+    _response_with_output(*_PREFIX_COLUMNS)
+    .outerjoin(PrefixRecord, PrefixRecord.response_id == Response.id)
+    .where(_LIVE_BY_ID)
+)
+_RESPONSE = _response_with_output().where(_LIVE_BY_ID)
+_INSERT_RESPONSE = insert(Response)
+_INSERT_ITEMS = insert(Item)
+_INSERT_PREFIX = insert(PrefixRecord)
+
+
 def _to_response(row: Sequence[Any]) -> StoredResponse:
     return StoredResponse(*row[:_N_RESPONSE])
 
@@ -154,16 +174,12 @@ def _to_response(row: Sequence[Any]) -> StoredResponse:
 class ResponseStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._reads = autocommit(engine)
 
     @db_call
     async def load_parent(self, tenant: str, response_id: str) -> ParentTurn | None:
         """The parent response, its prefix record and its output items: one round trip."""
-        query = _response_with_output(*_PREFIX_COLUMNS).outerjoin(
-            PrefixRecord, PrefixRecord.response_id == Response.id
-        )
-        found = await self._with_output(
-            query.where(_live_response(tenant, response_id), Response.store.is_(True))
-        )
+        found = await self._with_output(_PARENT, tenant, response_id)
         if found is None:
             return None
         response, first_row = found
@@ -173,14 +189,15 @@ class ResponseStore:
 
     @db_call
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
-        query = _response_with_output().where(_live_response(tenant, response_id), Response.store.is_(True))
-        found = await self._with_output(query)
+        found = await self._with_output(_RESPONSE, tenant, response_id)
         return found[0] if found else None
 
-    async def _with_output(self, query: Select[Any]) -> tuple[StoredResponse, Sequence[Any]] | None:
+    async def _with_output(
+        self, query: Select[Any], tenant: str, response_id: str
+    ) -> tuple[StoredResponse, Sequence[Any]] | None:
         """Runs a `_response_with_output` query: the response with its output, and the first row."""
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(query, {"tenant": tenant, "response_id": response_id})).all()
         if not rows:
             return None
         response = _to_response(rows[0])
@@ -204,7 +221,7 @@ class ResponseStore:
             .join(lineage, Item.response_id == lineage.c.id)
             .order_by(lineage.c.depth, Item.segment, Item.position)
         )
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query)).all()
         segments: list[tuple[bool, list[ItemPayload]]] = []
         current: tuple[str, int] | None = None
@@ -234,11 +251,11 @@ class ResponseStore:
             _item_row(response, OUTPUT_SEGMENT, position, item, now)
             for position, item in enumerate(turn.output_items)
         ]
-        await conn.execute(insert(Response), [values])
+        await conn.execute(_INSERT_RESPONSE, values)
         if item_rows:
-            await conn.execute(insert(Item), item_rows)
+            await conn.execute(_INSERT_ITEMS, item_rows)
         if turn.prefix is not None:
-            await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+            await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
         if turn.also is not None:
             await turn.also(conn)
 
@@ -301,9 +318,9 @@ class ResponseStore:
                 _item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)
             ]
             if rows:
-                await conn.execute(insert(Item), rows)
+                await conn.execute(_INSERT_ITEMS, rows)
             if turn.prefix is not None:
-                await conn.execute(insert(PrefixRecord), [_prefix_row(response, turn.prefix, now)])
+                await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
             if turn.also is not None:
                 await turn.also(conn)
         return True
@@ -383,7 +400,7 @@ class ResponseStore:
                 .scalar_subquery()
             )
             query = query.where(Item.position < cursor if descending else Item.position > cursor)
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
             if not rows and not (await conn.execute(exists)).first():
                 return None

@@ -10,12 +10,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.observe import db_call
+from service.store.db import autocommit
 from service.store.models import Tenant
 
 
 class TenantStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._reads = autocommit(engine)
         self._salts: dict[str, str] = {}
 
     async def cache_salt(self, tenant: str) -> str:
@@ -28,7 +30,7 @@ class TenantStore:
     @db_call
     async def _load_or_create(self, tenant: str) -> str:
         query = select(Tenant.cache_salt).where(Tenant.id == tenant)
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             salt = (await conn.execute(query)).scalar_one_or_none()
         if salt is not None:
             return salt
@@ -39,5 +41,5 @@ class TenantStore:
                 )
         except IntegrityError:
             pass  # another replica created it first; its salt wins
-        async with self.engine.connect() as conn:
+        async with self._reads.connect() as conn:
             return str((await conn.execute(query)).scalar_one())
