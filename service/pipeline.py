@@ -557,14 +557,29 @@ class Pipeline:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def _canary(self, turn: PreparedTurn, response: StoredResponse, reply: ChatReply) -> None:
         """Render the whole history in full and check the new handle's prefix hash against it."""
         handle = reply.handle
         assert handle is not None
         try:
-            segments = await self.responses.history(turn.tenant, response.id)
+            conversation_id = turn.request.conversation_id
+            if conversation_id is not None:
+                # Only up to this turn: a later turn may already have appended to the conversation.
+                segments = await self.conversations.history(turn.tenant, conversation_id)
+                last = response.output[-1]["id"]
+                ends = [
+                    i for i, (_, items) in enumerate(segments) if any(item["id"] == last for item in items)
+                ]
+                segments = segments[: ends[0] + 1] if ends else []
+            else:
+                segments = await self.responses.history(turn.tenant, response.id)
             chat = self._chat_body(turn)
             body: dict[str, Any] = {
                 key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat

@@ -10,6 +10,7 @@ number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TUR
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +239,27 @@ def run_conversation(
     return decisions
 
 
+def _canary_counts(service: Service) -> dict[str, float]:
+    """The canary counters, once the checks still running off the hot path have settled."""
+
+    def read() -> dict[str, float]:
+        lines = service.http().get("/metrics").text.splitlines()
+        counts = {}
+        for result in ("match", "mismatch"):
+            prefix = f'convstate_canary_checks_total{{result="{result}"}} '
+            counts[result] = sum(float(line[len(prefix) :]) for line in lines if line.startswith(prefix))
+        return counts
+
+    previous = read()
+    for _ in range(50):
+        time.sleep(0.1)
+        current = read()
+        if current == previous:
+            break
+        previous = current
+    return previous
+
+
 def test_cache_path_renders_exactly_the_full_history(service_factory: Any, reference_backend: Any) -> None:
     plain: Service = service_factory("postgres", backend_mode="cache_ref")
     canary: Service = service_factory("postgres", backend_mode="cache_ref", canary_fraction=1.0)
@@ -256,6 +278,10 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
             seen.update(run_conversation(plain, canary, admin, model, in_conversation, turns))
 
     check()
+    # The canary re-renders every hit of the canary service in full, off the hot path: against a faithful
+    # backend it must never find a mismatch (a false one would invalidate good records).
+    canary_checks = _canary_counts(canary)
+    assert canary_checks["mismatch"] == 0 and canary_checks["match"] > 0, canary_checks
     # The examples must have exercised both paths, or the property says nothing about the cache path.
     decisions = {decision for decision, _ in seen}
     assert "cache_ref; reason=hit" in decisions and "cache_ref; reason=canary" in decisions
