@@ -1,10 +1,11 @@
 """The differential property: over random conversations and random mutations between turns, the exact
 token sequence the backend generated from (its prompt digest) equals a full render of the same history.
 
-Conversations are previous_response_id chains or Conversations-API conversations (with items added between
-turns). The oracle keeps its own copy of the history as chat messages, built here independently of the
-service's item conversion, and asks the reference backend for a full render. Runs a bounded, derandomized
-number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TURNS raise it.
+Turns are plain, streamed or in the background; conversations are previous_response_id chains or
+Conversations-API conversations (with items added between turns). The oracle keeps its own copy of the
+history as chat messages, built here independently of the service's item conversion, and asks the
+reference backend for a full render. Runs a bounded, derandomized number of examples in CI;
+CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TURNS raise it.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Turn:
     call_tool: bool
     fault: str | None
     canary: bool
-    stream: bool
+    delivery: str  # plain | stream | background
     aside: str | None  # conversation mode: an item added through the Conversations API first
 
 
@@ -114,7 +115,7 @@ def conversations(draw: st.DrawFn) -> tuple[str, bool, list[Turn]]:
                 call_tool=draw(_rarely(st.just(True), False, one_in=3)),
                 fault=draw(_rarely(st.sampled_from(FAULTS), None, one_in=8)),
                 canary=draw(st.booleans()),
-                stream=draw(_rarely(st.just(True), False, one_in=3)),
+                delivery=draw(_rarely(st.sampled_from(["stream", "background"]), "plain", one_in=3)),
                 aside=draw(_rarely(st.just("An aside."), None, one_in=8)),
             )
         )
@@ -146,10 +147,19 @@ def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     return message
 
 
-def _send(service: Service, body: dict[str, Any], stream: bool) -> tuple[dict[str, Any], httpx.Headers]:
-    """One turn, plain or streamed; the response object as the client finally sees it."""
+def _send(service: Service, body: dict[str, Any], delivery: str) -> tuple[dict[str, Any], httpx.Headers]:
+    """One turn, plain, streamed or in the background; the response object as the client finally sees it."""
     with service.http() as http:
-        if not stream:
+        if delivery == "background":
+            reply = http.post("/v1/responses", json={**body, "background": True})
+            assert reply.status_code == 200, reply.text
+            for _ in range(400):
+                polled = http.get(f"/v1/responses/{reply.json()['id']}").json()
+                if polled["status"] not in ("queued", "in_progress"):
+                    return polled, reply.headers
+                time.sleep(0.02)
+            raise AssertionError("a background turn did not finish")
+        if delivery == "plain":
             reply = http.post("/v1/responses", json=body)
             assert reply.status_code == 200, reply.text
             return reply.json(), reply.headers
@@ -163,13 +173,13 @@ def _send(service: Service, body: dict[str, Any], stream: bool) -> tuple[dict[st
 
 def run_conversation(
     plain: Service, canary: Service, admin: httpx.Client, model: str, in_conversation: bool, turns: list[Turn]
-) -> list[tuple[str, bool]]:
-    """Runs one conversation; returns each turn's (decision, streamed)."""
+) -> list[tuple[str, str]]:
+    """Runs one conversation; returns each turn's (decision, delivery)."""
     conversation = plain.http().post("/v1/conversations", json={}).json()["id"] if in_conversation else None
     history: list[dict[str, Any]] = []
     pending_calls: list[dict[str, Any]] = []
     previous: str | None = None
-    decisions: list[tuple[str, bool]] = []
+    decisions: list[tuple[str, str]] = []
     for turn in turns:
         if turn.fault == "restart":
             admin.post("/admin/restart").raise_for_status()
@@ -216,7 +226,8 @@ def run_conversation(
         if turn.effort:
             body["reasoning"] = {"effort": turn.effort}
         service = canary if turn.canary else plain
-        response, headers = _send(service, body, turn.stream)
+        response, headers = _send(service, body, turn.delivery)
+        assert response["status"] in ("completed", "incomplete"), response
         expected = ([{"role": "system", "content": turn.instructions}] if turn.instructions else []) + history
         render: dict[str, Any] = {}
         if tools:
@@ -225,14 +236,14 @@ def run_conversation(
             render["reasoning_effort"] = turn.effort
         decision = headers["x-convstate-decision"]
         digest = (
-            recorded_digest(plain.settings.database_url, response["id"])
-            if turn.stream
-            else headers["x-convstate-prompt-digest"]
+            headers["x-convstate-prompt-digest"]
+            if turn.delivery == "plain"
+            else recorded_digest(plain.settings.database_url, response["id"])
         )
         assert digest == full_render_digest(plain.settings.backend_url, model, expected, **render), (
             f"turn {len(decisions)} ({decision}) generated from a prompt that differs from the full render"
         )
-        decisions.append((decision, turn.stream))
+        decisions.append((decision, turn.delivery))
         history.append(_assistant_message(response["output"]))
         pending_calls = [item for item in response["output"] if item["type"] == "function_call"]
         previous = response["id"]
@@ -263,7 +274,7 @@ def _canary_counts(service: Service) -> dict[str, float]:
 def test_cache_path_renders_exactly_the_full_history(service_factory: Any, reference_backend: Any) -> None:
     plain: Service = service_factory("postgres", backend_mode="cache_ref")
     canary: Service = service_factory("postgres", backend_mode="cache_ref", canary_fraction=1.0)
-    seen: set[tuple[str, bool]] = set()
+    seen: set[tuple[str, str]] = set()
 
     @settings(
         max_examples=EXAMPLES,
@@ -286,5 +297,6 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
     decisions = {decision for decision, _ in seen}
     assert "cache_ref; reason=hit" in decisions and "cache_ref; reason=canary" in decisions
     assert any(decision.startswith("full; reason=") and "no_parent" not in decision for decision in decisions)
-    assert ("cache_ref; reason=hit", True) in seen, "no streamed turn took the cache path"
+    assert ("cache_ref; reason=hit", "stream") in seen, "no streamed turn took the cache path"
+    assert ("cache_ref; reason=hit", "background") in seen, "no background turn took the cache path"
     assert "full; reason=history_edited" in decisions, "no conversation edit was exercised"
