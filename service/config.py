@@ -75,7 +75,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Settings or one clear line on stderr and exit code 2: bad configuration fails at start."""
+    """Settings, or one clear line on stderr and exit status 1: bad configuration fails at start."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -1,0 +1,28 @@
+"""Bad configuration fails at start with one line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CONVSTATE_BACKEND_MODE", "bogus"),
+        ("CONVSTATE_DATABASE_URL", "mysql://somewhere/db"),
+        ("CONVSTATE_BACKEND_URL", "http://vllm:8000/v1"),
+        ("CONVSTATE_PORT", "99999"),
+    ],
+)
+def test_bad_setting_is_one_clear_line(variable: str, value: str) -> None:
+    env = {**os.environ, variable: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"convstate: bad configuration: {variable}:"), lines
