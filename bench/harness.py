@@ -369,17 +369,10 @@ async def _admin(url_text: str, statement: str) -> None:
 def postgres_server() -> Iterator[str]:
     """A Postgres server URL: $CONVSTATE_BENCH_DATABASE_URL if set, else a throwaway cluster (the test
     suite's: fsync and synchronous_commit off, so numbers measure the service, not the disk)."""
-    configured = os.environ.get(DATABASE_ENV)
-    if configured:
-        yield configured
-        return
-    from tests.pg import ThrowawayCluster
+    from tests.pg import postgres_url
 
-    cluster = ThrowawayCluster()
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+    with postgres_url(os.environ.get(DATABASE_ENV)) as url:
+        yield url
 
 
 @contextmanager

@@ -21,21 +21,14 @@ from service.config import Settings
 from service.serving import ServerThread
 from service.store.db import create_engine
 from service.store.migrate import upgrade
-from tests.pg import ThrowawayCluster
+from tests.pg import postgres_url
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """Base URL of a Postgres server whose superuser may create databases."""
-    configured = os.environ.get("CONVSTATE_TEST_DATABASE_URL")
-    if configured:
-        yield configured
-        return
-    cluster = ThrowawayCluster()
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
+    with postgres_url(os.environ.get("CONVSTATE_TEST_DATABASE_URL")) as url:
+        yield url
 
 
 async def _create_database(server_url: str) -> str:

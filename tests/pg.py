@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from service.serving import free_port
@@ -86,3 +88,16 @@ class ThrowawayCluster:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_url(configured: str | None) -> Iterator[str]:
+    """`configured` if given, else the URL of a throwaway cluster that lives as long as the context."""
+    if configured:
+        yield configured
+        return
+    cluster = ThrowawayCluster()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
