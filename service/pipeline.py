@@ -424,7 +424,7 @@ class Pipeline:
         response = self._response(turn, _status(reply), output, reply)
         _count(reply, decision)
         if turn.request.store:
-            prefix = _prefix_write(reply, decision, turn)
+            prefix = _prefix_write(reply, decision, turn, self.backend.base_url)
             await self._write(turn, response, prefix)
             if decision.reason is Reason.CANARY and reply.handle is not None:
                 self._spawn(self._canary(turn, response, reply))
@@ -545,7 +545,7 @@ class Pipeline:
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
         response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
         _count(reply, decision)
-        prefix = _prefix_write(reply, decision, turn)
+        prefix = _prefix_write(reply, decision, turn, self.backend.base_url)
         return await self.responses.finish(self._turn_write(turn, response, prefix, append=True))
 
     async def _release(self, turn: PreparedTurn) -> None:
@@ -625,7 +625,7 @@ def _status(reply: ChatReply) -> str:
     return "incomplete" if reply.finish_reason == "length" else "completed"
 
 
-def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn) -> PrefixWrite:
+def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn, endpoint: str) -> PrefixWrite:
     # A truncated turn's handle covers a history its children will not render: never offer it.
     handle = None if decision.reason is Reason.TRUNCATED else reply.handle
     parts = turn.parts
@@ -647,7 +647,7 @@ def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn) -> P
         backend_fingerprint=(handle.fingerprint if handle else None) or turn.backend_fingerprint,
         fingerprint_parts=dict(parts),
         handle_ref=handle.ref if handle else None,
-        handle_endpoint=None,
+        handle_endpoint=endpoint if handle else None,
         handle_epoch=handle.epoch if handle else None,
         handle_expires_at=handle.expires_at if handle else None,
         conversation_version=turn.conversation_version,

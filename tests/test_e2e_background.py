@@ -3,7 +3,6 @@ and abandoned responses finalized by the reaper."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Any
@@ -88,4 +87,3 @@ async def test_reaper_fails_responses_whose_worker_died(engine: AsyncEngine) -> 
     assert reaped is not None and reaped.status == "failed" and reaped.error is not None
     kept = await store.get(live.tenant, live.id)
     assert kept is not None and kept.status == "queued"
-    await asyncio.sleep(0)

@@ -104,6 +104,7 @@ async def test_every_typed_miss_is_recovered_invisibly(
     record = await _record(pg_engine, response.id)
     assert (record["decision_path"], record["decision_reason"]) == ("full", f"backend_miss:{miss}")
     assert record["handle_ref"] is not None  # re-seeded
+    assert record["handle_endpoint"] == cache_service.settings.backend_url
     _, headers = _turn(client, response.id, "and again")
     assert headers["x-convstate-decision"] == "cache_ref; reason=hit"
 

@@ -33,7 +33,6 @@ from service.errors import (
     BackendTimeout,
     BackendUnavailable,
     ContextLengthExceeded,
-    ConvstateError,
     InvalidRequest,
 )
 from service.observe import in_backend
@@ -453,6 +452,3 @@ class BackendClient:
                 str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)
             }
         self._models_fetched_at = time.monotonic()
-
-
-__all__ = ["BackendClient", "BackendMiss", "ChatReply", "ConvstateError", "PromptCacheHandle", "parse_handle"]

@@ -73,10 +73,6 @@ class Decision:
     def header(self) -> str:
         return f"{self.path}; reason={self.label}"
 
-    @property
-    def reuses_handle(self) -> bool:
-        return self.path is not Path.FULL
-
 
 @dataclass(frozen=True, slots=True)
 class ParentPrefix:
