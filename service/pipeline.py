@@ -6,12 +6,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import xxhash
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import metrics
@@ -19,25 +18,16 @@ from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatS
 from service.config import Settings
 from service.domain import ids
 from service.domain.chat import chat_options, responses_usage
-from service.domain.fingerprint import RequestRenderSettings, combined_fingerprint, fingerprint_parts
-from service.domain.items import Item, compaction_item, history_messages, segment_messages
+from service.domain.fingerprint import combined_fingerprint
+from service.domain.items import Item, Segment, compaction_item
 from service.domain.output import OutputBuilder
-from service.domain.policy import (
-    BackendMode,
-    Decision,
-    DecisionInputs,
-    ParentPrefix,
-    Path,
-    Reason,
-    backend_miss,
-    decide,
-    truncated,
-)
-from service.domain.prefix import token_digest
+from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
+from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, truncated
 from service.errors import ContextLengthExceeded, ConvstateError, InvalidRequest, NotFound
 from service.store.conversations import ConversationStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
+from service.workers.canary import Canary
 
 log = logging.getLogger("convstate.pipeline")
 
@@ -109,13 +99,23 @@ class PreparedTurn:
     tenant: str
     request: TurnRequest
     parent: ParentTurn | None
-    decision: Decision
-    salt: str
-    parts: dict[str, str | None]
-    backend_fingerprint: str | None
+    plan: TurnPlan
     response_id: str
     created_at: float
     conversation_version: int | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self.plan.decision
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """How a turn finally went to the backend: the decision that held, and the fingerprint parts of the
+    body that was sent (the prefix record's parts)."""
+
+    decision: Decision
+    parts: dict[str, str | None]
 
 
 Event = dict[str, Any]
@@ -148,14 +148,23 @@ def usage_object(reply: ChatReply) -> dict[str, Any]:
     )
 
 
-def _parent_prefix(parent: ParentTurn | None) -> ParentPrefix | None:
-    if parent is None or parent.prefix is None:
+def _parent_state(parent: ParentTurn | None) -> ParentState | None:
+    if parent is None:
         return None
+    return ParentState(
+        parent.response.id, parent.response.status, parent.response.output, _parent_prefix(parent)
+    )
+
+
+def _parent_prefix(parent: ParentTurn) -> ParentPrefix | None:
     record = parent.prefix
+    if record is None:
+        return None
     return ParentPrefix(
         valid=record.status == "valid",
         fingerprint_parts=record.fingerprint_parts,
         handle_ref=record.handle_ref,
+        backend_fingerprint=record.backend_fingerprint,
         handle_epoch=record.handle_epoch,
         handle_expires_at=record.handle_expires_at,
         safe_tokens=record.safe_tokens,
@@ -180,6 +189,7 @@ class Pipeline:
         self.conversations = conversations
         self.tenants = tenants
         self.backend = backend
+        self.canary = Canary(backend, responses, conversations)
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- the two entry points -----------------------------------------------------------------------
@@ -189,31 +199,27 @@ class Pipeline:
         async with self._releasing_on_failure(turn):
             if request.background:
                 return await self._enqueue(turn)
-            reply, decision = await self._send(turn, self.backend.chat)
+            reply, sent = await self._send(turn, self.backend.chat)
             builder = OutputBuilder()
             builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
-            return await self._complete(turn, reply, decision, builder.finish(_status(reply)))
+            return await self._complete(turn, reply, sent, builder.finish(_status(reply)))
 
     async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
         """Validation, parent and backend errors raise here, before any event; later ones become events."""
         turn = await self._prepare(tenant, request)
         async with self._releasing_on_failure(turn):
-            chat, decision = await self._send(turn, self.backend.open_chat_stream)
+            chat, sent = await self._send(turn, self.backend.open_chat_stream)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._spawn(self._produce(turn, chat, decision, queue))
-        return TurnStream(decision, queue)
+        self._spawn(self._produce(turn, chat, sent, queue))
+        return TurnStream(sent.decision, queue)
 
     async def compact(self, tenant: str, request: TurnRequest) -> Compaction:
         """Summarize a history with the backend. Nothing is stored: the caller continues from the
         returned items, which start a new history (the first turn after it decides `no_parent`)."""
         turn = await self._prepare(tenant, request)
         segments = [*await self._history(turn), (False, request.input)]
-        body = self._chat_body(turn)
-        body.pop("prompt_cache", None)
-        body["messages"] = [
-            *history_messages(request.instructions, segments),
-            {"role": "user", "content": COMPACT_PROMPT},
-        ]
+        body = turn.plan.render_body(segments)
+        body["messages"].append({"role": "user", "content": COMPACT_PROMPT})
         headers = {"x-request-id": request.request_id} if request.request_id else {}
         reply = await self.backend.chat(body, headers)
         users = [
@@ -277,27 +283,22 @@ class Pipeline:
                     param="previous_response_id",
                     code="previous_response_not_found",
                 )
-        info = await self.backend.model_info(request.model)
-        salt = await self.tenants.cache_salt(tenant)
-        render = RequestRenderSettings(
-            instructions=request.instructions,
-            tools=request.settings.get("tools"),
-            tool_choice=request.settings.get("tool_choice"),
-            reasoning=request.settings.get("reasoning"),
-            chat_template_kwargs=None,
-            cache_salt_id=xxhash.xxh3_64_hexdigest(salt.encode()),
-        )
-        parts = fingerprint_parts(info, render) if info is not None else {}
-        decision = decide(
-            DecisionInputs(
+        plan = plan_turn(
+            TurnInputs(
+                render=RenderInputs(
+                    model=request.model,
+                    instructions=request.instructions,
+                    input=request.input,
+                    settings=chat_options(request.settings),
+                    cache_salt=await self.tenants.cache_salt(tenant),
+                ),
                 mode=self.settings.backend_mode,
-                has_parent=parent is not None,
                 store=request.store,
-                parent=_parent_prefix(parent),
-                current_parts=parts,
-                backend_epoch=info.epoch if info else None,
-                now=now,
+                backend=await self.backend.model_info(request.model),
+                parent=_parent_state(parent),
+                has_parent=parent is not None,
                 conversation_version=conversation_version,
+                now=now,
                 canary=random.random() < self.settings.canary_fraction,
             )
         )
@@ -305,10 +306,7 @@ class Pipeline:
             tenant=tenant,
             request=request,
             parent=parent,
-            decision=decision,
-            salt=salt,
-            parts=parts,
-            backend_fingerprint=info.backend_fingerprint if info else None,
+            plan=plan,
             response_id=response_id,
             created_at=now,
             conversation_version=conversation_version,
@@ -318,14 +316,14 @@ class Pipeline:
 
     async def _send(
         self, turn: PreparedTurn, send: Callable[[dict[str, Any], dict[str, str]], Awaitable[T]]
-    ) -> tuple[T, Decision]:
+    ) -> tuple[T, Sent]:
         """Send by the decided path; a typed miss on the cache path is resent in full at once."""
         headers = {"x-request-id": turn.request.request_id} if turn.request.request_id else {}
-        decision = turn.decision
-        body = self._cache_body(turn)
-        if body is not None:
+        plan = turn.plan
+        decision = plan.decision
+        if plan.cache_body is not None:
             try:
-                return await send(body, headers), decision
+                return await send(plan.cache_body, headers), Sent(decision, plan.sent_parts(plan.cache_body))
             except BackendMiss as miss:
                 log.info("backend refused the handle (%s); resending %s in full", miss.code, turn.response_id)
                 metrics.fallbacks.labels(miss.code).inc()
@@ -333,64 +331,30 @@ class Pipeline:
             except ContextLengthExceeded:
                 if turn.request.settings.get("truncation") != "auto":
                     raise
-        segments = await self._history(turn)
+        history = await self._history(turn)
         try:
-            return await send(self._full_body(turn, segments), headers), decision
+            body = plan.full_body(history)
+            return await send(body, headers), Sent(decision, plan.sent_parts(body))
         except ContextLengthExceeded:
-            if turn.request.settings.get("truncation") != "auto" or not segments:
+            if turn.request.settings.get("truncation") != "auto" or not history:
                 raise
         # truncation=auto: drop the oldest history, doubling the cut, until the prompt fits.
         dropped = 1
         while True:
             try:
-                return await send(self._full_body(turn, segments[dropped:]), headers), truncated(dropped)
+                body = plan.full_body(history[dropped:])
+                return await send(body, headers), Sent(truncated(dropped), plan.sent_parts(body))
             except ContextLengthExceeded:
-                if dropped >= len(segments):
+                if dropped >= len(history):
                     raise
-                dropped = min(2 * dropped, len(segments))
+                dropped = min(2 * dropped, len(history))
 
-    def _chat_body(self, turn: PreparedTurn) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": turn.request.model,
-            "cache_salt": turn.salt,
-            **chat_options(turn.request.settings),
-        }
-        if self.settings.backend_mode is not BackendMode.FULL and turn.request.store:
-            body["prompt_cache"] = {"register": True}
-        return body
-
-    def _cache_body(self, turn: PreparedTurn) -> dict[str, Any] | None:
-        """Only the messages after the parent's handle boundary, and the handle; None off the cache path."""
-        parent = turn.parent
-        if turn.decision.path is not Path.CACHE_REF or parent is None or parent.prefix is None:
-            return None
-        record = parent.prefix
-        messages = [] if record.covers_output else segment_messages(parent.response.output, output=True)
-        messages += segment_messages(turn.request.input)
-        body = self._chat_body(turn)
-        body["messages"] = messages
-        body["prompt_cache"] = {
-            "ref": record.handle_ref,
-            "tokens": record.safe_tokens,
-            "prefix_hash": record.prefix_hash,
-            "fingerprint": record.backend_fingerprint,
-            "register": "prompt_cache" in body,
-        }
-        return body
-
-    async def _history(self, turn: PreparedTurn) -> list[tuple[bool, list[Item]]]:
+    async def _history(self, turn: PreparedTurn) -> Sequence[Segment]:
         """The stored history before this turn: one query, from the conversation or the lineage."""
         parent, conversation_id = turn.parent, turn.request.conversation_id
         if conversation_id is not None:
             return await self.conversations.history(turn.tenant, conversation_id)
         return await self.responses.history(turn.tenant, parent.response.id) if parent else []
-
-    def _full_body(self, turn: PreparedTurn, segments: list[tuple[bool, list[Item]]]) -> dict[str, Any]:
-        body = self._chat_body(turn)
-        body["messages"] = history_messages(
-            turn.request.instructions, [*segments, (False, turn.request.input)]
-        )
-        return body
 
     # --- persist ------------------------------------------------------------------------------------
 
@@ -419,16 +383,16 @@ class Pipeline:
         )
 
     async def _complete(
-        self, turn: PreparedTurn, reply: ChatReply, decision: Decision, output: list[Item]
+        self, turn: PreparedTurn, reply: ChatReply, sent: Sent, output: list[Item]
     ) -> TurnResult:
         response = self._response(turn, _status(reply), output, reply)
-        _count(reply, decision)
+        _count(reply, sent.decision)
         if turn.request.store:
-            prefix = _prefix_write(reply, decision, turn, self.backend.base_url)
+            prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
             await self._write(turn, response, prefix)
-            if decision.reason is Reason.CANARY and reply.handle is not None:
-                self._spawn(self._canary(turn, response, reply))
-        return TurnResult(response, decision, reply.prompt_digest, reply.bytes_sent)
+            if sent.decision.reason is Reason.CANARY and reply.handle is not None:
+                self._spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
+        return TurnResult(response, sent.decision, reply.prompt_digest, reply.bytes_sent)
 
     def _turn_write(
         self,
@@ -464,7 +428,7 @@ class Pipeline:
         await self.responses.write_turn(self._turn_write(turn, response, prefix, append=prefix is not None))
 
     async def _produce(
-        self, turn: PreparedTurn, chat: ChatStream, decision: Decision, queue: asyncio.Queue[Event | None]
+        self, turn: PreparedTurn, chat: ChatStream, sent: Sent, queue: asyncio.Queue[Event | None]
     ) -> None:
         sequence = 0
 
@@ -489,7 +453,7 @@ class Pipeline:
             output = builder.finish(_status(reply))
             for event in builder.drain():
                 emit(event)
-            result = await self._complete(turn, reply, decision, output)
+            result = await self._complete(turn, reply, sent, output)
             completed = True
             emit({"type": f"response.{result.response.status}", "response": result.response})
         except ConvstateError as exc:
@@ -535,7 +499,7 @@ class Pipeline:
                 if not await self.responses.heartbeat(turn.response_id, time.time() + LEASE_SECONDS):
                     work.cancel()
                     return False
-            reply, decision = work.result()
+            reply, sent = work.result()
         except ConvstateError as exc:
             failed = self._response(turn, "failed", [], None)
             failed.error = {"code": "server_error", "message": exc.message}
@@ -544,8 +508,8 @@ class Pipeline:
         builder = OutputBuilder()
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
         response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
-        _count(reply, decision)
-        prefix = _prefix_write(reply, decision, turn, self.backend.base_url)
+        _count(reply, sent.decision)
+        prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
         return await self.responses.finish(self._turn_write(turn, response, prefix, append=True))
 
     async def _release(self, turn: PreparedTurn) -> None:
@@ -563,47 +527,6 @@ class Pipeline:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
-
-    async def _canary(self, turn: PreparedTurn, response: StoredResponse, reply: ChatReply) -> None:
-        """Render the whole history in full and check the new handle's prefix hash against it."""
-        handle = reply.handle
-        assert handle is not None
-        try:
-            conversation_id = turn.request.conversation_id
-            if conversation_id is not None:
-                # Only up to this turn: a later turn may already have appended to the conversation.
-                segments = await self.conversations.history(turn.tenant, conversation_id)
-                last = response.output[-1]["id"]
-                ends = [
-                    i for i, (_, items) in enumerate(segments) if any(item["id"] == last for item in items)
-                ]
-                segments = segments[: ends[0] + 1] if ends else []
-            else:
-                segments = await self.responses.history(turn.tenant, response.id)
-            chat = self._chat_body(turn)
-            body: dict[str, Any] = {
-                key: chat[key] for key in ("model", "tools", "reasoning_effort") if key in chat
-            }
-            body.update(
-                messages=history_messages(turn.request.instructions, segments),
-                add_generation_prompt=False,
-                cache_salt=turn.salt,
-            )
-            tokens = await self.backend.tokenize_chat(body)
-        except Exception:
-            log.exception("canary render failed for %s", response.id)
-            return
-        expected = token_digest(tokens[: handle.safe_tokens])
-        matched = len(tokens) >= handle.safe_tokens and expected == handle.prefix_hash
-        metrics.canary_checks.labels("match" if matched else "mismatch").inc()
-        if not matched:
-            log.error(
-                "canary mismatch for %s: handle prefix_hash=%s full render=%s",
-                response.id,
-                handle.prefix_hash,
-                expected,
-            )
-            await self.responses.invalidate_record(turn.tenant, response.id, "canary_mismatch")
 
     async def aclose(self) -> None:
         """Let turns in flight finish (they persist), then stop."""
@@ -625,10 +548,10 @@ def _status(reply: ChatReply) -> str:
     return "incomplete" if reply.finish_reason == "length" else "completed"
 
 
-def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn, endpoint: str) -> PrefixWrite:
+def _prefix_write(reply: ChatReply, sent: Sent, turn: PreparedTurn, endpoint: str) -> PrefixWrite:
+    decision, parts = sent.decision, sent.parts
     # A truncated turn's handle covers a history its children will not render: never offer it.
     handle = None if decision.reason is Reason.TRUNCATED else reply.handle
-    parts = turn.parts
     return PrefixWrite(
         status="valid",
         decision_path=str(decision.path),
@@ -644,7 +567,8 @@ def _prefix_write(reply: ChatReply, decision: Decision, turn: PreparedTurn, endp
         prefix_hash=handle.prefix_hash if handle else None,
         covers_output=handle.covers_output if handle else None,
         fingerprint=combined_fingerprint(parts),
-        backend_fingerprint=(handle.fingerprint if handle else None) or turn.backend_fingerprint,
+        backend_fingerprint=(handle.fingerprint if handle else None)
+        or (turn.plan.backend.backend_fingerprint if turn.plan.backend else None),
         fingerprint_parts=dict(parts),
         handle_ref=handle.ref if handle else None,
         handle_endpoint=endpoint if handle else None,

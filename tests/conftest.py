@@ -87,6 +87,36 @@ def reference_backend() -> Iterator[ServerThread]:
         yield server
 
 
+class MediaServer:
+    """Images on loopback whose bytes the test can change: what an http(s) image URL serves."""
+
+    def __init__(self) -> None:
+        from fastapi import FastAPI
+        from fastapi.responses import Response
+
+        self.images: dict[str, bytes] = {}
+        app = FastAPI()
+
+        @app.get("/img/{name}")
+        async def image(name: str) -> Response:
+            if name not in self.images:
+                return Response(status_code=404)
+            return Response(self.images[name], media_type="image/png")
+
+        self.server = ServerThread(app)
+
+    def put(self, name: str, data: bytes) -> str:
+        self.images[name] = data
+        return f"{self.server.url}/img/{name}"
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    media = MediaServer()
+    with media.server:
+        yield media
+
+
 @pytest.fixture
 def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=reference_backend.url) as client:

@@ -131,7 +131,7 @@ USER_TURNS: list[list[dict[str, Any]]] = [
             "role": "user",
             "content": [
                 {"type": "text", "text": "Thanks."},
-                {"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
             ],
         }
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 import xxhash
@@ -10,6 +11,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from service.backends.reference.generate import GenerationSettings, Plan, complete, plan_reply
+from service.backends.reference.media import inline_remote_media
+from service.backends.reference.protocol import ApiError
 from service.backends.reference.render import (
     Encoder,
     Message,
@@ -25,6 +28,7 @@ from service.backends.reference.render import (
     render_full,
 )
 from service.backends.reference.tokenizer import IM_END, load_tokenizer
+from tests.conftest import MediaServer
 
 ENCODER = Encoder(load_tokenizer())
 PROFILES = ("chatml", "reasoning-trim", "system-once")
@@ -96,9 +100,10 @@ def test_system_block_folds_tools_reasoning_and_kwargs() -> None:
         cache_salt=None,
     )
     text = render_full(ctx, [Message("user", "hi")]).text
+    # As `| tojson` renders in Hugging Face templates: insertion order, spaced separators.
     assert text == (
-        '<|im_start|>system\n# Tools\n[{"function":{"name":"lookup","parameters":{"type":"object"}},'
-        '"type":"function"}]\n\nReasoning: high\n\n# Template kwargs\n{"a":[1,2],"b":1}<|im_end|>\n'
+        '<|im_start|>system\n# Tools\n[{"type": "function", "function": {"name": "lookup", "parameters": '
+        '{"type": "object"}}}]\n\nReasoning: high\n\n# Template kwargs\n{"b": 1, "a": [1, 2]}<|im_end|>\n'
         "<|im_start|>user\nhi<|im_end|>\n"
     )
     assert ctx.thinking
@@ -107,6 +112,34 @@ def test_system_block_folds_tools_reasoning_and_kwargs() -> None:
     )
     assert render_full(bare, [Message("user", "hi")]).text == "<|im_start|>user\nhi<|im_end|>\n"
     assert bare.context_hash != ctx.context_hash
+
+
+def test_key_order_of_tools_changes_the_render_and_the_context() -> None:
+    reordered = [{"function": {"parameters": {"type": "object"}, "name": "lookup"}, "type": "function"}]
+    contexts = [
+        make_context(
+            "m", "chatml", tools=t, reasoning_effort=None, chat_template_kwargs=None, cache_salt=None
+        )
+        for t in (TOOLS, reordered)
+    ]
+    renders = {render_full(ctx, [Message("user", "hi")]).text for ctx in contexts}
+    assert len(renders) == 2 and contexts[0].context_hash != contexts[1].context_hash
+
+
+def test_a_response_format_renders_in_the_system_block() -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    ctx = make_context(
+        "m",
+        "chatml",
+        tools=None,
+        reasoning_effort=None,
+        chat_template_kwargs=None,
+        cache_salt=None,
+        response_format=fmt,
+    )
+    assert render_full(ctx, [Message("user", "hi")]).text.startswith(
+        '<|im_start|>system\n# Response format\n{"type": "json_schema", "json_schema": {"name": "a"'
+    )
 
 
 def test_profiles_differ_where_they_should() -> None:
@@ -140,12 +173,34 @@ def test_content_parts_render_by_identity() -> None:
     parts = [
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-        {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}},
         {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{png}", "filename": "r.pdf"}},
     ]
     digest = xxhash.xxh3_64_hexdigest(b"\x89PNG fake")
-    url_digest = xxhash.xxh3_64_hexdigest(b"https://example.invalid/cat.png")
-    assert content_text(parts, "m") == f"look\n<image:{digest}>\n<image:{url_digest}>\n<file:r.pdf:{digest}>"
+    assert content_text(parts, "m") == f"look\n<image:{digest}>\n<file:r.pdf:{digest}>"
+
+
+def _image_body(url: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+async def test_remote_images_render_by_the_bytes_served_now(media_server: MediaServer) -> None:
+    url = media_server.put("cat.png", b"one")
+    body = _image_body(url)
+    await inline_remote_media(body)
+    first = content_text(body["messages"][0]["content"], "m")
+    media_server.put("cat.png", b"two")
+    body["messages"][0]["content"][0]["image_url"]["url"] = url
+    await inline_remote_media(body)
+    assert first == f"<image:{xxhash.xxh3_64_hexdigest(b'one')}>"
+    assert content_text(body["messages"][0]["content"], "m") == f"<image:{xxhash.xxh3_64_hexdigest(b'two')}>"
+
+
+async def test_an_image_that_cannot_be_fetched_is_a_400(media_server: MediaServer) -> None:
+    url = f"{media_server.server.url}/img/missing.png"
+    body = _image_body(url)
+    with pytest.raises(ApiError) as failure:
+        await inline_remote_media(body)
+    assert failure.value.status == 400
 
 
 @pytest.mark.parametrize(

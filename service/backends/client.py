@@ -124,12 +124,15 @@ def _model_info(card: dict[str, Any]) -> BackendModelInfo:
     block_size = parts.get("block_size")
     return BackendModelInfo(
         model=str(card.get("id")),
-        # Upstream vLLM reports no revision; `root` (the weights' path or repo) is the best it has.
-        revision=parts.get("revision") or card.get("root"),
+        # Only the extension vouches for the weights: a path (vLLM's `root`) can be reloaded with other
+        # weights under the same name, so without a revision the model part stays unknown.
+        revision=parts.get("revision"),
         tokenizer=parts.get("tokenizer"),
         renderer=parts.get("renderer"),
         chat_template=parts.get("chat_template"),
-        lora=parts.get("lora"),
+        # An explicit null is "no adapter"; a missing key is unknown (an adapter may be reloaded under
+        # the same name, so only its reported identity counts).
+        lora=(str(parts["lora"]) if parts["lora"] is not None else "none") if "lora" in parts else None,
         block_size=int(block_size) if block_size is not None else None,
         epoch=extension.get("epoch"),
         backend_fingerprint=extension.get("fingerprint"),

@@ -35,6 +35,7 @@ class Reason(StrEnum):
     NO_PARENT = "no_parent"
     STORE_FALSE = "store_false"
     NO_RECORD = "no_record"
+    PARENT_NOT_COMPLETED = "parent_not_completed"
     NO_HANDLE = "no_handle"
     INVALIDATED = "invalidated"
     HISTORY_EDITED = "history_edited"
@@ -81,6 +82,7 @@ class ParentPrefix:
     valid: bool
     fingerprint_parts: Mapping[str, str | None] | None
     handle_ref: str | None
+    backend_fingerprint: str | None
     handle_epoch: str | None
     handle_expires_at: float | None
     safe_tokens: int | None
@@ -96,6 +98,7 @@ class DecisionInputs:
     has_parent: bool
     store: bool
     parent: ParentPrefix | None
+    parent_completed: bool
     current_parts: Mapping[str, str | None]
     backend_epoch: str | None
     now: float
@@ -130,6 +133,9 @@ def decide(inputs: DecisionInputs) -> Decision:
     parent = inputs.parent
     if parent is None:
         return full(Reason.NO_RECORD)
+    if not inputs.parent_completed:
+        # A failed, cancelled or cut-off turn: what the backend holds need not be what history says.
+        return full(Reason.PARENT_NOT_COMPLETED)
     if not parent.valid or (
         inputs.invalidated_since is not None and inputs.invalidated_since >= parent.created_at
     ):

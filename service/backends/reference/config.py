@@ -24,6 +24,10 @@ class ReferenceSettings(BaseSettings):
     # Simulated prefill cost per non-cached prompt token, in microseconds (0 = off).
     prefill_us_per_token: float = 0.0
     stream_chunk_tokens: int = 4
+    # False: continue from any live handle without checking that the request's fingerprint, salt and
+    # render context match the handle's, as a backend that trusts its caller would; each such reuse is
+    # counted as stale. The differential tests run against this to check the service's decision alone.
+    verify_handles: bool = True
 
     @field_validator("models")
     @classmethod

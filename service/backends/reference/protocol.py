@@ -129,7 +129,13 @@ def render_inputs(body: Mapping[str, Any], model: str, profile: str) -> tuple[Re
     if salt == "":
         raise bad_request("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
     ctx = make_context(
-        model, profile, tools=tools, reasoning_effort=effort, chat_template_kwargs=kwargs, cache_salt=salt
+        model,
+        profile,
+        tools=tools,
+        reasoning_effort=effort,
+        chat_template_kwargs=kwargs,
+        cache_salt=salt,
+        response_format=_response_format(body),
     )
     return ctx, parse_messages(body["messages"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -52,7 +53,15 @@ class NotAppendable(Exception):
 
 
 def canonical_json(value: object) -> str:
+    """Sorted keys, no whitespace: for identities and for what the simulated model writes."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+
+
+def tojson(value: object) -> str:
+    """JSON as Hugging Face chat templates render it with `| tojson`: keys in insertion order (the order
+    the client wrote them), `, ` and `: ` separators, non-ASCII kept. A client that reorders the keys of
+    a tool schema changes the prompt."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,13 @@ class RenderContext:
     reasoning_effort: str | None = None
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     cache_salt: str | None = None
+    response_format: Mapping[str, Any] | None = None
 
     @cached_property
     def context_hash(self) -> str:
+        """Everything besides the messages that the render depends on, in the order it renders."""
         return xxhash.xxh3_128_hexdigest(
-            canonical_json(
+            orjson.dumps(
                 [
                     self.model,
                     self.profile,
@@ -92,8 +103,9 @@ class RenderContext:
                     self.reasoning_effort,
                     dict(self.template_kwargs),
                     self.cache_salt,
+                    self.response_format,
                 ]
-            ).encode("utf-8")
+            )
         )
 
     @property
@@ -105,11 +117,15 @@ class RenderContext:
     def system_sections(self) -> list[str]:
         sections = []
         if self.tools:
-            sections.append("# Tools\n" + canonical_json(list(self.tools)))
+            sections.append("# Tools\n" + tojson(list(self.tools)))
         if self.reasoning_effort is not None:
             sections.append(f"Reasoning: {self.reasoning_effort}")
         if self.template_kwargs:
-            sections.append("# Template kwargs\n" + canonical_json(dict(self.template_kwargs)))
+            sections.append("# Template kwargs\n" + tojson(dict(self.template_kwargs)))
+        # Like the templates that state a structured-output schema in the system block (gpt-oss's
+        # "# Response Formats"), so a changed format changes the prompt.
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            sections.append("# Response format\n" + tojson(dict(self.response_format)))
         return sections
 
 
@@ -121,6 +137,7 @@ def make_context(
     reasoning_effort: str | None,
     chat_template_kwargs: Mapping[str, Any] | None,
     cache_salt: str | None,
+    response_format: Mapping[str, Any] | None = None,
 ) -> RenderContext:
     """Fold `chat_template_kwargs.reasoning_effort` into the effort, as vLLM merges the two."""
     kwargs = dict(chat_template_kwargs or {})
@@ -135,6 +152,7 @@ def make_context(
         reasoning_effort=effort,
         template_kwargs=kwargs,
         cache_salt=cache_salt,
+        response_format=response_format,
     )
 
 
@@ -211,8 +229,7 @@ def _part_text(part: object, where: str) -> str:
             raise RenderError(f"{where}.image_url.url must be a string")
         if url.startswith("data:"):
             return f"<image:{_digest(_data_url_bytes(url, where))}>"
-        if url.startswith(("http://", "https://")):
-            return f"<image:{_digest(url.encode('utf-8'))}>"
+        # http(s) URLs were fetched and inlined before rendering (media.inline_remote_media).
         raise RenderError(f"{where}.image_url.url must be a data: or http(s) URL")
     if kind == "file":
         file = part.get("file")

@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from service.backends.reference.config import ReferenceSettings
 from service.backends.reference.generate import Completion, complete, plan_reply
+from service.backends.reference.media import inline_remote_media
 from service.backends.reference.protocol import (
     ApiError,
     ChatRequest,
@@ -67,6 +68,9 @@ class Counters:
     full_renders: int = 0
     injected_failures: int = 0
     restarts: int = 0
+    # Reuses of a handle whose fingerprint, salt or render context differ from the request's (only
+    # possible with verify_handles off): each is a wrong reuse the caller should never have asked for.
+    stale_reuses: int = 0
 
 
 @dataclass
@@ -125,10 +129,7 @@ class Backend:
         self.fingerprint_parts = {
             model: self._fingerprint_parts(model, p) for model, p in self.profiles.items()
         }
-        self.fingerprints = {
-            model: xxhash.xxh3_128_hexdigest(canonical_json(parts).encode("utf-8"))
-            for model, parts in self.fingerprint_parts.items()
-        }
+        self.fingerprints = {model: _fingerprint(parts) for model, parts in self.fingerprint_parts.items()}
         self.epoch = secrets.token_hex(8)
         self.handles = HandleRegistry(settings.max_handles, settings.handle_ttl_seconds)
         self.prefix_cache = PrefixCache(settings.block_size, settings.prefix_cache_blocks)
@@ -162,13 +163,21 @@ class Backend:
             self.faults.fail_count -= 1
             self.counters.injected_failures += 1
             raise ApiError(self.faults.fail_status, "Injected failure (reference backend fault injection)")
-        return parse_json(raw)
+        body = parse_json(raw)
+        await inline_remote_media(body)
+        return body
 
     def restart(self) -> None:
         self.epoch = secrets.token_hex(8)
         self.handles.clear()
         self.prefix_cache.clear()
         self.counters.restarts += 1
+
+    def reload(self, model: str, parts: Mapping[str, Any]) -> None:
+        """Swap what a model runs under (weights revision, adapter, template...) in place, as a hot reload
+        does: same epoch, handles kept, new fingerprint. Handles made before are stale from now on."""
+        self.fingerprint_parts[model] = {**self.fingerprint_parts[model], **parts}
+        self.fingerprints[model] = _fingerprint(self.fingerprint_parts[model])
 
     def miss(self, code: str, message: str) -> PromptCacheMiss:
         self.counters.misses[code] = self.counters.misses.get(code, 0) + 1
@@ -218,21 +227,34 @@ class Backend:
         return Prompt(tokens, new, len(gen), base, appended.system_open, last)
 
     def _verify(self, ref: str, pc: PromptCacheRequest, req: ChatRequest, now: float) -> Handle:
-        """The handle checks, in the protocol's order; each failure is a typed 409."""
+        """The handle checks, in the protocol's order; each failure is a typed 409. Without
+        verify_handles, the salt, fingerprint and context checks only count a stale reuse."""
         handle = self.handles.get(ref)
-        if handle is None or handle.epoch != self.epoch or handle.cache_salt != req.ctx.cache_salt:
+        verify = self.settings.verify_handles
+        current = self.fingerprints[req.model]
+        if (
+            handle is None
+            or handle.epoch != self.epoch
+            or (verify and handle.cache_salt != req.ctx.cache_salt)
+        ):
             raise self.miss("unknown_ref", "prompt_cache.ref is not known to this backend")
         if handle.expires_at <= now:
             self.handles.remove(handle.ref)
             raise self.miss("expired", "prompt_cache.ref has expired")
-        if pc.fingerprint != self.fingerprints[req.model]:
+        if verify and (pc.fingerprint != current or handle.fingerprint != current):
             raise self.miss("fingerprint_mismatch", "prompt_cache.fingerprint differs from the model's")
         if pc.tokens != handle.chain.count or pc.prefix_hash != handle.chain.digest_hex:
             raise self.miss("prefix_mismatch", "prompt_cache.tokens/prefix_hash differ from the handle's")
-        if handle.context_hash != req.ctx.context_hash:
+        if verify and handle.context_hash != req.ctx.context_hash:
             raise self.miss(
                 "prefix_mismatch", "tools, reasoning or template settings differ from the handle's"
             )
+        stale = (handle.cache_salt, handle.fingerprint, handle.context_hash) != (
+            req.ctx.cache_salt,
+            current,
+            req.ctx.context_hash,
+        )
+        self.counters.stale_reuses += stale
         return handle
 
     # --- one turn ------------------------------------------------------------------------------
@@ -269,6 +291,7 @@ class Backend:
             epoch=self.epoch,
             cache_salt=req.ctx.cache_salt,
             context_hash=req.ctx.context_hash,
+            fingerprint=self.fingerprints[req.model],
             chain=chain,
             system_open=prompt.system_open and not safe,
             last_message=reply if safe else prompt.last,
@@ -492,6 +515,10 @@ class Backend:
         }
 
 
+def _fingerprint(parts: Mapping[str, Any]) -> str:
+    return xxhash.xxh3_128_hexdigest(canonical_json(parts).encode("utf-8"))
+
+
 def _int_field(body: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = body.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -566,6 +593,18 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
     async def admin_restart() -> Response:
         backend.restart()
         return json_response({"epoch": backend.epoch})
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        body = parse_json(await request.body())
+        model, parts = body.get("model"), body.get("parts")
+        if model not in backend.profiles or not isinstance(parts, dict):
+            raise bad_request("expected {model: a served model, parts: {fingerprint part: value}}")
+        unknown = set(parts) - set(backend.fingerprint_parts[model])
+        if unknown:
+            raise bad_request(f"unknown fingerprint parts: {sorted(unknown)}", param="parts")
+        backend.reload(model, parts)
+        return json_response({"fingerprint": backend.fingerprints[model]})
 
     @app.post("/admin/evict")
     async def admin_evict(request: Request) -> Response:

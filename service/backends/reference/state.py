@@ -90,6 +90,7 @@ class Handle:
     epoch: str
     cache_salt: str | None
     context_hash: str
+    fingerprint: str  # the model's fingerprint when the handle's KV was computed
     chain: TokenChain
     system_open: bool  # the prefix ends inside the leading system block
     last_message: Message  # the message the prefix ends with, for generation after an empty append
@@ -110,6 +111,7 @@ class HandleRegistry:
         epoch: str,
         cache_salt: str | None,
         context_hash: str,
+        fingerprint: str,
         chain: TokenChain,
         system_open: bool,
         last_message: Message,
@@ -120,6 +122,7 @@ class HandleRegistry:
             epoch=epoch,
             cache_salt=cache_salt,
             context_hash=context_hash,
+            fingerprint=fingerprint,
             chain=chain,
             system_open=system_open,
             last_message=last_message,

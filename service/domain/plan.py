@@ -1,0 +1,160 @@
+"""The turn plan: from one object of render inputs, the decision, the exact backend body and the
+fingerprint, so that what is hashed is what is sent.
+
+`plan_turn` is pure. The pipeline loads what it needs (the parent with its prefix record, the backend's
+model card, the tenant's salt), calls it, and sends `plan.cache_body` if the plan has one, else
+`plan.full_body(history)`; the prefix record it stores takes its parts from `plan.sent_parts(body)`,
+computed from that very body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from service.domain.fingerprint import SAMPLING_FIELDS, BackendModelInfo, turn_parts
+from service.domain.items import ChatMessage, Item, Segment, history_messages, segment_messages
+from service.domain.policy import BackendMode, Decision, DecisionInputs, ParentPrefix, Path, decide
+from service.errors import InvalidRequest
+
+# A parent in one of these states has no output yet: a child would render a history without it.
+IN_FLIGHT = frozenset({"queued", "in_progress"})
+# States whose output is whole as stored: `incomplete` was cut by max_output_tokens, and its handle
+# covers exactly the text that was stored. A failed or cancelled turn never offers its handle.
+OFFERS_HANDLE = frozenset({"completed", "incomplete"})
+
+
+@dataclass(frozen=True, slots=True)
+class ParentState:
+    """What the plan needs of the parent turn: its status, its output (the messages that follow a handle
+    that ends before it) and its prefix record."""
+
+    id: str
+    status: str
+    output: Sequence[Item]
+    prefix: ParentPrefix | None
+
+
+@dataclass(frozen=True, slots=True)
+class RenderInputs:
+    """Everything that decides what the backend renders for this turn, as it will be sent.
+
+    `settings` are the chat-completions fields besides model, messages, salt and cache reference
+    (domain.chat.chat_options of the request), already in wire form and key order."""
+
+    model: str
+    instructions: str | None
+    input: Sequence[Item]
+    settings: Mapping[str, Any]
+    cache_salt: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnInputs:
+    render: RenderInputs
+    mode: BackendMode
+    store: bool
+    backend: BackendModelInfo | None
+    parent: ParentState | None
+    has_parent: bool  # a conversation's first turn has no parent even when it holds items
+    conversation_version: int | None
+    now: float
+    canary: bool = False
+    invalidated_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    decision: Decision
+    render: RenderInputs
+    backend: BackendModelInfo | None
+    input_messages: list[ChatMessage]
+    base: dict[str, Any]
+    # The fingerprint of this turn as decided on (from its input; the parent's history is covered by
+    # the parent's record). The record stores sent_parts(body) instead, from what was really sent.
+    parts: dict[str, str | None]
+    cache_body: dict[str, Any] | None = field(default=None)
+
+    def full_body(self, history: Sequence[Segment]) -> dict[str, Any]:
+        """The whole history, then this turn's input, with the request's instructions first."""
+        messages = history_messages(self.render.instructions, history)
+        return {**self.base, "messages": [*messages, *self.input_messages]}
+
+    def render_body(self, history: Sequence[Segment]) -> dict[str, Any]:
+        """A full render of `history` alone, for /tokenize: what the backend would render, nothing sampled."""
+        body = {
+            key: value
+            for key, value in self.base.items()
+            if key != "prompt_cache" and key not in SAMPLING_FIELDS
+        }
+        body["messages"] = history_messages(self.render.instructions, history)
+        return body
+
+    def sent_parts(self, body: Mapping[str, Any]) -> dict[str, str | None]:
+        """The fingerprint of `body`, which this plan built: the record's parts."""
+        return _parts(self.backend, self.render, body["messages"])
+
+
+def cache_salt_id(salt: str) -> str:
+    """The salt's identity for the fingerprint: records never hold the salt itself."""
+    return xxhash.xxh3_64_hexdigest(salt.encode())
+
+
+def _parts(
+    backend: BackendModelInfo | None, render: RenderInputs, messages: Sequence[Mapping[str, Any]]
+) -> dict[str, str | None]:
+    return turn_parts(
+        backend, cache_salt_id(render.cache_salt), render.instructions, render.settings, messages
+    )
+
+
+def plan_turn(inputs: TurnInputs) -> TurnPlan:
+    render, parent = inputs.render, inputs.parent
+    if parent is not None and parent.status in IN_FLIGHT:
+        raise InvalidRequest(
+            f"Previous response with id '{parent.id}' is still {parent.status.replace('_', ' ')}; "
+            "continue from it once it has finished.",
+            param="previous_response_id",
+            code="previous_response_in_progress",
+        )
+    input_messages = segment_messages(render.input)
+    base: dict[str, Any] = {"model": render.model, "cache_salt": render.cache_salt, **render.settings}
+    if inputs.mode is not BackendMode.FULL and inputs.store:
+        base["prompt_cache"] = {"register": True}
+    parts = _parts(inputs.backend, render, input_messages)
+    backend = inputs.backend
+    decision = decide(
+        DecisionInputs(
+            mode=inputs.mode,
+            has_parent=inputs.has_parent,
+            store=inputs.store,
+            parent=parent.prefix if parent is not None else None,
+            parent_completed=parent is not None and parent.status in OFFERS_HANDLE,
+            current_parts=parts,
+            backend_epoch=backend.epoch if backend else None,
+            now=inputs.now,
+            invalidated_since=inputs.invalidated_since,
+            conversation_version=inputs.conversation_version,
+            canary=inputs.canary,
+        )
+    )
+    plan = TurnPlan(decision, render, backend, input_messages, base, parts)
+    if decision.path is not Path.CACHE_REF or parent is None or parent.prefix is None:
+        return plan
+    record = parent.prefix
+    marginal = [] if record.covers_output else segment_messages(parent.output, output=True)
+    cache_body = {
+        **base,
+        "messages": [*marginal, *input_messages],
+        "prompt_cache": {
+            "ref": record.handle_ref,
+            "tokens": record.safe_tokens,
+            "prefix_hash": record.prefix_hash,
+            "fingerprint": record.backend_fingerprint,
+            "register": "prompt_cache" in base,
+        },
+    }
+    return TurnPlan(decision, render, backend, input_messages, base, parts, cache_body)
