@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -117,6 +118,17 @@ def media_server() -> Iterator[MediaServer]:
         yield media
 
 
+@pytest.fixture(scope="session")
+def trusting_backend() -> Iterator[ServerThread]:
+    """A reference backend that continues from any live handle it is given (counting stale reuses):
+    against it, only the service's own decision stands between a turn and a wrong reuse."""
+    from service.backends.reference.config import ReferenceSettings
+    from service.backends.reference.server import create_app as create_reference_app
+
+    with ServerThread(create_reference_app(ReferenceSettings(verify_handles=False))) as server:
+        yield server
+
+
 @pytest.fixture
 def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=reference_backend.url) as client:
@@ -130,6 +142,12 @@ class Service:
         self.server = server
         self.settings = settings
         self.url = server.url
+
+    @property
+    def app(self) -> FastAPI:
+        app = self.server.server.config.app
+        assert isinstance(app, FastAPI)
+        return app
 
     def openai(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0)

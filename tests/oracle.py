@@ -34,3 +34,21 @@ def recorded_digest(database_url: str, response_id: str) -> str | None:
             await conn.close()
 
     return asyncio.run(fetch())
+
+
+def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A response's output as the one assistant chat message a full render holds for it."""
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    for item in output:
+        if item["type"] == "reasoning":
+            message["reasoning_content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "message":
+            message["content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "function_call":
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            message.setdefault("tool_calls", []).append(call)
+    return message

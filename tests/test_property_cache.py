@@ -1,15 +1,22 @@
 """The differential property: over random conversations and random mutations between turns, the exact
-token sequence the backend generated from (its prompt digest) equals a full render of the same history.
+token sequence the backend generated from (its prompt digest) equals a full render of the same history,
+and the backend never continued from KV computed under another fingerprint, salt or render context.
 
-Turns are plain, streamed or in the background; conversations are previous_response_id chains or
-Conversations-API conversations (with items added between turns). The oracle keeps its own copy of the
-history as chat messages, built here independently of the service's item conversion, and asks the
-reference backend for a full render. Runs a bounded, derandomized number of examples in CI;
-CONVSTATE_PROPERTY_EXAMPLES and CONVSTATE_PROPERTY_TURNS raise it.
+The backend here trusts every handle it is given (verify_handles off) and counts stale reuses, so a wrong
+decision by the service cannot be rescued by the backend's own checks. Turns are plain, streamed or in
+the background; conversations are previous_response_id chains or Conversations-API conversations (with
+items added between turns); between turns the instructions, tools (and the key order of their schemas),
+reasoning effort, response format and parallel tool calls change, images come by value or by a URL
+whose bytes change, and the backend restarts, evicts or expires handles. A child sent while its
+background parent is still running must be refused. The oracle keeps its own copy of the history as
+chat messages, built here independently of the service's item conversion, and asks the backend for a
+full render. Runs a bounded, derandomized number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and
+CONVSTATE_PROPERTY_TURNS raise it.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from dataclasses import dataclass
@@ -20,8 +27,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Service
-from tests.oracle import full_render_digest, recorded_digest
+from service.serving import ServerThread
+from tests.conftest import MediaServer, Service, start_service
+from tests.oracle import assistant_message, full_render_digest, recorded_digest
 
 EXAMPLES = int(os.environ.get("CONVSTATE_PROPERTY_EXAMPLES", "20"))
 MAX_TURNS = int(os.environ.get("CONVSTATE_PROPERTY_TURNS", "30"))
@@ -42,10 +50,42 @@ WEATHER = {
         "required": ["city", "days"],
     },
 }
-TOOLSETS: dict[str, list[dict[str, Any]] | None] = {"none": None, "one": [LOOKUP], "two": [LOOKUP, WEATHER]}
+
+
+def _reordered(tool: dict[str, Any]) -> dict[str, Any]:
+    """The same tool with the keys of its schema in another order: another prompt for a real template."""
+    parameters = tool["parameters"]
+    properties = parameters["properties"]
+    return {
+        **tool,
+        "parameters": {
+            "required": parameters["required"],
+            "properties": {key: properties[key] for key in reversed(properties)},
+            "type": "object",
+        },
+    }
+
+
+TOOLSETS: dict[str, list[dict[str, Any]] | None] = {
+    "none": None,
+    "one": [LOOKUP],
+    "two": [LOOKUP, WEATHER],
+    "two-reordered": [_reordered(LOOKUP), _reordered(WEATHER)],
+}
+FORMATS: dict[str, dict[str, Any] | None] = {
+    "text": None,
+    "json_object": {"type": "json_object"},
+    "json_schema": {
+        "type": "json_schema",
+        "name": "answer",
+        "schema": {"type": "object", "properties": {"answer": {"type": "string"}}},
+    },
+}
+PNG = "data:image/png;base64," + base64.b64encode(b"a small image").decode()
 INSTRUCTIONS = (None, "Be brief.", "Answer like a ship's log.\n  Indented second line.")
 EFFORTS = (None, "low", "high")
-FAULTS = (None, "restart", "evict", "expire")
+FAULTS = (None, "restart", "evict", "expire", "image_changed")
+PARALLEL = (None, True, False)
 # Pieces, not characters: runs of spaces and newlines at the edges are where tokenizers merge differently.
 TEXT = st.lists(
     st.sampled_from(
@@ -92,6 +132,10 @@ class Turn:
     canary: bool
     delivery: str  # plain | stream | background
     aside: str | None  # conversation mode: an item added through the Conversations API first
+    text_format: str
+    parallel: bool | None
+    image: str | None  # None | "data" | "http"
+    early_child: bool  # background: send a child before the parent has finished
 
 
 @st.composite
@@ -101,10 +145,13 @@ def conversations(draw: st.DrawFn) -> tuple[str, bool, list[Turn]]:
     in_conversation = draw(st.booleans())
     turns: list[Turn] = []
     instructions, toolset, effort = draw(st.sampled_from(INSTRUCTIONS)), "none", None
+    text_format, parallel = "text", None
     for _ in range(draw(st.integers(1, MAX_TURNS))):
         instructions = draw(_rarely(st.sampled_from(INSTRUCTIONS), instructions))
         toolset = draw(_rarely(st.sampled_from(list(TOOLSETS)), toolset))
         effort = draw(_rarely(st.sampled_from(EFFORTS), effort))
+        text_format = draw(_rarely(st.sampled_from(list(FORMATS)), text_format, one_in=6))
+        parallel = draw(_rarely(st.sampled_from(PARALLEL), parallel, one_in=6))
         turns.append(
             Turn(
                 text=draw(TEXT),
@@ -117,6 +164,10 @@ def conversations(draw: st.DrawFn) -> tuple[str, bool, list[Turn]]:
                 canary=draw(st.booleans()),
                 delivery=draw(_rarely(st.sampled_from(["stream", "background"]), "plain", one_in=3)),
                 aside=draw(_rarely(st.just("An aside."), None, one_in=8)),
+                text_format=text_format,
+                parallel=parallel,
+                image=draw(_rarely(st.sampled_from(["data", "http"]), None, one_in=6)),
+                early_child=draw(st.booleans()),
             )
         )
     return model, in_conversation, turns
@@ -130,35 +181,34 @@ def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
     ]
 
 
-def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": None}
-    for item in output:
-        if item["type"] == "reasoning":
-            message["reasoning_content"] = "".join(part["text"] for part in item["content"])
-        elif item["type"] == "message":
-            message["content"] = "".join(part["text"] for part in item["content"])
-        elif item["type"] == "function_call":
-            call = {
-                "id": item["call_id"],
-                "type": "function",
-                "function": {"name": item["name"], "arguments": item["arguments"]},
-            }
-            message.setdefault("tool_calls", []).append(call)
-    return message
+def _poll(http: httpx.Client, response_id: str) -> dict[str, Any]:
+    for _ in range(400):
+        polled: dict[str, Any] = http.get(f"/v1/responses/{response_id}").json()
+        if polled["status"] not in ("queued", "in_progress"):
+            return polled
+        time.sleep(0.02)
+    raise AssertionError("a background turn did not finish")
 
 
-def _send(service: Service, body: dict[str, Any], delivery: str) -> tuple[dict[str, Any], httpx.Headers]:
-    """One turn, plain, streamed or in the background; the response object as the client finally sees it."""
+def _send(
+    service: Service, body: dict[str, Any], delivery: str, early_child: dict[str, Any] | None
+) -> tuple[dict[str, Any], httpx.Headers]:
+    """One turn, plain, streamed or in the background; the response object as the client finally sees it.
+    With `early_child`, a background turn is followed at once by a child of it, which must be refused
+    while the parent is still queued or running (and is dropped if the parent already finished)."""
     with service.http() as http:
         if delivery == "background":
             reply = http.post("/v1/responses", json={**body, "background": True})
             assert reply.status_code == 200, reply.text
-            for _ in range(400):
-                polled = http.get(f"/v1/responses/{reply.json()['id']}").json()
-                if polled["status"] not in ("queued", "in_progress"):
-                    return polled, reply.headers
-                time.sleep(0.02)
-            raise AssertionError("a background turn did not finish")
+            if early_child is not None:
+                child = http.post(
+                    "/v1/responses", json={**early_child, "previous_response_id": reply.json()["id"]}
+                )
+                if child.status_code == 400:
+                    assert child.json()["error"]["code"] == "previous_response_in_progress", child.text
+                else:
+                    assert child.status_code == 200, child.text
+            return _poll(http, reply.json()["id"]), reply.headers
         if delivery == "plain":
             reply = http.post("/v1/responses", json=body)
             assert reply.status_code == 200, reply.text
@@ -171,8 +221,42 @@ def _send(service: Service, body: dict[str, Any], delivery: str) -> tuple[dict[s
     return last["response"], reply.headers
 
 
+def _chat_format(text_format: str) -> dict[str, Any] | None:
+    fmt = FORMATS[text_format]
+    if fmt is None or fmt["type"] == "json_object":
+        return fmt
+    return {"type": "json_schema", "json_schema": {"name": fmt["name"], "schema": fmt["schema"]}}
+
+
+class Images:
+    """The image a turn shows: by value, or by a loopback URL whose bytes a fault changes."""
+
+    def __init__(self, media: MediaServer) -> None:
+        self.media = media
+        self.version = 0
+        self.url = media.put("shared.png", b"image-0")
+
+    def change(self) -> None:
+        self.version += 1
+        self.media.put("shared.png", f"image-{self.version}".encode())
+
+    def parts(self, kind: str, text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(Responses input content, chat content) of a user message with the image."""
+        url = PNG if kind == "data" else self.url
+        return (
+            [{"type": "input_text", "text": text}, {"type": "input_image", "image_url": url}],
+            [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+        )
+
+
 def run_conversation(
-    plain: Service, canary: Service, admin: httpx.Client, model: str, in_conversation: bool, turns: list[Turn]
+    plain: Service,
+    canary: Service,
+    admin: httpx.Client,
+    images: Images,
+    model: str,
+    in_conversation: bool,
+    turns: list[Turn],
 ) -> list[tuple[str, str]]:
     """Runs one conversation; returns each turn's (decision, delivery)."""
     conversation = plain.http().post("/v1/conversations", json={}).json()["id"] if in_conversation else None
@@ -180,6 +264,7 @@ def run_conversation(
     pending_calls: list[dict[str, Any]] = []
     previous: str | None = None
     decisions: list[tuple[str, str]] = []
+    stale_before = admin.get("/stats").json()["stale_reuses"]
     for turn in turns:
         if turn.fault == "restart":
             admin.post("/admin/restart").raise_for_status()
@@ -187,6 +272,8 @@ def run_conversation(
             admin.post("/admin/evict", json={}).raise_for_status()
         elif turn.fault == "expire":
             admin.post("/admin/expire").raise_for_status()
+        elif turn.fault == "image_changed":
+            images.change()
         if conversation and turn.aside:
             aside = {"role": "user", "content": turn.aside}
             plain.http().post(
@@ -212,8 +299,13 @@ def run_conversation(
                 items.append({"role": "developer", "content": turn.late_system})
                 history.append({"role": "developer", "content": turn.late_system})
             text = f"{turn.text} please call {tools[0]['name']}" if turn.call_tool and tools else turn.text
-            items.append({"role": "user", "content": text})
-            history.append({"role": "user", "content": text})
+            if turn.image:
+                content, chat_content = images.parts(turn.image, text)
+                items.append({"role": "user", "content": content})
+                history.append({"role": "user", "content": chat_content})
+            else:
+                items.append({"role": "user", "content": text})
+                history.append({"role": "user", "content": text})
         body: dict[str, Any] = {"model": model, "input": items, "max_output_tokens": 48}
         if conversation:
             body["conversation"] = conversation
@@ -223,10 +315,17 @@ def run_conversation(
             body["instructions"] = turn.instructions
         if tools:
             body["tools"] = tools
+            if turn.parallel is not None:
+                body["parallel_tool_calls"] = turn.parallel
         if turn.effort:
             body["reasoning"] = {"effort": turn.effort}
+        if FORMATS[turn.text_format] is not None:
+            body["text"] = {"format": FORMATS[turn.text_format]}
         service = canary if turn.canary else plain
-        response, headers = _send(service, body, turn.delivery)
+        early_child = None
+        if turn.early_child and not conversation:
+            early_child = {"model": model, "input": "A child sent too early.", "max_output_tokens": 8}
+        response, headers = _send(service, body, turn.delivery, early_child)
         assert response["status"] in ("completed", "incomplete"), response
         expected = ([{"role": "system", "content": turn.instructions}] if turn.instructions else []) + history
         render: dict[str, Any] = {}
@@ -234,6 +333,8 @@ def run_conversation(
             render["tools"] = _chat_tools(tools)
         if turn.effort:
             render["reasoning_effort"] = turn.effort
+        if _chat_format(turn.text_format) is not None:
+            render["response_format"] = _chat_format(turn.text_format)
         decision = headers["x-convstate-decision"]
         digest = (
             headers["x-convstate-prompt-digest"]
@@ -243,8 +344,10 @@ def run_conversation(
         assert digest == full_render_digest(plain.settings.backend_url, model, expected, **render), (
             f"turn {len(decisions)} ({decision}) generated from a prompt that differs from the full render"
         )
+        stale = admin.get("/stats").json()["stale_reuses"]
+        assert stale == stale_before, f"turn {len(decisions)} ({decision}) continued from stale KV"
         decisions.append((decision, turn.delivery))
-        history.append(_assistant_message(response["output"]))
+        history.append(assistant_message(response["output"]))
         pending_calls = [item for item in response["output"] if item["type"] == "function_call"]
         previous = response["id"]
     return decisions
@@ -271,9 +374,13 @@ def _canary_counts(service: Service) -> dict[str, float]:
     return previous
 
 
-def test_cache_path_renders_exactly_the_full_history(service_factory: Any, reference_backend: Any) -> None:
-    plain: Service = service_factory("postgres", backend_mode="cache_ref")
-    canary: Service = service_factory("postgres", backend_mode="cache_ref", canary_fraction=1.0)
+def test_cache_path_renders_exactly_the_full_history(
+    migrated_urls: dict[str, str], trusting_backend: ServerThread, media_server: MediaServer
+) -> None:
+    url = trusting_backend.url
+    plain = start_service(migrated_urls["postgres"], url, backend_mode="cache_ref")
+    canary = start_service(migrated_urls["postgres"], url, backend_mode="cache_ref", canary_fraction=1.0)
+    images = Images(media_server)
     seen: set[tuple[str, str]] = set()
 
     @settings(
@@ -285,13 +392,17 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
     @given(conversations())
     def check(conversation: tuple[str, bool, list[Turn]]) -> None:
         model, in_conversation, turns = conversation
-        with httpx.Client(base_url=reference_backend.url) as admin:
-            seen.update(run_conversation(plain, canary, admin, model, in_conversation, turns))
+        with httpx.Client(base_url=url) as admin:
+            seen.update(run_conversation(plain, canary, admin, images, model, in_conversation, turns))
 
-    check()
-    # The canary re-renders every hit of the canary service in full, off the hot path: against a faithful
-    # backend it must never find a mismatch (a false one would invalidate good records).
-    canary_checks = _canary_counts(canary)
+    try:
+        check()
+        # The canary re-renders every hit of the canary service in full, off the hot path: against a
+        # faithful backend it must never find a mismatch (a false one would invalidate good records).
+        canary_checks = _canary_counts(canary)
+    finally:
+        plain.server.stop()
+        canary.server.stop()
     assert canary_checks["mismatch"] == 0 and canary_checks["match"] > 0, canary_checks
     # The examples must have exercised both paths, or the property says nothing about the cache path.
     decisions = {decision for decision, _ in seen}
@@ -300,3 +411,6 @@ def test_cache_path_renders_exactly_the_full_history(service_factory: Any, refer
     assert ("cache_ref; reason=hit", "stream") in seen, "no streamed turn took the cache path"
     assert ("cache_ref; reason=hit", "background") in seen, "no background turn took the cache path"
     assert "full; reason=history_edited" in decisions, "no conversation edit was exercised"
+    assert "full; reason=fingerprint_unknown:media" in decisions, "no image by URL was exercised"
+    assert "full; reason=tools_changed" in decisions
+    assert "full; reason=fingerprint_mismatch:response_format" in decisions
