@@ -382,6 +382,7 @@ def test_cache_path_renders_exactly_the_full_history(
     canary = start_service(migrated_urls["postgres"], url, backend_mode="cache_ref", canary_fraction=1.0)
     images = Images(media_server)
     seen: set[tuple[str, str]] = set()
+    turns_run = 0
 
     @settings(
         max_examples=EXAMPLES,
@@ -391,9 +392,12 @@ def test_cache_path_renders_exactly_the_full_history(
     )
     @given(conversations())
     def check(conversation: tuple[str, bool, list[Turn]]) -> None:
+        nonlocal turns_run
         model, in_conversation, turns = conversation
         with httpx.Client(base_url=url) as admin:
-            seen.update(run_conversation(plain, canary, admin, images, model, in_conversation, turns))
+            decisions = run_conversation(plain, canary, admin, images, model, in_conversation, turns)
+        seen.update(decisions)
+        turns_run += len(decisions)
 
     try:
         check()
@@ -403,6 +407,7 @@ def test_cache_path_renders_exactly_the_full_history(
     finally:
         plain.server.stop()
         canary.server.stop()
+    print(f"differential property: {turns_run} turns, {len(seen)} distinct (decision, delivery) pairs")
     assert canary_checks["mismatch"] == 0 and canary_checks["match"] > 0, canary_checks
     # The examples must have exercised both paths, or the property says nothing about the cache path.
     decisions = {decision for decision, _ in seen}
