@@ -41,5 +41,5 @@ EXPOSE 8000
 # uvicorn stops accepting on SIGTERM and finishes the turns in flight before it exits.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+  CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['CONVSTATE_PORT'], timeout=2)"]
 ENTRYPOINT ["convstate", "serve"]

@@ -12,7 +12,8 @@ from service import __version__
 from service.api import conversations, errors, health, responses
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
-from service.config import Settings
+from service.config import Settings, load_settings
+from service.logs import configure_logging
 from service.pipeline import Pipeline
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
@@ -52,3 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(conversations.router)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one uvicorn worker process when `convstate serve` runs several."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
 
 from service.config import load_settings
 from service.logs import configure_logging
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="convstate: conversation state for vLLM.")
 
@@ -19,15 +22,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="convstate: c
 def serve(
     host: Annotated[str | None, typer.Option(help="listen address (CONVSTATE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="listen port (CONVSTATE_PORT)")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (CONVSTATE_WORKERS)")] = None,
 ) -> None:
     """Run the service."""
     from service.app import create_app
 
-    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    options = (("host", host), ("port", port), ("workers", workers))
+    overrides = {key: value for key, value in options if value is not None}
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
+    # Several workers are separate processes: each builds its app from the environment it inherits.
+    app: FastAPI | str = "service.app:app_from_environment" if settings.workers > 1 else create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

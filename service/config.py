@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # uvicorn worker processes; one per container is the norm (scale with replicas, see operations.md).
+    workers: int = Field(1, ge=1, le=64)
 
     canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
     response_ttl_days: float = Field(30.0, gt=0)
