@@ -428,6 +428,11 @@ class Process:
         self._log_handle.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    def signal(self, signum: int, wait: float = 60.0) -> int:
+        """Send `signum` (SIGTERM: drain and exit; SIGKILL: die mid-work) and wait; the exit status."""
+        self._popen.send_signal(signum)
+        return self._popen.wait(timeout=wait)
+
     def stop(self) -> None:
         if self._popen.poll() is None:
             self._popen.send_signal(signal.SIGINT)
