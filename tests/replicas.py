@@ -5,8 +5,11 @@ multi-replica tests and `python -m bench.replicas`."""
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -115,7 +118,11 @@ class ReplicaSet:
     """`count` replicas of `convstate serve` (real processes) on one database behind a RoundRobin front.
 
     Replacing a replica follows a rolling update: the front stops routing to it (the endpoint is removed),
-    then it gets SIGTERM and drains, then a new process on a new port joins the front once ready."""
+    a short pause lets requests already routed to it connect (the chart's preStop sleep: a connection
+    still in the listen backlog when the socket closes is reset after its request was sent), then it gets
+    SIGTERM and drains, then a new process on a new port joins the front once ready."""
+
+    PRE_STOP_SECONDS = 0.5
 
     def __init__(
         self, database_url: str, backend_url: str, mode: str, count: int, **settings: object
@@ -144,6 +151,7 @@ class ReplicaSet:
         process's exit status (negative: killed by that signal)."""
         old = self.replicas[index]
         self.front.upstreams = [url for url in self.front.upstreams if url != old.url]
+        time.sleep(self.PRE_STOP_SECONDS)
         status = old.signal(signum)
         old.stop()
         self.replicas[index] = self._start()
@@ -165,3 +173,90 @@ class ReplicaSet:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@dataclass(slots=True)
+class Acknowledged:
+    id: str
+    previous: str | None
+    text: str
+    seconds: float
+
+
+class Load:
+    """Conversations driven through `url` by threads until stopped, bounded in turns and time. A turn
+    counts as acknowledged only when its 200 arrives; a failed attempt is retried from the same parent,
+    as a client would."""
+
+    def __init__(
+        self,
+        url: str,
+        conversations: int,
+        model: str = "ref-chatml",
+        max_turns: int = 400,
+        max_seconds: float = 180.0,
+    ) -> None:
+        self.url = url
+        self.model = model
+        self.acknowledged: list[Acknowledged] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + max_seconds
+        self._max_turns = max_turns
+        self._threads = [
+            threading.Thread(target=self._drive, args=(index,)) for index in range(conversations)
+        ]
+
+    def _drive(self, index: int) -> None:
+        previous: str | None = None
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            for turn in range(self._max_turns):
+                if self._stop.is_set() or time.monotonic() > self._deadline:
+                    return
+                body: dict[str, Any] = {"model": self.model, "input": f"conversation {index} turn {turn}"}
+                if previous is not None:
+                    body["previous_response_id"] = previous
+                started = time.perf_counter()
+                try:
+                    reply = http.post("/v1/responses", json=body)
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if reply.status_code != 200:
+                    self.failures.append(f"{reply.status_code} {reply.text[:200]}")
+                    time.sleep(0.1)
+                    continue
+                payload = reply.json()
+                text = payload["output"][0]["content"][0]["text"]
+                elapsed = time.perf_counter() - started
+                self.acknowledged.append(Acknowledged(payload["id"], previous, text, elapsed))
+                previous = payload["id"]
+
+    def missing(self) -> list[str]:
+        """Acknowledged turns that are not stored as the client saw them: must be none."""
+        lost = []
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            for turn in self.acknowledged:
+                stored = http.get(f"/v1/responses/{turn.id}")
+                payload = stored.json() if stored.status_code == 200 else {}
+                seen = (payload.get("status"), payload.get("previous_response_id"), _output_text(payload))
+                if seen != ("completed", turn.previous, turn.text):
+                    lost.append(turn.id)
+        return lost
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+
+
+def _output_text(payload: dict[str, Any]) -> str | None:
+    output = payload.get("output") or [{}]
+    content = output[0].get("content") or [{}]
+    text: str | None = content[0].get("text")
+    return text

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from service.backends.reference.server import create_app as create_reference_app
 from service.serving import ServerThread
 from service.store.migrate import upgrade
 from tests.oracle import full_render_digest
-from tests.replicas import UPSTREAM_HEADER, ReplicaSet
+from tests.replicas import UPSTREAM_HEADER, Load, ReplicaSet
 
 MODEL = "ref-chatml"
 # Small pools: three replicas share the test cluster's max_connections with the rest of the suite.
@@ -196,65 +195,6 @@ def test_a_replica_killed_mid_turn_loses_nothing_acknowledged(
     assert raw.headers["x-convstate-decision"] == "cache_ref; reason=hit"
 
 
-@dataclass(slots=True)
-class Acknowledged:
-    id: str
-    previous: str | None
-    text: str
-
-
-class Load:
-    """Conversations driven through the front by threads until stopped (bounded in turns and time). A
-    turn counts as acknowledged only when its 200 arrives; a failed attempt is retried from the same
-    parent, as a client would."""
-
-    def __init__(
-        self, url: str, conversations: int, max_turns: int = 400, max_seconds: float = 180.0
-    ) -> None:
-        self.url = url
-        self.acknowledged: list[Acknowledged] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + max_seconds
-        self._max_turns = max_turns
-        self._threads = [
-            threading.Thread(target=self._drive, args=(index,)) for index in range(conversations)
-        ]
-
-    def _drive(self, index: int) -> None:
-        previous: str | None = None
-        with httpx.Client(base_url=self.url, timeout=60) as http:
-            for turn in range(self._max_turns):
-                if self._stop.is_set() or time.monotonic() > self._deadline:
-                    return
-                body: dict[str, Any] = {"model": MODEL, "input": f"conversation {index} turn {turn}"}
-                if previous is not None:
-                    body["previous_response_id"] = previous
-                try:
-                    reply = http.post("/v1/responses", json=body)
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-                    continue
-                if reply.status_code != 200:
-                    self.failures.append(f"{reply.status_code} {reply.text[:200]}")
-                    time.sleep(0.1)
-                    continue
-                payload = reply.json()
-                text = payload["output"][0]["content"][0]["text"]
-                self.acknowledged.append(Acknowledged(payload["id"], previous, text))
-                previous = payload["id"]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-
-
 def test_a_rolling_restart_under_load_loses_nothing_acknowledged(
     replicas: ReplicaSet, backend: ServerThread
 ) -> None:
@@ -267,16 +207,7 @@ def test_a_rolling_restart_under_load_loses_nothing_acknowledged(
     # Each exited on its own after draining (uvicorn re-raises SIGTERM once shut down), none was killed.
     assert statuses == [-signal.SIGTERM] * 3
     assert not set(before) & set(replicas.front.upstreams)
-    lost = []
-    sdk = client(replicas.url)
-    for turn in load.acknowledged:
-        stored = sdk.responses.retrieve(turn.id)
-        if (stored.status, stored.previous_response_id, stored.output_text) != (
-            "completed",
-            turn.previous,
-            turn.text,
-        ):
-            lost.append(turn.id)
+    lost = load.missing()
     assert lost == [], f"{len(lost)} of {len(load.acknowledged)} acknowledged turns lost"
     # A drained replica finished what it had accepted: a client saw at most a refused connection, never a
     # turn that failed half-way.
