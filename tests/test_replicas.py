@@ -6,6 +6,7 @@ restart of every replica under load loses nothing acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import threading
@@ -14,15 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
+from sqlalchemy.engine import make_url
 
 from bench.harness import start_service
 from service.backends.reference.config import ReferenceSettings
 from service.backends.reference.server import create_app as create_reference_app
 from service.serving import ServerThread
 from service.store.migrate import upgrade
+from tests.conftest import start_service as start_in_process
 from tests.oracle import full_render_digest
 from tests.replicas import UPSTREAM_HEADER, Load, ReplicaSet
 
@@ -241,3 +245,36 @@ def _command(proc: Path) -> str:
         return (proc / "cmdline").read_text().replace("\0", " ")
     except OSError:
         return ""
+
+
+def test_an_older_replica_stays_ready_on_a_schema_a_newer_release_migrated(
+    new_postgres_database: Any, backend: ServerThread
+) -> None:
+    """During a rolling update the pre-upgrade hook migrates first and old pods keep serving: readiness
+    fails only for a schema this code knows to be older than its head, not for one newer than it knows."""
+    url: str = new_postgres_database()
+    upgrade(url)
+    service = start_in_process(url, backend.url)
+
+    def stamp(revision: str) -> httpx.Response:
+        async def set_version() -> None:
+            target = make_url(url)
+            conn = await asyncpg.connect(
+                host=target.host, port=target.port, user=target.username, database=target.database
+            )
+            try:
+                await conn.execute("UPDATE alembic_version SET version_num = $1", revision)
+            finally:
+                await conn.close()
+
+        asyncio.run(set_version())
+        return service.http().get("/readyz")
+
+    try:
+        assert service.http().get("/readyz").status_code == 200
+        older = stamp("0003")
+        assert older.status_code == 503 and "at 0003" in older.json()["database"]
+        newer = stamp("9999_from_a_newer_release")
+        assert newer.status_code == 200 and newer.json()["database"] == "9999_from_a_newer_release"
+    finally:
+        service.server.stop()

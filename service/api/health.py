@@ -1,4 +1,5 @@
-"""Liveness (process up, no I/O), readiness (database reachable, schema at head) and Prometheus metrics."""
+"""Liveness (process up, no I/O), readiness (database reachable, schema at or past this code's head) and
+Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.api.json import JSONBody
-from service.store.migrate import current_revision, head_revision
+from service.store.migrate import behind_head, current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 
@@ -32,6 +33,6 @@ async def readyz(request: Request) -> JSONBody:
         current = await current_revision(request.app.state.engine)
     except Exception as exc:
         return JSONBody({"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503)
-    if current != head:
+    if behind_head(current):
         return JSONBody({"status": "unavailable", "database": f"at {current}, head is {head}"}, 503)
     return JSONBody({"status": "ok", "database": current})

@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import migrations
@@ -34,6 +35,20 @@ def downgrade(database_url: str, revision: str) -> None:
 
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def behind_head(revision: str | None) -> bool:
+    """Whether a database at `revision` is too old for this code: no schema, or a revision this code knows
+    that is not its head. A revision it does not know was written by a newer release; migrations only add
+    what older code ignores, so this code still serves on it (both run during a rolling update)."""
+    if revision is None:
+        return True
+    script = ScriptDirectory.from_config(alembic_config(""))
+    try:
+        script.get_revision(revision)
+    except CommandError:
+        return False
+    return revision != script.get_current_head()
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
