@@ -72,6 +72,22 @@ class Latency:
         httpx.post(f"{self.backend.url}/admin/latency", json={"ms": 0}).raise_for_status()
 
 
+def sql(database: str, statement: str, *args: object) -> object:
+    """One statement straight on the database (the first column of its first row)."""
+
+    async def run() -> object:
+        target = make_url(database)
+        conn = await asyncpg.connect(
+            host=target.host, port=target.port, user=target.username, database=target.database
+        )
+        try:
+            return await conn.fetchval(statement, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,7 +149,9 @@ def _conversation_turn(url: str, conversation: str, text: str) -> httpx.Response
     return httpx.post(f"{url}/v1/responses", json=body, timeout=60)
 
 
-def test_a_conversation_lock_holds_across_replicas(replicas: ReplicaSet, backend: ServerThread) -> None:
+def test_a_conversation_lock_holds_across_replicas(
+    replicas: ReplicaSet, backend: ServerThread, database: str
+) -> None:
     one, other = replicas.replicas[0].url, replicas.replicas[1].url
     conversation = client(one).conversations.create().id
     results: dict[str, httpx.Response] = {}
@@ -142,7 +160,8 @@ def test_a_conversation_lock_holds_across_replicas(replicas: ReplicaSet, backend
             target=lambda: results.update(first=_conversation_turn(one, conversation, "first"))
         )
         slow.start()
-        time.sleep(0.7)  # the first turn holds the lock and waits for the backend
+        holder = "SELECT active_response_id FROM conversations WHERE id = $1"
+        wait_for(lambda: sql(database, holder, conversation), "the first turn to take the lock")
         racing = _conversation_turn(other, conversation, "racing")
         slow.join(timeout=30)
     assert results["first"].status_code == 200
@@ -184,7 +203,7 @@ def test_a_replica_killed_mid_turn_loses_nothing_acknowledged(
     with Latency(backend, 3000):
         in_flight = threading.Thread(target=doomed_turn)
         in_flight.start()
-        time.sleep(1.0)  # the turn is at the backend
+        time.sleep(1.0)  # the turn is in flight: at the replica or waiting for the backend's reply
         assert victim.signal(signal.SIGKILL) == -signal.SIGKILL
         in_flight.join(timeout=30)
     assert "error" in outcome and "reply" not in outcome
@@ -257,17 +276,7 @@ def test_an_older_replica_stays_ready_on_a_schema_a_newer_release_migrated(
     service = start_in_process(url, backend.url)
 
     def stamp(revision: str) -> httpx.Response:
-        async def set_version() -> None:
-            target = make_url(url)
-            conn = await asyncpg.connect(
-                host=target.host, port=target.port, user=target.username, database=target.database
-            )
-            try:
-                await conn.execute("UPDATE alembic_version SET version_num = $1", revision)
-            finally:
-                await conn.close()
-
-        asyncio.run(set_version())
+        sql(url, "UPDATE alembic_version SET version_num = $1", revision)
         return service.http().get("/readyz")
 
     try:
