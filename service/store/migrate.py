@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -33,8 +34,14 @@ def downgrade(database_url: str, revision: str) -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
+@cache
+def _scripts() -> ScriptDirectory:
+    """The migration scripts shipped with this code (read once: /readyz asks on every probe)."""
+    return ScriptDirectory.from_config(alembic_config(""))
+
+
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    return _scripts().get_current_head()
 
 
 def behind_head(revision: str | None) -> bool:
@@ -43,12 +50,11 @@ def behind_head(revision: str | None) -> bool:
     what older code ignores, so this code still serves on it (both run during a rolling update)."""
     if revision is None:
         return True
-    script = ScriptDirectory.from_config(alembic_config(""))
     try:
-        script.get_revision(revision)
+        _scripts().get_revision(revision)
     except CommandError:
         return False
-    return revision != script.get_current_head()
+    return revision != head_revision()
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
