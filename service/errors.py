@@ -6,6 +6,8 @@ from __future__ import annotations
 class ConvstateError(Exception):
     status = 500
     type = "server_error"
+    # Seconds a client should wait before retrying, sent as Retry-After; None for errors a retry won't fix.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -26,6 +28,14 @@ class ContextLengthExceeded(InvalidRequest):
         super().__init__(message, param="input", code="context_length_exceeded")
 
 
+class RequestTooLarge(ConvstateError):
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
 class NotFound(ConvstateError):
     status = 404
     type = "invalid_request_error"
@@ -39,8 +49,19 @@ class Conflict(ConvstateError):
     type = "invalid_request_error"
 
 
+class ServiceUnavailable(ConvstateError):
+    """A dependency is down or saturated (the database, the backend's connection pool): 503, retry later."""
+
+    status = 503
+    type = "server_error"
+    retry_after = 1
+
+    def __init__(self, message: str, *, code: str = "service_unavailable") -> None:
+        super().__init__(message, code=code)
+
+
 class BackendUnavailable(ConvstateError):
-    """The backend could not be reached or kept failing (502/503)."""
+    """The backend could not be reached or kept failing (502), or said it is overloaded (503)."""
 
     status = 502
     type = "server_error"
@@ -48,6 +69,8 @@ class BackendUnavailable(ConvstateError):
     def __init__(self, message: str, *, status: int = 502, code: str = "backend_unavailable") -> None:
         super().__init__(message, code=code)
         self.status = status
+        if status == 503:
+            self.retry_after = ServiceUnavailable.retry_after
 
 
 class BackendTimeout(ConvstateError):

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
+from service.api.body import CheckedRoute
 from service.api.deps import conversations, current_tenant
+from service.api.errors import error_responses
 from service.api.json import JSONBody
 from service.api.objects import conversation_object, list_object
 from service.api.schemas import (
@@ -21,7 +23,12 @@ from service.domain.items import Item, normalize_input
 from service.errors import InvalidRequest, NotFound
 from service.store.conversations import ConversationStore
 
-router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+router = APIRouter(
+    prefix="/v1/conversations",
+    tags=["conversations"],
+    route_class=CheckedRoute,
+    responses=error_responses(400, 500, 503),
+)
 
 Tenant = Annotated[str, Depends(current_tenant)]
 Store = Annotated[ConversationStore, Depends(conversations)]
@@ -42,7 +49,7 @@ def _items(raw: list[Any]) -> list[Item]:
         raise InvalidRequest(exc.message.replace("'input", "'items"), param=param, code=exc.code) from None
 
 
-@router.post("")
+@router.post("", responses=error_responses(413))
 async def create_conversation(
     tenant: Tenant, store: Store, body: CreateConversationBody | None = None
 ) -> JSONBody:
@@ -52,7 +59,7 @@ async def create_conversation(
     return JSONBody(conversation_object(created))
 
 
-@router.get("/{conversation_id}")
+@router.get("/{conversation_id}", responses=error_responses(404))
 async def get_conversation(conversation_id: str, tenant: Tenant, store: Store) -> JSONBody:
     conversation = await store.get(tenant, conversation_id)
     if conversation is None:
@@ -60,7 +67,7 @@ async def get_conversation(conversation_id: str, tenant: Tenant, store: Store) -
     return JSONBody(conversation_object(conversation))
 
 
-@router.post("/{conversation_id}")
+@router.post("/{conversation_id}", responses=error_responses(404, 413))
 async def update_conversation(
     conversation_id: str, body: UpdateConversationBody, tenant: Tenant, store: Store
 ) -> JSONBody:
@@ -70,14 +77,14 @@ async def update_conversation(
     return JSONBody(conversation_object(conversation))
 
 
-@router.delete("/{conversation_id}")
+@router.delete("/{conversation_id}", responses=error_responses(404))
 async def delete_conversation(conversation_id: str, tenant: Tenant, store: Store) -> JSONBody:
     if not await store.delete(tenant, conversation_id, time.time()):
         raise _not_found(conversation_id)
     return JSONBody({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
-@router.post("/{conversation_id}/items")
+@router.post("/{conversation_id}/items", responses=error_responses(404, 413))
 async def add_items(
     conversation_id: str, body: AddConversationItemsBody, tenant: Tenant, store: Store, _include: Include
 ) -> JSONBody:
@@ -87,7 +94,7 @@ async def add_items(
     return JSONBody(list_object(items, False))
 
 
-@router.get("/{conversation_id}/items")
+@router.get("/{conversation_id}/items", responses=error_responses(404))
 async def list_items(
     conversation_id: str, tenant: Tenant, store: Store, query: Annotated[ConversationItemsQuery, Query()]
 ) -> JSONBody:
@@ -100,7 +107,7 @@ async def list_items(
     return JSONBody(list_object(items, has_more))
 
 
-@router.get("/{conversation_id}/items/{item_id}")
+@router.get("/{conversation_id}/items/{item_id}", responses=error_responses(404))
 async def get_item(
     conversation_id: str, item_id: str, tenant: Tenant, store: Store, _include: Include
 ) -> JSONBody:
@@ -110,7 +117,7 @@ async def get_item(
     return JSONBody(item)
 
 
-@router.delete("/{conversation_id}/items/{item_id}")
+@router.delete("/{conversation_id}/items/{item_id}", responses=error_responses(404))
 async def delete_item(conversation_id: str, item_id: str, tenant: Tenant, store: Store) -> JSONBody:
     conversation = await store.delete_item(tenant, conversation_id, item_id)
     if conversation is None:

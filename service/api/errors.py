@@ -1,4 +1,5 @@
-"""OpenAI's error envelope for every failure: {"error": {"message", "type", "param", "code"}}."""
+"""OpenAI's error envelope for every failure: {"error": {"message", "type", "param", "code"}}, and its
+place in /openapi.json."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.body import dotted
 from service.api.json import JSONBody
 from service.errors import ConvstateError
 
@@ -26,16 +28,16 @@ def error_response(
     return JSONBody(envelope(message, type_, param, code), status_code=status)
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    path = [part for part in loc if part not in ("body", "query", "path")]
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or None
+def convstate_error_response(exc: ConvstateError) -> JSONBody:
+    response = error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    if exc.retry_after is not None:
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
 
 
 def validation_param(exc: RequestValidationError | ValidationError) -> str | None:
-    return _param(tuple(exc.errors()[0].get("loc", ())))
+    loc = exc.errors()[0].get("loc", ())
+    return dotted(tuple(part for part in loc if part not in ("body", "query", "path")))
 
 
 def validation_message(exc: RequestValidationError | ValidationError) -> str:
@@ -48,14 +50,10 @@ def validation_message(exc: RequestValidationError | ValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ConvstateError)
     async def _convstate_error(_request: Request, exc: ConvstateError) -> JSONBody:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return convstate_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONBody:
-        if exc.errors()[0].get("type") == "json_invalid":
-            return error_response(
-                400, "We could not parse the JSON body of your request.", "invalid_request_error"
-            )
         return error_response(
             400, validation_message(exc), "invalid_request_error", validation_param(exc), "invalid_value"
         )
@@ -67,5 +65,70 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONBody:
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.exception(
+            "unhandled error on %s %s",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra={"request_id": request.state.request_id},
+        )
         return error_response(500, "The server had an error while processing your request.", "server_error")
+
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
+
+
+# --- /openapi.json ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "Invalid request: the envelope's `param` names the field",
+    404: "No such object for this tenant",
+    409: "The object's state does not allow the operation",
+    413: "The request body is larger than CONVSTATE_MAX_REQUEST_BYTES",
+    500: "An unexpected server error",
+    502: "The model backend failed or could not be reached",
+    503: "The database or the model backend is unavailable or saturated; retry after Retry-After seconds",
+    504: "The model backend did not answer in time",
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route or router: each status with the envelope as its body."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        documented[status] = {"model": ErrorBody, "description": _ERRORS[status]}
+        if status == 503:
+            documented[status]["headers"] = _RETRY_AFTER
+    return documented
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 for every route that takes parameters; this service answers 400 (in the
+    envelope) instead, so the 422 and its schemas are dropped."""
+    schema = app.openapi_schema
+    if schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema

@@ -18,7 +18,7 @@ async def healthz() -> JSONBody:
     return JSONBody({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def prometheus_metrics(request: Request) -> Response:
     pool = request.app.state.engine.pool
     if hasattr(pool, "checkedout"):
@@ -26,7 +26,7 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "The database is unreachable or not at head"}})
 async def readyz(request: Request) -> JSONBody:
     head = head_revision()
     try:

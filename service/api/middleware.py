@@ -1,5 +1,6 @@
 """Request accounting as pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path): a request
-id (taken from `x-request-id` or made), and a Server-Timing header with db, backend and total."""
+id (taken from `x-request-id` or made), a Server-Timing header with db, backend and total, and the
+request size limit, counted on the bytes as they arrive (a chunked body declares no length)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics, observe
-from service.api.errors import error_response
+from service.api.errors import convstate_error_response
+from service.errors import RequestTooLarge
 
 
 class RequestAccounting:
@@ -24,7 +26,7 @@ class RequestAccounting:
             return
         request_id = _header(scope, b"x-request-id") or f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
-        stats = observe.RequestStats()
+        stats = observe.RequestStats(request_id)
         token = observe.current.set(stats)
 
         status = 500
@@ -39,18 +41,27 @@ class RequestAccounting:
                 message["headers"] = headers
             await send(message)
 
+        received = 0
+
+        async def receive_counted() -> Message:
+            """Raises RequestTooLarge once the body passes the limit; the route reading the body lets it
+            reach the error handlers, which answer 413."""
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_request_bytes:
+                    raise RequestTooLarge(self.max_request_bytes)
+            return message
+
         try:
             length = _header(scope, b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-                too_large = error_response(
-                    413,
-                    f"The request body is larger than {self.max_request_bytes} bytes.",
-                    "invalid_request_error",
-                    code="request_too_large",
-                )
+                # Declared too large: answered without reading a byte of it.
+                too_large = convstate_error_response(RequestTooLarge(self.max_request_bytes))
                 await too_large(scope, receive, send_with_headers)
             else:
-                await self.app(scope, receive, send_with_headers)
+                await self.app(scope, receive_counted, send_with_headers)
         finally:
             observe.current.reset(token)
             route = scope.get("route")

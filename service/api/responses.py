@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from service.api.body import CheckedRoute, parse_json
 from service.api.deps import current_tenant, pipeline, response_store
-from service.api.errors import validation_message, validation_param
+from service.api.errors import error_responses, validation_message, validation_param
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import CompactBody, ConversationRef, CreateResponseBody, ListQuery
@@ -22,7 +23,12 @@ from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
 from service.store.responses import ResponseStore, StoredResponse
 
-router = APIRouter(prefix="/v1/responses", tags=["responses"])
+router = APIRouter(
+    prefix="/v1/responses",
+    tags=["responses"],
+    route_class=CheckedRoute,
+    responses=error_responses(400, 500, 503),
+)
 
 Tenant = Annotated[str, Depends(current_tenant)]
 
@@ -89,7 +95,14 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         yield sse_frame(event)
 
 
-@router.post("", response_model=None)
+# A streamed response is Server-Sent Events; the backend's failures are 502, 503 and 504.
+_TURN_RESPONSES = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(413, 502, 504),
+}
+
+
+@router.post("", response_model=None, responses={**_TURN_RESPONSES, **error_responses(404)})
 async def create_response(
     body: CreateResponseBody,
     request: Request,
@@ -142,7 +155,7 @@ async def responses_socket(websocket: WebSocket) -> None:
             return
         stream_id: str | None = None
         try:
-            event = orjson.loads(frame)
+            event = parse_json(frame)
             if not isinstance(event, dict) or event.get("type") != "response.create":
                 raise InvalidRequest("Expected a JSON object with type 'response.create'.", param="type")
             stream_id = event.get("stream_id")
@@ -157,17 +170,13 @@ async def responses_socket(websocket: WebSocket) -> None:
                 if stream_id is not None:
                     outgoing = {**outgoing, "stream_id": stream_id}
                 await websocket.send_bytes(sse_payload(outgoing))
-        except orjson.JSONDecodeError:
-            await websocket.send_bytes(
-                orjson.dumps(_socket_error(InvalidRequest("Malformed JSON frame."), None))
-            )
         except ConvstateError as exc:
             await websocket.send_bytes(orjson.dumps(_socket_error(exc, stream_id)))
         except WebSocketDisconnect:
             return
 
 
-@router.get("/{response_id}")
+@router.get("/{response_id}", responses=error_responses(404))
 async def get_response(
     response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
 ) -> JSONBody:
@@ -177,7 +186,7 @@ async def get_response(
     return JSONBody(response_object(stored))
 
 
-@router.delete("/{response_id}")
+@router.delete("/{response_id}", responses=error_responses(404))
 async def delete_response(
     response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
 ) -> JSONBody:
@@ -186,7 +195,7 @@ async def delete_response(
     return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
-@router.post("/compact")
+@router.post("/compact", responses=error_responses(413, 502, 504))
 async def compact_response(
     body: CompactBody, request: Request, tenant: Tenant, turns: Annotated[Pipeline, Depends(pipeline)]
 ) -> JSONBody:
@@ -215,7 +224,7 @@ async def compact_response(
     )
 
 
-@router.post("/{response_id}/cancel")
+@router.post("/{response_id}/cancel", responses=error_responses(404, 409))
 async def cancel_response(
     response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
 ) -> JSONBody:
@@ -238,7 +247,7 @@ async def cancel_response(
     return JSONBody(response_object(cancelled))
 
 
-@router.get("/{response_id}/input_items")
+@router.get("/{response_id}/input_items", responses=error_responses(404))
 async def list_input_items(
     response_id: str,
     tenant: Tenant,

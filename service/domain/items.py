@@ -24,6 +24,7 @@ ChatMessage = dict[str, Any]
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _INPUT_PART_TYPES = ("input_text", "input_image", "input_file")
+IMAGE_DETAILS = ("auto", "low", "high", "original")
 MAX_INLINE_BYTES = 20 * 1024 * 1024
 
 
@@ -78,7 +79,13 @@ def _normalize_part(part: Any, role: str, param: str) -> dict[str, Any]:
             )
         url = _require_str(url, f"{param}.image_url")
         _check_data_url(url, f"{param}.image_url")
-        return {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
+        detail = part.get("detail") or "auto"
+        if detail not in IMAGE_DETAILS:
+            raise InvalidRequest(
+                f"Invalid value for '{param}.detail': expected one of {', '.join(IMAGE_DETAILS)}.",
+                param=f"{param}.detail",
+            )
+        return {"type": "input_image", "image_url": url, "detail": detail}
     if kind == "input_file":
         data = _require_str(part.get("file_data"), f"{param}.file_data")
         _check_data_url(data, f"{param}.file_data")
@@ -146,16 +153,26 @@ def _normalize_function_call_output(raw: Item, param: str) -> Item:
     }
 
 
+def _reasoning_parts(raw: Item, key: str, kind: str, param: str) -> list[dict[str, str]]:
+    """`summary` or `content` of a reasoning item, as OpenAI shapes them: [{"type": kind, "text": ...}]."""
+    parts = raw.get(key) or []
+    if not isinstance(parts, list):
+        raise InvalidRequest(f"Invalid type for '{param}.{key}': expected a list.", param=f"{param}.{key}")
+    normalized = []
+    for index, part in enumerate(parts):
+        where = f"{param}.{key}[{index}]"
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"Invalid type for '{where}': expected an object.", param=where)
+        normalized.append({"type": kind, "text": _require_str(part.get("text"), f"{where}.text")})
+    return normalized
+
+
 def _normalize_reasoning(raw: Item, param: str) -> Item:
-    content = raw.get("content") or []
-    summary = raw.get("summary") or []
-    if not isinstance(content, list) or not isinstance(summary, list):
-        raise InvalidRequest(f"Invalid reasoning item '{param}'.", param=param)
     return {
         "id": ids.new_id(ids.REASONING),
         "type": "reasoning",
-        "summary": summary,
-        "content": content,
+        "summary": _reasoning_parts(raw, "summary", "summary_text", param),
+        "content": _reasoning_parts(raw, "content", "reasoning_text", param),
     }
 
 
@@ -170,7 +187,9 @@ def compaction_item(summary: str) -> Item:
 
 
 def compaction_summary(item: Item) -> str:
-    summary: str = orjson.loads(base64.b64decode(item["encrypted_content"], validate=True))["summary"]
+    summary = orjson.loads(base64.b64decode(item["encrypted_content"], validate=True))["summary"]
+    if not isinstance(summary, str):
+        raise TypeError("a compaction's summary is a string")
     return summary
 
 
@@ -208,7 +227,7 @@ def normalize_input(raw_input: str | Sequence[Any]) -> list[Item]:
         if not isinstance(raw, dict):
             raise InvalidRequest(f"Invalid type for '{param}': expected an object.", param=param)
         kind = raw.get("type", "message")
-        normalizer = _NORMALIZERS.get(kind)
+        normalizer = _NORMALIZERS.get(kind) if isinstance(kind, str) else None
         if normalizer is None:
             raise InvalidRequest(
                 f"Invalid value for '{param}.type': unsupported item type {kind!r}; supported: "
