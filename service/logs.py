@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from service import observe
+
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -20,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        stats = observe.current.get()
+        if stats is not None and stats.request_id is not None:
+            entry["request_id"] = stats.request_id
         entry.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

@@ -1,9 +1,11 @@
-"""Per-request accounting (time in the database, SQL statements, time waiting for the backend), carried
-in a context variable so every layer can add to it without passing it around. Rendered as Server-Timing."""
+"""Per-request accounting (time in the database, SQL statements, time waiting for the backend) and the
+request id, carried in a context variable so every layer can add to it, and every log line name the
+request, without passing it around. Rendered as Server-Timing."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -11,12 +13,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
+from service.store.outage import outage
+
+log = logging.getLogger("convstate.store")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 @dataclass(slots=True)
 class RequestStats:
+    request_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     db_seconds: float = 0.0
     sql_statements: int = 0
@@ -63,11 +70,19 @@ def in_backend() -> AbstractContextManager[None]:
 
 
 def db_call(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Decorator for store methods: their whole duration (checkout, statements, commit) is database time."""
+    """Decorator for store methods: their whole duration (checkout, statements, commit) is database time,
+    and a database that cannot be reached raises ServiceUnavailable (see store/outage.py)."""
 
     @functools.wraps(function)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with in_database():
-            return await function(*args, **kwargs)
+            try:
+                return await function(*args, **kwargs)
+            except Exception as error:
+                unavailable = outage(error)
+                if unavailable is None:
+                    raise
+                log.warning("database unavailable in %s: %r", function.__qualname__, error)
+                raise unavailable from error
 
     return wrapper
