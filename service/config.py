@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     backend_retry_attempts: int = Field(3, ge=1, le=10)
     backend_retry_deadline: float = Field(10.0, gt=0, description="total seconds spent retrying")
     backend_max_connections: int = Field(256, ge=1)
+    backend_pool_timeout: float = Field(
+        5.0, gt=0, description="seconds a request may wait for a free backend connection before a 503"
+    )
     backend_info_ttl: float = Field(1.0, gt=0, description="seconds a /v1/models answer is trusted")
 
     host: str = "127.0.0.1"

@@ -5,14 +5,17 @@ Bodies are serialized once with orjson and posted as bytes over pooled aiohttp c
 httpx's pool scans every pooled connection on each request, a third of a turn's client CPU). Transient
 failures (connect errors, 429/502/503) are retried with jittered backoff inside a total deadline; a typed
 cache miss (409 prompt_cache_miss) is raised as BackendMiss for the pipeline to fall back on, never
-retried here.
+retried here. A request waits at most backend_pool_timeout for one of backend_max_connections, then
+gets a 503: a saturated backend never queues callers without bound. Client-facing errors name neither
+the backend's address nor the transport's exception; the log line (with the request id) has both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +37,19 @@ from service.errors import (
     BackendUnavailable,
     ContextLengthExceeded,
     InvalidRequest,
+    ServiceUnavailable,
 )
 from service.observe import in_backend
 
+log = logging.getLogger("convstate.backend")
+
 _TRANSIENT_STATUS = frozenset({429, 502, 503})
+
+
+def _failed(message: str, detail: str, *, status: int = 502) -> BackendUnavailable:
+    """`message` for the client; `detail` (addresses, exception text, the backend's words) for the log."""
+    log.warning("%s %s", message, detail)
+    return BackendUnavailable(message, status=status)
 
 
 class BackendMiss(Exception):
@@ -192,8 +204,10 @@ class ChatStream:
         response: aiohttp.ClientResponse,
         bytes_sent: int,
         started: float,
+        release_slot: Callable[[], None],
     ) -> None:
         self._client, self._model, self._response = client, model, response
+        self._release_slot: Callable[[], None] | None = release_slot
         self._bytes_sent, self._started = bytes_sent, started
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -216,12 +230,15 @@ class ChatStream:
         except TimeoutError:
             raise BackendTimeout("The model backend stopped answering mid-stream.") from None
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"The model backend failed mid-stream: {exc!r}") from None
+            raise _failed("The model backend failed mid-stream.", repr(exc)) from None
         finally:
             await self.aclose()
 
     async def aclose(self) -> None:
         self._response.release()
+        if self._release_slot is not None:
+            self._release_slot()
+            self._release_slot = None
         observed = observe.current.get()
         if observed is not None and self._started:
             observed.backend_seconds += time.perf_counter() - self._started
@@ -285,6 +302,7 @@ class BackendClient:
         self._models: dict[str, BackendModelInfo] = {}
         self._models_fetched_at = float("-inf")
         self._models_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(settings.backend_max_connections)
 
     def _http(self) -> aiohttp.ClientSession:
         """The pooled session, made on first use (inside the running event loop)."""
@@ -320,9 +338,24 @@ class BackendClient:
             reraise=True,
         )
 
+    async def _acquire(self) -> None:
+        """Take one of the backend_max_connections slots, waiting at most backend_pool_timeout."""
+        try:
+            async with asyncio.timeout(self._settings.backend_pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            log.warning(
+                "no backend connection free within %.1f s (%d in use)",
+                self._settings.backend_pool_timeout,
+                self._settings.backend_max_connections,
+            )
+            raise ServiceUnavailable(
+                "The model backend is busy; retry shortly.", code="backend_busy"
+            ) from None
+
     async def _send(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """POST with bounded, jittered retries on transient failures; transport errors become typed ones.
-        The caller reads (or streams) and releases the response."""
+        The caller holds a slot, and reads (or streams) and releases the response."""
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -335,28 +368,33 @@ class BackendClient:
                         raise _TransientStatus(response.status, detail)
                     return response
         except _TransientStatus as exc:
-            raise BackendUnavailable(
-                f"The model backend is unavailable (HTTP {exc.status}): {exc}",
+            raise _failed(
+                f"The model backend is unavailable (HTTP {exc.status}).",
+                f"{self.base_url}{path}: {exc}",
                 status=503 if exc.status in (429, 503) else 502,
             ) from None
         except _UNREACHABLE as exc:
-            raise BackendUnavailable(f"The model backend at {self.base_url} is unreachable: {exc}") from None
+            raise _failed("The model backend is unreachable.", f"{self.base_url}{path}: {exc!r}") from None
         except TimeoutError:
             raise BackendTimeout("The model backend did not answer in time.") from None
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"The model backend failed: {exc!r}") from None
+            raise _failed("The model backend failed.", f"{self.base_url}{path}: {exc!r}") from None
         raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
 
     async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> _Reply:
-        response = await self._send(path, body, headers)
+        await self._acquire()
         try:
-            return _Reply(response.status, response.headers, await response.read())
-        except TimeoutError:
-            raise BackendTimeout("The model backend did not answer in time.") from None
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"The model backend failed: {exc!r}") from None
+            response = await self._send(path, body, headers)
+            try:
+                return _Reply(response.status, response.headers, await response.read())
+            except TimeoutError:
+                raise BackendTimeout("The model backend did not answer in time.") from None
+            except aiohttp.ClientError as exc:
+                raise _failed("The model backend failed.", f"{self.base_url}{path}: {exc!r}") from None
+            finally:
+                response.release()
         finally:
-            response.release()
+            self._slots.release()
 
     def _raise_for_status(self, status: int, body: bytes) -> None:
         if status < 400:
@@ -376,7 +414,7 @@ class BackendClient:
             raise ContextLengthExceeded(f"The input is too long for the model: {message}")
         if 400 <= status < 500:
             raise InvalidRequest(f"The model backend rejected the request: {message}", code=code)
-        raise BackendUnavailable(f"The model backend failed (HTTP {status}): {message}")
+        raise _failed(f"The model backend failed (HTTP {status}).", message)
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatReply:
         payload = orjson.dumps(body)
@@ -414,12 +452,18 @@ class BackendClient:
         """Send a streaming completion and check its status; a typed miss raises here, before any delta."""
         payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         started = time.perf_counter()
-        response = await self._send("/v1/chat/completions", payload, headers or {})
-        if response.status >= 400:
-            error_body = await response.read()
-            response.release()
-            self._raise_for_status(response.status, error_body)
-        return ChatStream(self, str(body.get("model")), response, len(payload), started)
+        await self._acquire()
+        try:
+            response = await self._send("/v1/chat/completions", payload, headers or {})
+            if response.status >= 400:
+                error_body = await response.read()
+                response.release()
+                self._raise_for_status(response.status, error_body)
+        except BaseException:
+            self._slots.release()
+            raise
+        # The stream gives the slot back when it is closed.
+        return ChatStream(self, str(body.get("model")), response, len(payload), started, self._slots.release)
 
     def _note_epoch(self, model: str, handle: PromptCacheHandle | None) -> None:
         """A handle from an epoch the cached /v1/models answer does not know: that answer is stale."""
