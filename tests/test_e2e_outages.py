@@ -1,0 +1,210 @@
+"""Outages answer 503 with Retry-After in OpenAI's envelope, never a bare 500, SQL or an internal address:
+a database that refuses connections, drops them, or has none free; a backend whose connection pool is
+full. The backend's own failures (502) name no address or exception either."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.backends.reference.config import ReferenceSettings
+from service.backends.reference.server import create_app as create_reference_app
+from service.errors import ServiceUnavailable
+from service.serving import ServerThread, free_port
+from service.store.migrate import upgrade
+from service.store.responses import ResponseStore
+from tests.conftest import Service, start_service
+
+MODEL = "ref-chatml"
+
+# What a client-facing message must never carry.
+LEAKS = (
+    "127.0.0.1",
+    "localhost",
+    "http://",
+    "postgresql",
+    "SELECT",
+    "INSERT",
+    "sqlalchemy",
+    "Error(",
+    "errno",
+)
+
+
+def _unavailable(reply: httpx.Response) -> dict[str, Any]:
+    """The error of a 503 in the envelope, with Retry-After, leaking nothing."""
+    assert reply.status_code == 503, reply.text
+    assert int(reply.headers["retry-after"]) >= 1
+    body = reply.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    assert error["type"] == "server_error"
+    assert not any(leak.lower() in error["message"].lower() for leak in LEAKS), error["message"]
+    return error
+
+
+@pytest.fixture(scope="module")
+def no_database(reference_backend: ServerThread) -> Iterator[Service]:
+    """The service pointed at a Postgres port nothing listens on."""
+    service = start_service(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", reference_backend.url
+    )
+    yield service
+    service.server.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/responses", {"model": MODEL, "input": "hello"}),
+        ("POST", "/v1/responses", {"model": MODEL, "input": "hello", "stream": True}),
+        ("GET", "/v1/responses/resp_x", None),
+        ("DELETE", "/v1/responses/resp_x", None),
+        ("GET", "/v1/responses/resp_x/input_items", None),
+        ("POST", "/v1/conversations", {}),
+        ("GET", "/v1/conversations/conv_x/items", None),
+    ],
+)
+def test_database_refusing_connections_is_a_503(
+    no_database: Service, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    reply = no_database.http().request(method, path, json=body)
+    assert _unavailable(reply)["code"] == "database_unavailable"
+
+
+def test_the_sdk_sees_the_503_and_readiness_fails(no_database: Service) -> None:
+    client = openai.OpenAI(base_url=f"{no_database.url}/v1", api_key="test", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.responses.create(model=MODEL, input="x")
+    assert raised.value.status_code == 503
+    assert no_database.http().get("/readyz").status_code == 503
+
+
+def test_websocket_turn_on_a_dead_database_is_an_error_event(no_database: Service) -> None:
+    client = openai.OpenAI(base_url=f"{no_database.url}/v1", api_key="test", max_retries=0)
+    with client.responses.connect() as connection:
+        connection.send({"type": "response.create", "model": MODEL, "input": "x"})
+        error = next(iter(connection))
+        assert error.type == "error" and error.status == 503
+        assert error.error.code == "database_unavailable"
+
+
+def test_connections_dropped_by_the_database_are_a_503_then_recover(
+    new_postgres_database: Any, reference_backend: ServerThread
+) -> None:
+    url = new_postgres_database()
+    upgrade(url)
+    service = start_service(url, reference_backend.url)
+    try:
+        http = service.http()
+        first = http.post("/v1/responses", json={"model": MODEL, "input": "warm the pool"})
+        assert first.status_code == 200, first.text
+        database = url.rsplit("/", 1)[1]
+
+        async def terminate() -> None:
+            admin = create_async_engine(url.rsplit("/", 1)[0] + "/postgres")
+            async with admin.connect() as conn:
+                await conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :database AND pid <> pg_backend_pid()"
+                    ),
+                    {"database": database},
+                )
+            await admin.dispose()
+
+        asyncio.run(terminate())
+        # The pooled connection is dead: that request fails as an outage; the pool then reconnects.
+        dropped = http.get(f"/v1/responses/{first.json()['id']}")
+        assert _unavailable(dropped)["code"] == "database_unavailable"
+        again = http.get(f"/v1/responses/{first.json()['id']}")
+        assert again.status_code == 200, again.text
+    finally:
+        service.server.stop()
+
+
+async def test_a_database_pool_with_no_free_connection_is_a_service_unavailable(
+    migrated_urls: dict[str, str],
+) -> None:
+    engine = create_async_engine(migrated_urls["postgres"], pool_size=1, max_overflow=0, pool_timeout=0.2)
+    store = ResponseStore(engine)
+    try:
+        async with engine.connect():
+            with pytest.raises(ServiceUnavailable) as raised:
+                await store.get("tenant", "resp_x")
+        assert raised.value.retry_after == 1 and raised.value.code == "database_unavailable"
+        assert await store.get("tenant", "resp_x") is None
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def slow_backend() -> Iterator[ServerThread]:
+    with ServerThread(create_reference_app(ReferenceSettings())) as server:
+        yield server
+
+
+def _wait_for_backend_request(backend: ServerThread) -> None:
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{backend.url}/stats").json()["requests"] == 0:
+        assert time.monotonic() < deadline, "the first turn never reached the backend"
+        time.sleep(0.01)
+
+
+def test_a_full_backend_pool_answers_503_after_the_pool_timeout(
+    migrated_urls: dict[str, str], slow_backend: ServerThread
+) -> None:
+    service = start_service(
+        migrated_urls["sqlite"], slow_backend.url, backend_max_connections=1, backend_pool_timeout=0.2
+    )
+    try:
+        httpx.post(f"{slow_backend.url}/admin/latency", json={"ms": 1500}).raise_for_status()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            holder = pool.submit(service.http().post, "/v1/responses", json={"model": MODEL, "input": "slow"})
+            # The first turn holds the only connection for 1.5 s; the second waits 0.2 s, then gives up.
+            _wait_for_backend_request(slow_backend)
+            waiting = service.http().post("/v1/responses", json={"model": MODEL, "input": "no room"})
+            assert holder.result().status_code == 200
+        assert _unavailable(waiting)["code"] == "backend_busy"
+        streamed = service.http().post(
+            "/v1/responses", json={"model": MODEL, "input": "room again", "stream": True}
+        )
+        assert streamed.status_code == 200
+    finally:
+        httpx.post(f"{slow_backend.url}/admin/latency", json={"ms": 0}).raise_for_status()
+        service.server.stop()
+
+
+def test_backend_failures_name_no_address_or_exception(
+    migrated_urls: dict[str, str], slow_backend: ServerThread
+) -> None:
+    service = start_service(migrated_urls["sqlite"], slow_backend.url, backend_retry_attempts=1)
+    try:
+        http = service.http()
+        httpx.post(f"{slow_backend.url}/admin/fail", json={"count": 1, "status": 500}).raise_for_status()
+        failed = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
+        assert failed.status_code == 502
+        assert "Injected failure" not in failed.json()["error"]["message"]
+        httpx.post(f"{slow_backend.url}/admin/fail", json={"count": 1, "status": 503}).raise_for_status()
+        overloaded = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
+        assert "Injected failure" not in _unavailable(overloaded)["message"]
+    finally:
+        service.server.stop()
+    gone = start_service(migrated_urls["sqlite"], f"http://127.0.0.1:{free_port()}", backend_retry_attempts=1)
+    try:
+        reply = gone.http().post("/v1/responses", json={"model": MODEL, "input": "x"})
+    finally:
+        gone.server.stop()
+    assert reply.status_code == 502
+    message = reply.json()["error"]["message"]
+    assert message == "The model backend is unreachable."
+    assert not any(leak.lower() in message.lower() for leak in LEAKS)
