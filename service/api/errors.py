@@ -4,6 +4,7 @@ place in /openapi.json."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,15 +36,34 @@ def convstate_error_response(exc: ConvstateError) -> JSONBody:
     return response
 
 
+# Pydantic names the member of a union a value failed in its location ("tool_choice", "NamedToolChoice",
+# "name"); the client's field is "tool_choice.name". Request fields are lowercase, so these never clash.
+_UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*\]")
+
+
+def _located(error: Any) -> tuple[str | int, ...]:
+    return tuple(
+        part
+        for part in error.get("loc", ())
+        if part not in ("body", "query", "path")
+        and not (isinstance(part, str) and _UNION_MEMBER.fullmatch(part))
+    )
+
+
+def _reported(exc: RequestValidationError | ValidationError) -> tuple[str | None, str]:
+    """(param, message) of the problem to report: of a union's failed members, the one that got
+    furthest into the value (for {"type": "function", "name": 5}, the name, not "not a string")."""
+    error = max(exc.errors(), key=lambda error: len(_located(error)))
+    return dotted(_located(error)), str(error.get("msg", "Invalid request"))
+
+
 def validation_param(exc: RequestValidationError | ValidationError) -> str | None:
-    loc = exc.errors()[0].get("loc", ())
-    return dotted(tuple(part for part in loc if part not in ("body", "query", "path")))
+    return _reported(exc)[0]
 
 
 def validation_message(exc: RequestValidationError | ValidationError) -> str:
-    """The first problem, naming the field: "Invalid value for 'temperature': ..."."""
-    message = str(exc.errors()[0].get("msg", "Invalid request"))
-    param = validation_param(exc)
+    """The problem, naming the field: "Invalid value for 'temperature': ..."."""
+    param, message = _reported(exc)
     return f"Invalid value for '{param}': {message}" if param else message
 
 
@@ -106,7 +126,11 @@ _ERRORS = {
     504: "The model backend did not answer in time",
 }
 _RETRY_AFTER = {
-    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "integer"},
+    }
 }
 
 

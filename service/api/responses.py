@@ -97,7 +97,10 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
 
 # A streamed response is Server-Sent Events; the backend's failures are 502, 503 and 504.
 _TURN_RESPONSES = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: {
+        "description": "The response object; with `stream: true`, its events as Server-Sent Events",
+        "content": {"text/event-stream": {}},
+    },
     **error_responses(413, 502, 504),
 }
 
