@@ -60,6 +60,12 @@ RAW_BODIES = [
     (b'{"model": "ref-chatml", "input": "\\ud800"}', "input"),
     (b'{"model": "ref-chatml", "input": "x", "instructions": "ok \\udfff then"}', "instructions"),
     (b'{"model": "ref-chatml", "input": "x", "metadata": {"\\ud83d": "v"}}', "metadata"),
+    (
+        b'{"model": "ref-chatml", "input": "x", "tools": [{"type": "function", "name": "f", '
+        b'"parameters": {"default": NaN}}]}',
+        "tools[0].parameters.default",
+    ),
+    (b'{"model": "ref-chatml", "input": "x", "temperature": Infinity}', "temperature"),
 ]
 
 
@@ -136,6 +142,23 @@ def test_nesting_is_bounded(service: Service, backend_admin: httpx.Client) -> No
     reply = http.post("/v1/responses", content=_nested(100_000), headers=headers)
     assert reply.status_code == 400 and _error(reply)["type"] == "invalid_request_error"
     assert _backend_requests(backend_admin) == before
+
+
+def test_bytes_that_are_not_utf8_are_a_parse_error(service: Service) -> None:
+    # A surrogate encoded as if it were a character: not UTF-8.
+    body = b'{"model": "ref-chatml", "input": "\xed\xa0\x80"}'
+    reply = service.http().post("/v1/responses", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and _error(reply)["type"] == "invalid_request_error"
+
+
+def test_values_at_the_limits_are_accepted(service: Service) -> None:
+    schema = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1, "description": "\U0001f600 ok"}
+    reply = service.http().post(
+        "/v1/responses",
+        json={"model": MODEL, "input": "x", "tools": [_tool(schema)]},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["tools"][0]["parameters"] == schema
 
 
 def test_the_sdk_sees_a_bad_request_naming_the_field(service: Service) -> None:
