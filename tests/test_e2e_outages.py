@@ -16,8 +16,6 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.backends.reference.config import ReferenceSettings
-from service.backends.reference.server import create_app as create_reference_app
 from service.errors import ServiceUnavailable
 from service.serving import ServerThread, free_port
 from service.store.migrate import upgrade
@@ -147,31 +145,32 @@ async def test_a_database_pool_with_no_free_connection_is_a_service_unavailable(
         await engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def slow_backend() -> Iterator[ServerThread]:
-    with ServerThread(create_reference_app(ReferenceSettings())) as server:
-        yield server
-
-
-def _wait_for_backend_request(backend: ServerThread) -> None:
+def _wait_for_backend_requests(backend: httpx.Client, count: int) -> None:
     deadline = time.monotonic() + 10
-    while httpx.get(f"{backend.url}/stats").json()["requests"] == 0:
+    while backend.get("/stats").json()["requests"] < count:
         assert time.monotonic() < deadline, "the first turn never reached the backend"
         time.sleep(0.01)
 
 
 def test_a_full_backend_pool_answers_503_after_the_pool_timeout(
-    migrated_urls: dict[str, str], slow_backend: ServerThread
+    migrated_urls: dict[str, str], reference_backend: ServerThread, backend_admin: httpx.Client
 ) -> None:
     service = start_service(
-        migrated_urls["sqlite"], slow_backend.url, backend_max_connections=1, backend_pool_timeout=0.2
+        migrated_urls["sqlite"],
+        reference_backend.url,
+        backend_max_connections=1,
+        backend_pool_timeout=0.2,
+        # The model card stays cached: only the chat call waits on the backend's injected latency.
+        backend_info_ttl=600,
     )
     try:
-        httpx.post(f"{slow_backend.url}/admin/latency", json={"ms": 1500}).raise_for_status()
+        assert service.http().post("/v1/responses", json={"model": MODEL, "input": "warm"}).status_code == 200
+        before = backend_admin.get("/stats").json()["requests"]
+        backend_admin.post("/admin/latency", json={"ms": 1500}).raise_for_status()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             holder = pool.submit(service.http().post, "/v1/responses", json={"model": MODEL, "input": "slow"})
             # The first turn holds the only connection for 1.5 s; the second waits 0.2 s, then gives up.
-            _wait_for_backend_request(slow_backend)
+            _wait_for_backend_requests(backend_admin, before + 1)
             waiting = service.http().post("/v1/responses", json={"model": MODEL, "input": "no room"})
             assert holder.result().status_code == 200
         assert _unavailable(waiting)["code"] == "backend_busy"
@@ -180,21 +179,21 @@ def test_a_full_backend_pool_answers_503_after_the_pool_timeout(
         )
         assert streamed.status_code == 200
     finally:
-        httpx.post(f"{slow_backend.url}/admin/latency", json={"ms": 0}).raise_for_status()
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
         service.server.stop()
 
 
 def test_backend_failures_name_no_address_or_exception(
-    migrated_urls: dict[str, str], slow_backend: ServerThread
+    migrated_urls: dict[str, str], reference_backend: ServerThread, backend_admin: httpx.Client
 ) -> None:
-    service = start_service(migrated_urls["sqlite"], slow_backend.url, backend_retry_attempts=1)
+    service = start_service(migrated_urls["sqlite"], reference_backend.url, backend_retry_attempts=1)
     try:
         http = service.http()
-        httpx.post(f"{slow_backend.url}/admin/fail", json={"count": 1, "status": 500}).raise_for_status()
+        backend_admin.post("/admin/fail", json={"count": 1, "status": 500}).raise_for_status()
         failed = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
         assert failed.status_code == 502
         assert "Injected failure" not in failed.json()["error"]["message"]
-        httpx.post(f"{slow_backend.url}/admin/fail", json={"count": 1, "status": 503}).raise_for_status()
+        backend_admin.post("/admin/fail", json={"count": 1, "status": 503}).raise_for_status()
         overloaded = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
         assert "Injected failure" not in _unavailable(overloaded)["message"]
     finally:

@@ -47,26 +47,17 @@ def _walk(value: Any, depth: int) -> None:
     if isinstance(value, str):
         if problem := _text_problem(value):
             raise _Rejected(problem)
-    elif isinstance(value, dict):
+    elif isinstance(value, (dict, list)):
         if depth > MAX_DEPTH:
             raise _Rejected(f"JSON may be nested at most {MAX_DEPTH} levels deep")
-        for key, item in value.items():
-            if problem := _text_problem(key):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            if isinstance(key, str) and (problem := _text_problem(key)):
                 # The key itself is unprintable: name the object that holds it.
                 raise _Rejected(f"an object key is invalid: {problem}")
             try:
                 _walk(item, depth + 1)
             except _Rejected as rejected:
                 rejected.path.append(key)
-                raise
-    elif isinstance(value, list):
-        if depth > MAX_DEPTH:
-            raise _Rejected(f"JSON may be nested at most {MAX_DEPTH} levels deep")
-        for index, item in enumerate(value):
-            try:
-                _walk(item, depth + 1)
-            except _Rejected as rejected:
-                rejected.path.append(index)
                 raise
     elif isinstance(value, bool):
         return
