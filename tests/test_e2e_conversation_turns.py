@@ -138,3 +138,29 @@ def test_conversation_errors(cache_service: Service) -> None:
         "/v1/responses", json={"model": MODEL, "input": "x", "conversation": {"id": conversation.id}}
     )
     assert by_object.status_code == 200 and by_object.json()["conversation"] == {"id": conversation.id}
+
+
+def test_item_edits_are_refused_while_a_turn_runs(cache_service: Service, backend_admin: httpx.Client) -> None:
+    """Adding or deleting items while a turn runs is refused: nothing lands before the turn's input."""
+    client = cache_service.openai()
+    conversation = client.conversations.create(items=[{"role": "user", "content": "first"}])
+    first_item = next(iter(client.conversations.items.list(conversation.id))).id
+    backend_admin.post("/admin/latency", json={"ms": 1500}).raise_for_status()
+    results: list[Any] = []
+    try:
+        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
+        slow.start()
+        threading.Event().wait(0.5)
+        with pytest.raises(openai.BadRequestError) as added:
+            client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "aside"}])
+        with pytest.raises(openai.BadRequestError) as deleted:
+            client.conversations.items.delete(first_item, conversation_id=conversation.id)
+        slow.join()
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    for caught in (added, deleted):
+        assert caught.value.code == "conversation_locked" and caught.value.param == "conversation"
+    assert results[0].status == "completed"
+    items = list(client.conversations.items.list(conversation.id, order="asc"))
+    assert [getattr(item, "role", None) for item in items] == ["user", "user", "assistant"]
+    client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "now"}])

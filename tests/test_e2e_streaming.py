@@ -186,3 +186,49 @@ def test_errors_before_the_stream_are_plain_json(cache_service: Service) -> None
         json={"model": "ref-chatml", "input": "x", "stream": True, "previous_response_id": "resp_x"},
     )
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "previous_response_not_found"
+
+
+def test_the_row_exists_before_response_created(cache_service: Service, backend_admin: httpx.Client) -> None:
+    backend_admin.post("/admin/stream", json={"chunk_delay_ms": 50}).raise_for_status()
+    try:
+        with (
+            cache_service.http() as http,
+            http.stream(
+                "POST", "/v1/responses", json={"model": "ref-chatml", "input": "slowly", "stream": True}
+            ) as reply,
+        ):
+            _, created = next(_sse(reply))
+            response_id = created["response"]["id"]
+            # The id was announced: it must be retrievable at once, from any replica.
+            running = cache_service.http().get(f"/v1/responses/{response_id}")
+            assert running.status_code == 200 and running.json()["status"] == "in_progress"
+            kinds = [name for name, _ in _sse(reply)]
+    finally:
+        backend_admin.post("/admin/stream", json={}).raise_for_status()
+    assert kinds[-1] == "response.completed"
+    assert _wait_terminal(cache_service, response_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([{"content": "\u0000"}], id="a value Postgres rejects"),
+        pytest.param([{"reasoning_content": "late"}, {"content": "more"}], id="reasoning after text"),
+    ],
+)
+def test_a_turn_that_cannot_be_stored_still_ends(
+    cache_service: Service, backend_admin: httpx.Client, extra: list[dict[str, Any]]
+) -> None:
+    backend_admin.post("/admin/stream", json={"extra_deltas": extra}).raise_for_status()
+    try:
+        _, events = _stream(cache_service, model="ref-chatml", input="break the write")
+    finally:
+        backend_admin.post("/admin/stream", json={}).raise_for_status()
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+    error = events[-2]
+    assert error["code"] == "server_error" and "Traceback" not in error["message"]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    stored = _wait_terminal(cache_service, events[0]["response"]["id"])
+    assert stored["status"] == "failed" and stored["error"] == failed["error"]

@@ -83,6 +83,10 @@ class Faults:
     abort_streams: int = 0
     abort_after_chunks: int = 0
     chunk_delay_ms: float = 0.0
+    # The next `extra_streams` streamed completions send these raw deltas after the generated ones (a
+    # misbehaving engine or parser: reasoning after text, characters a database rejects).
+    extra_streams: int = 0
+    extra_deltas: list[dict[str, Any]] = field(default_factory=list)
 
 
 class StreamAborted(Exception):
@@ -412,6 +416,9 @@ class Backend:
         if self.faults.abort_streams > 0:
             self.faults.abort_streams -= 1
             abort_after = self.faults.abort_after_chunks
+        if self.faults.extra_streams > 0:
+            self.faults.extra_streams -= 1
+            events = [*events, *((extra, None) for extra in self.faults.extra_deltas)]
         for sent, (delta, ids) in enumerate(events):
             if abort_after is not None and sent >= abort_after:
                 raise StreamAborted(f"injected stream abort after {sent} chunks")
@@ -634,11 +641,18 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
         faults.abort_streams = _int_field(body, "abort_count", 0, 0, 1_000_000)
         faults.abort_after_chunks = _int_field(body, "abort_after_chunks", 0, 0, 1_000_000)
         faults.chunk_delay_ms = _int_field(body, "chunk_delay_ms", 0, 0, 60_000)
+        extra = body.get("extra_deltas", [])
+        if not isinstance(extra, list) or not all(isinstance(delta, dict) for delta in extra):
+            raise ApiError(400, "'extra_deltas' must be a list of delta objects")
+        faults.extra_deltas = extra
+        faults.extra_streams = _int_field(body, "extra_count", 1 if extra else 0, 0, 1_000_000)
         return json_response(
             {
                 "abort_count": faults.abort_streams,
                 "abort_after_chunks": faults.abort_after_chunks,
                 "chunk_delay_ms": faults.chunk_delay_ms,
+                "extra_count": faults.extra_streams,
+                "extra_deltas": faults.extra_deltas,
             }
         )
 
