@@ -3,6 +3,7 @@ and abandoned responses finalized by the reaper."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain import ids
+from service.store.models import Response
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from tests.conftest import Service
 from tests.factories import stored_response
@@ -87,3 +90,32 @@ async def test_reaper_fails_responses_whose_worker_died(engine: AsyncEngine) -> 
     assert reaped is not None and reaped.status == "failed" and reaped.error is not None
     kept = await store.get(live.tenant, live.id)
     assert kept is not None and kept.status == "queued"
+
+
+async def test_a_cancel_that_loses_to_completion_says_so(
+    service: Service, backend_admin: httpx.Client, pg_engine: AsyncEngine
+) -> None:
+    """The response completes while the cancel waits on its row: the cancel must report the true final
+    state (409, completed), never 200 with a status it did not set."""
+    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="test", max_retries=0)
+    backend_admin.post("/admin/latency", json={"ms": 3000}).raise_for_status()
+    try:
+        queued = await client.responses.create(model="ref-chatml", input="race me", background=True)
+        while (await client.responses.retrieve(queued.id)).status != "in_progress":
+            await asyncio.sleep(0.05)
+        async with pg_engine.begin() as conn:
+            # Completion commits while holding the row: the cancel's UPDATE queues behind it.
+            await conn.execute(
+                update(Response)
+                .where(Response.id == queued.id)
+                .values(status="completed", completed_at=time.time(), lease_expires_at=None)
+            )
+            cancel = asyncio.create_task(client.responses.cancel(queued.id))
+            await asyncio.sleep(0.5)
+            assert not cancel.done()
+        with pytest.raises(openai.ConflictError) as caught:
+            await cancel
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    assert caught.value.code == "response_not_cancellable" and "completed" in caught.value.message
+    assert (await client.responses.retrieve(queued.id)).status == "completed"
