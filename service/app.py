@@ -35,13 +35,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.pipeline = turns
         app.state.conversations = conversations
         reaper = asyncio.get_running_loop().create_task(
-            reap_forever(turns.responses, settings.reaper_interval)
+            reap_forever(turns.responses, conversations, settings.reaper_interval)
         )
         try:
             yield
         finally:
-            reaper.cancel()
+            # Turns still running finish (within the grace period) before the reaper and the pools go.
             await turns.aclose()
+            reaper.cancel()
             await backend.aclose()
             await engine.dispose()
 

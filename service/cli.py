@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 import uvicorn
 
 from service.config import load_settings
 from service.logs import configure_logging
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="convstate: conversation state for vLLM.")
 
@@ -24,24 +21,32 @@ def serve(
     port: Annotated[int | None, typer.Option(help="listen port (CONVSTATE_PORT)")] = None,
     workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (CONVSTATE_WORKERS)")] = None,
 ) -> None:
-    """Run the service."""
+    """Run the service. SIGTERM drains one worker first (CONVSTATE_SHUTDOWN_GRACE_SECONDS)."""
     from service.app import create_app
+    from service.serving import DrainingServer
 
     options = (("host", host), ("port", port), ("workers", workers))
     overrides = {key: value for key, value in options if value is not None}
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
-    # Several workers are separate processes: each builds its app from the environment it inherits.
-    app: FastAPI | str = "service.app:app_from_environment" if settings.workers > 1 else create_app(settings)
-    uvicorn.run(
-        app,
-        factory=settings.workers > 1,
-        workers=settings.workers,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,
+    if settings.workers > 1:
+        # Several workers are separate processes: each builds its app from the environment it inherits.
+        # uvicorn's supervisor stops them: each stops accepting at once, then finishes its connections.
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=None,
+        )
+        return
+    service = create_app(settings)
+    config = uvicorn.Config(
+        service, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None
     )
+    DrainingServer(config, lambda: service.state.pipeline.drain(settings.shutdown_grace_seconds)).run()
 
 
 @app.command()

@@ -40,7 +40,11 @@ class Settings(BaseSettings):
 
     canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
     response_ttl_days: float = Field(30.0, gt=0)
-    reaper_interval: float = Field(15.0, gt=0, description="seconds between reaper passes")
+    # A running turn holds its response row's lease and its conversation's lock for this long past its
+    # last heartbeat (one a second): a process that dies frees both within it.
+    turn_lease_seconds: float = Field(15.0, ge=3, le=30)
+    reaper_interval: float = Field(10.0, gt=0, description="seconds between reaper passes")
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight turns get on SIGTERM")
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)

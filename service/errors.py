@@ -50,7 +50,8 @@ class Conflict(ConvstateError):
 
 
 class ServiceUnavailable(ConvstateError):
-    """A dependency is down or saturated (the database, the backend's connection pool): 503, retry later."""
+    """A dependency is down or saturated (the database, the backend's connection pool), or this replica
+    is shutting down: 503, retry later."""
 
     status = 503
     type = "server_error"
@@ -58,6 +59,14 @@ class ServiceUnavailable(ConvstateError):
 
     def __init__(self, message: str, *, code: str = "service_unavailable") -> None:
         super().__init__(message, code=code)
+
+
+class LeaseLost(ConvstateError):
+    """A running turn's response row or conversation lock is no longer its own: the response was
+    cancelled, or reaped after the database was unreachable for a whole lease."""
+
+    def __init__(self) -> None:
+        super().__init__("The response was finalized before it could finish.", code="server_error")
 
 
 class BackendUnavailable(ConvstateError):

@@ -1,4 +1,12 @@
-"""One turn: load -> decide -> forward -> persist; the only place store, domain and backend meet."""
+"""One turn: load -> decide -> forward -> persist; the only place store, domain and backend meet.
+
+A turn always ends. One answered whole is stored in one unit of work when it completes (nothing before:
+its id has not left the service). A streamed or background turn's row is inserted, in progress or
+queued, before its id is announced, and a heartbeat renews its lease (and its conversation's lock) while
+it runs; whatever fails afterwards moves the row to `failed` and, in a stream, sends `error` then
+`response.failed`. If the database cannot take even that write, the lease runs out and the reaper
+(service/workers/reaper.py) fails the row.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
@@ -23,11 +29,21 @@ from service.domain.items import Item, Segment, compaction_item
 from service.domain.output import OutputBuilder
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
 from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, truncated
-from service.errors import ContextLengthExceeded, ConvstateError, InvalidRequest, NotFound
+from service.errors import (
+    ContextLengthExceeded,
+    ConvstateError,
+    InvalidRequest,
+    LeaseLost,
+    NotFound,
+    ServiceUnavailable,
+)
 from service.store.conversations import ConversationStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
+from service.store.unit import unit_of_work
+from service.workers.background import BackgroundRunner
 from service.workers.canary import Canary
+from service.workers.tasks import TaskSet
 
 log = logging.getLogger("convstate.pipeline")
 
@@ -103,6 +119,8 @@ class PreparedTurn:
     response_id: str
     created_at: float
     conversation_version: int | None = None
+    # Its row was inserted before it ran (streamed and background turns): finishing moves it on.
+    opened: bool = False
 
     @property
     def decision(self) -> Decision:
@@ -121,10 +139,12 @@ class Sent:
 Event = dict[str, Any]
 T = TypeVar("T")
 
-# A background response's worker holds a lease it renews every heartbeat; the reaper fails responses whose
-# lease ran out (their process died). The heartbeat also notices a cancel made on any replica.
-LEASE_SECONDS = 30.0
+# A running turn renews its leases every heartbeat (Settings.turn_lease_seconds ahead); the heartbeat
+# also notices a cancel made on any replica.
 HEARTBEAT_SECONDS = 1.0
+
+SHUT_DOWN = "The service shut down before this response finished; create it again."
+UNEXPECTED = "The server had an error while processing your request."
 
 
 class TurnStream:
@@ -190,27 +210,37 @@ class Pipeline:
         self.tenants = tenants
         self.backend = backend
         self.canary = Canary(backend, responses, conversations)
-        self._background: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet()
+        self.background = BackgroundRunner(self)
+        # False once the process is shutting down: new turns get 503, readiness fails.
+        self.accepting = True
 
     # --- the two entry points -----------------------------------------------------------------------
 
     async def create(self, tenant: str, request: TurnRequest) -> TurnResult:
-        turn = await self._prepare(tenant, request)
-        async with self._releasing_on_failure(turn):
-            if request.background:
-                return await self._enqueue(turn)
-            reply, sent = await self._send(turn, self.backend.chat)
-            builder = OutputBuilder()
-            builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
-            return await self._complete(turn, reply, sent, builder.finish(_status(reply)))
+        """A turn answered whole (stored once it completes), or a background one (stored as queued)."""
+        with self.tasks.tracking():
+            turn = await self._prepare(tenant, request)
+            async with self._releasing_on_failure(turn):
+                if request.background:
+                    return await self._enqueue(turn)
+                return await self.answer(turn)
 
     async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
-        """Validation, parent and backend errors raise here, before any event; later ones become events."""
-        turn = await self._prepare(tenant, request)
-        async with self._releasing_on_failure(turn):
-            chat, sent = await self._send(turn, self.backend.open_chat_stream)
+        """Validation, parent and backend errors raise here, before any event; whatever fails after
+        `response.created` ends the stream with `error` and `response.failed`."""
+        with self.tasks.tracking():
+            turn = await self._prepare(tenant, request)
+            async with self._releasing_on_failure(turn):
+                chat, sent = await self._send(turn, self.backend.open_chat_stream)
+                try:
+                    if request.store:
+                        await self._open(turn, "in_progress")
+                except BaseException:
+                    await chat.aclose()
+                    raise
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._spawn(self._produce(turn, chat, sent, queue))
+        self.tasks.spawn(self._produce(turn, chat, sent, queue))
         return TurnStream(sent.decision, queue)
 
     async def compact(self, tenant: str, request: TurnRequest) -> Compaction:
@@ -235,23 +265,31 @@ class Pipeline:
     # --- load and decide ----------------------------------------------------------------------------
 
     async def _prepare(self, tenant: str, request: TurnRequest) -> PreparedTurn:
+        if not self.accepting:
+            raise ServiceUnavailable("This server is shutting down; retry the request.")
         now = time.time()
         response_id = ids.new_id(ids.RESPONSE)
         if request.conversation_id is None:
             return await self._decide(tenant, request, response_id, now, None, None)
         conversation = await self.conversations.begin_turn(
-            tenant, request.conversation_id, response_id, self.settings.backend_timeout + LEASE_SECONDS, now
+            tenant, request.conversation_id, response_id, self.settings.turn_lease_seconds, now
         )
         if conversation is None:
             raise NotFound(
                 f"Conversation with id '{request.conversation_id}' not found.", param="conversation"
             )
         try:
-            return await self._decide(
-                tenant, request, response_id, now, conversation.head_response_id, conversation.version
+            return await self._holding(
+                self._decide(
+                    tenant, request, response_id, now, conversation.head_response_id, conversation.version
+                ),
+                tenant,
+                response_id,
+                request.conversation_id,
+                row=False,
             )
         except BaseException:
-            await self.conversations.release_turn(tenant, request.conversation_id, response_id)
+            await self._release(tenant, request.conversation_id, response_id)
             raise
 
     @asynccontextmanager
@@ -260,7 +298,7 @@ class Pipeline:
         try:
             yield
         except BaseException:
-            await self._release(turn)
+            await self.release(turn)
             raise
 
     async def _decide(
@@ -378,9 +416,16 @@ class Pipeline:
             store=request.store,
             background=request.background,
             created_at=turn.created_at,
-            completed_at=time.time() if status != "in_progress" else None,
+            completed_at=None if status in ("queued", "in_progress") else time.time(),
             output=output,
         )
+
+    async def answer(self, turn: PreparedTurn) -> TurnResult:
+        """Generate the whole reply (renewing what the turn holds meanwhile) and store it."""
+        reply, sent = await self._held(turn, self._send(turn, self.backend.chat))
+        builder = OutputBuilder()
+        builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
+        return await self._complete(turn, reply, sent, builder.finish(_status(reply)))
 
     async def _complete(
         self, turn: PreparedTurn, reply: ChatReply, sent: Sent, output: list[Item]
@@ -388,44 +433,72 @@ class Pipeline:
         response = self._response(turn, _status(reply), output, reply)
         _count(reply, sent.decision)
         if turn.request.store:
-            prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
-            await self._write(turn, response, prefix)
+            await self._write(turn, response, _prefix_write(reply, sent, turn, self.backend.base_url))
             if sent.decision.reason is Reason.CANARY and reply.handle is not None:
-                self._spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
+                self.tasks.spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
         return TurnResult(response, sent.decision, reply.prompt_digest, reply.bytes_sent)
 
     def _turn_write(
-        self,
-        turn: PreparedTurn,
-        response: StoredResponse,
-        prefix: PrefixWrite | None,
-        *,
-        append: bool = False,
+        self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None
     ) -> TurnWrite:
-        """The turn's rows; with `append`, a conversation turn's items join the conversation in the same
-        transaction (which also moves its head and releases its lock)."""
-        conversation_id = turn.request.conversation_id
-        also: Callable[[AsyncConnection], Awaitable[int]] | None = None
-        if append and conversation_id is not None:
-            item_ids = [item["id"] for item in (*turn.request.input, *response.output)]
-
-            def also(conn: AsyncConnection) -> Awaitable[int]:
-                return self.conversations.finish_turn(
-                    conn, turn.tenant, conversation_id, turn.response_id, item_ids
-                )
-
         return TurnWrite(
             response=response,
             expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
             input_items=turn.request.input,
             output_items=response.output,
             prefix=prefix,
-            also=also,
         )
 
     async def _write(self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None) -> None:
-        """A completed turn (with a prefix record) joins its conversation; a failed one only frees it."""
-        await self.responses.write_turn(self._turn_write(turn, response, prefix, append=prefix is not None))
+        """Commit a finished turn whole, in one unit of work: its row (inserted, or the open one moved on
+        from in progress), items and prefix record, and in a conversation the append that moves its head
+        and frees its lock (a failed turn only frees it). LeaseLost if the open row was finalized
+        elsewhere meanwhile (nothing is written then)."""
+        write = self._turn_write(turn, response, prefix)
+        conversation_id = turn.request.conversation_id
+        async with unit_of_work(self.responses.engine) as uow:
+            if not turn.opened:
+                await self.responses.write_turn(uow, write)
+            elif not await self.responses.finish(uow, write):
+                raise LeaseLost()
+            if conversation_id is None:
+                return
+            if response.status == "failed":
+                await self.conversations.release_turn(uow, turn.tenant, conversation_id, turn.response_id)
+                return
+            item_ids = [item["id"] for item in (*turn.request.input, *response.output)]
+            await self.conversations.finish_turn(
+                uow, turn.tenant, conversation_id, turn.response_id, item_ids
+            )
+
+    async def _open(self, turn: PreparedTurn, status: str) -> StoredResponse:
+        """Insert the turn's row (with its input and a lease) before its id leaves the service."""
+        response = self._response(turn, status, [], None)
+        lease = time.time() + self.settings.turn_lease_seconds
+        await self.responses.open_turn(self._turn_write(turn, response, None), lease)
+        turn.opened = True
+        return response
+
+    async def fail(self, turn: PreparedTurn, exc: BaseException, output: list[Item]) -> StoredResponse:
+        """Record an open turn that cannot complete as failed, free its conversation, and return the
+        failed response. Never raises: if the database cannot take the write, the row keeps its lease
+        and the reaper fails it once the lease runs out."""
+        failed = self._response(turn, "failed", output, None)
+        # The response object's error code is a closed set; the stream's error event carries the precise one.
+        failed.error = {"code": "server_error", "message": _client_message(exc)}
+        if turn.opened:
+            # With what was generated, unless that is what the database refused.
+            for attempt in [output, []] if output else [[]]:
+                failed.output = attempt
+                try:
+                    await self._write(turn, failed, None)
+                    return failed
+                except LeaseLost:
+                    return failed
+                except Exception:
+                    log.exception("could not record %s as failed", turn.response_id)
+        await self.release(turn)
+        return failed
 
     async def _produce(
         self, turn: PreparedTurn, chat: ChatStream, sent: Sent, queue: asyncio.Queue[Event | None]
@@ -438,103 +511,131 @@ class Pipeline:
             sequence += 1
 
         builder = OutputBuilder()
-        completed = False
         try:
             emit({"type": "response.created", "response": self._response(turn, "in_progress", [], None)})
             emit({"type": "response.in_progress", "response": self._response(turn, "in_progress", [], None)})
-            async for delta in chat.deltas():
-                builder.reasoning_delta(delta.reasoning)
-                builder.text_delta(delta.content, delta.logprobs)
-                for index, call_id, name, arguments in delta.tool_calls:
-                    builder.tool_call_delta(index, call_id, name, arguments)
-                for event in builder.drain():
-                    emit(event)
-            reply = chat.reply()
+            reply = await self._held(turn, _relay(chat, builder, emit))
             output = builder.finish(_status(reply))
             for event in builder.drain():
                 emit(event)
             result = await self._complete(turn, reply, sent, output)
-            completed = True
             emit({"type": f"response.{result.response.status}", "response": result.response})
-        except ConvstateError as exc:
-            log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
-            failed = self._response(turn, "failed", builder.finish("incomplete"), None)
-            # The response object's error code is a closed set; the error event carries the precise one.
-            failed.error = {"code": "server_error", "message": exc.message}
-            if turn.request.store:
-                await self._write(turn, failed, None)
-            emit({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+        except BaseException as exc:
+            if isinstance(exc, ConvstateError):
+                log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
+            elif isinstance(exc, Exception):
+                log.error("streamed turn %s failed", turn.response_id, exc_info=exc)
+            failed = await self.fail(turn, exc, _partial(builder))
+            code = exc.code if isinstance(exc, ConvstateError) else "server_error"
+            param = exc.param if isinstance(exc, ConvstateError) else None
+            emit({"type": "error", "code": code, "message": _client_message(exc), "param": param})
             emit({"type": "response.failed", "response": failed})
+            if not isinstance(exc, Exception):
+                raise
         finally:
             await chat.aclose()
             queue.put_nowait(None)
-            if not completed:
-                await self._release(turn)
+
+    # --- what a running turn holds ------------------------------------------------------------------
+
+    async def _held(self, turn: PreparedTurn, work: Awaitable[T]) -> T:
+        return await self._holding(
+            work, turn.tenant, turn.response_id, turn.request.conversation_id, row=turn.opened
+        )
+
+    async def _holding(
+        self, work: Awaitable[T], tenant: str, response_id: str, conversation_id: str | None, *, row: bool
+    ) -> T:
+        """Run `work` (every wait of a turn on the backend) while a heartbeat renews what the turn holds:
+        its conversation's lock and, with `row`, its open row's lease. If either is lost, the work is
+        cancelled and LeaseLost raised."""
+        if not row and conversation_id is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
+            while not (await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS))[0]:
+                if not await self._renew(tenant, response_id, conversation_id, row=row):
+                    raise LeaseLost()
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+
+    async def _renew(self, tenant: str, response_id: str, conversation_id: str | None, *, row: bool) -> bool:
+        until = time.time() + self.settings.turn_lease_seconds
+        try:
+            if row and not await self.responses.renew_lease(response_id, until):
+                return False
+            return conversation_id is None or await self.conversations.renew_turn(
+                tenant, conversation_id, response_id, until
+            )
+        except Exception:
+            # The database is out: keep generating. The lease covers a short outage; if the outage
+            # outlasts it, the reaper fails the row and the write at the end learns so.
+            log.warning("heartbeat of %s failed", response_id, exc_info=True)
+            return True
+
+    async def release(self, turn: PreparedTurn) -> None:
+        """Free the turn's conversation if the turn still holds it."""
+        if turn.request.conversation_id is not None:
+            await self._release(turn.tenant, turn.request.conversation_id, turn.response_id)
+
+    async def _release(self, tenant: str, conversation_id: str, response_id: str) -> None:
+        try:
+            async with unit_of_work(self.conversations.engine) as uow:
+                await self.conversations.release_turn(uow, tenant, conversation_id, response_id)
+        except Exception:
+            log.warning(
+                "could not free %s from %s; its lease will", conversation_id, response_id, exc_info=True
+            )
 
     # --- background mode ----------------------------------------------------------------------------
 
     async def _enqueue(self, turn: PreparedTurn) -> TurnResult:
-        """Store the response as queued (readable at once, from any replica) and run it in a task."""
-        queued = self._response(turn, "queued", [], None)
-        await self.responses.insert_queued(self._turn_write(turn, queued, None), time.time() + LEASE_SECONDS)
-        self._spawn(self._run_background(turn))
+        """Store the response as queued (readable at once, from any replica) and hand it to the runner."""
+        queued = await self._open(turn, "queued")
+        self.background.submit(turn)
         return TurnResult(queued, turn.decision, None, 0)
-
-    async def _run_background(self, turn: PreparedTurn) -> None:
-        appended = False
-        try:
-            appended = await self._run_started(turn)
-        finally:
-            if not appended:
-                await self._release(turn)
-
-    async def _run_started(self, turn: PreparedTurn) -> bool:
-        """True once the completed turn is stored (and, in a conversation, appended to it)."""
-        if not await self.responses.start(turn.tenant, turn.response_id, time.time() + LEASE_SECONDS):
-            return False  # cancelled while queued
-        work = asyncio.get_running_loop().create_task(self._send(turn, self.backend.chat))
-        try:
-            # The heartbeat doubles as the cancel check: it fails once any replica cancelled the response.
-            while not (await asyncio.wait({work}, timeout=HEARTBEAT_SECONDS))[0]:
-                if not await self.responses.heartbeat(turn.response_id, time.time() + LEASE_SECONDS):
-                    work.cancel()
-                    return False
-            reply, sent = work.result()
-        except ConvstateError as exc:
-            failed = self._response(turn, "failed", [], None)
-            failed.error = {"code": "server_error", "message": exc.message}
-            await self.responses.finish(self._turn_write(turn, failed, None))
-            return False
-        builder = OutputBuilder()
-        builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
-        response = self._response(turn, _status(reply), builder.finish(_status(reply)), reply)
-        _count(reply, sent.decision)
-        prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
-        return await self.responses.finish(self._turn_write(turn, response, prefix, append=True))
-
-    async def _release(self, turn: PreparedTurn) -> None:
-        if turn.request.conversation_id is not None:
-            await self.conversations.release_turn(turn.tenant, turn.request.conversation_id, turn.response_id)
 
     # --- off the hot path ---------------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+    async def drain(self, grace: float) -> None:
+        """Stop taking turns (new ones get 503, readiness fails) and let those in flight finish within
+        `grace` seconds; the rest are cancelled, and each records itself failed and frees its
+        conversation."""
+        self.accepting = False
+        await self.tasks.drain(grace)
 
     async def aclose(self) -> None:
-        """Let turns in flight finish (they persist), then stop."""
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=10)
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.drain(self.settings.shutdown_grace_seconds)
+
+
+async def _relay(chat: ChatStream, builder: OutputBuilder, emit: Callable[[Event], None]) -> ChatReply:
+    """Forward the backend's deltas as stream events; the reply once the backend is done."""
+    async for delta in chat.deltas():
+        builder.reasoning_delta(delta.reasoning)
+        builder.text_delta(delta.content, delta.logprobs)
+        for index, call_id, name, arguments in delta.tool_calls:
+            builder.tool_call_delta(index, call_id, name, arguments)
+        for event in builder.drain():
+            emit(event)
+    return chat.reply()
+
+
+def _partial(builder: OutputBuilder) -> list[Item]:
+    """What was generated before a failure, closed as incomplete; nothing if the builder itself broke."""
+    try:
+        return builder.finish("incomplete")
+    except Exception:
+        return []
+
+
+def _client_message(exc: BaseException) -> str:
+    """Our own errors' messages are written for clients; anything else is described, not quoted."""
+    if isinstance(exc, ConvstateError):
+        return exc.message
+    return UNEXPECTED if isinstance(exc, Exception) else SHUT_DOWN
 
 
 def _count(reply: ChatReply, decision: Decision) -> None:

@@ -1,14 +1,53 @@
-"""Run an ASGI app with uvicorn in a background thread on a loopback port (demo, tests, benchmarks)."""
+"""Run an ASGI app with uvicorn: as the service process, draining on SIGTERM, or in a background thread on
+a loopback port (demo, tests, benchmarks)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import threading
 import time
-from types import TracebackType
+from collections.abc import Awaitable, Callable
+from types import FrameType, TracebackType
 from typing import Any
 
 import uvicorn
+
+log = logging.getLogger("convstate.serving")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that meets the first SIGTERM (or SIGINT) by draining before it shuts down: `drain` runs
+    while the server still accepts connections, so a request that arrives meanwhile gets a 503 it can
+    retry elsewhere instead of a refused connection; then the usual shutdown follows. A second signal
+    exits at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._signalled = False
+        self._draining: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled:
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+        self._signalled = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._signalled and self._draining is None:
+            log.info("signal received: draining before shutdown")
+            self._draining = asyncio.get_running_loop().create_task(self._run_drain())
+        if self._draining is not None and self._draining.done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def _run_drain(self) -> None:
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("draining failed; shutting down anyway")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,11 +1,10 @@
-"""Background mode over real HTTP: queued at once, polled to completion, cancelled from any replica,
-and abandoned responses finalized by the reaper."""
+"""Background mode over real HTTP: queued at once, polled to completion, cancelled from any replica, and
+a cancel that races completion told the truth."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -14,11 +13,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.domain import ids
 from service.store.models import Response
-from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from tests.conftest import Service
-from tests.factories import stored_response
 
 
 def _poll(client: openai.OpenAI, response_id: str, until: tuple[str, ...]) -> Any:
@@ -76,22 +72,6 @@ def test_cancel_rules(service: Service) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "background"
 
 
-async def test_reaper_fails_responses_whose_worker_died(engine: AsyncEngine) -> None:
-    store = ResponseStore(engine)
-    now = time.time()
-    orphan = stored_response(uuid.uuid4().hex, status="queued", background=True, completed_at=None)
-    await store.insert_queued(TurnWrite(orphan, now + 60, [], [], None), lease_expires_at=now - 1)
-    live = StoredResponse(
-        **{**{k: getattr(orphan, k) for k in StoredResponse.__slots__}, "id": ids.new_id("resp")}
-    )
-    await store.insert_queued(TurnWrite(live, now + 60, [], [], None), lease_expires_at=now + 60)
-    assert await store.reap(now) >= 1
-    reaped = await store.get(orphan.tenant, orphan.id)
-    assert reaped is not None and reaped.status == "failed" and reaped.error is not None
-    kept = await store.get(live.tenant, live.id)
-    assert kept is not None and kept.status == "queued"
-
-
 async def test_a_cancel_that_loses_to_completion_says_so(
     service: Service, backend_admin: httpx.Client, pg_engine: AsyncEngine
 ) -> None:
@@ -101,7 +81,9 @@ async def test_a_cancel_that_loses_to_completion_says_so(
     backend_admin.post("/admin/latency", json={"ms": 3000}).raise_for_status()
     try:
         queued = await client.responses.create(model="ref-chatml", input="race me", background=True)
-        while (await client.responses.retrieve(queued.id)).status != "in_progress":
+        for _ in range(200):
+            if (await client.responses.retrieve(queued.id)).status == "in_progress":
+                break
             await asyncio.sleep(0.05)
         async with pg_engine.begin() as conn:
             # Completion commits while holding the row: the cancel's UPDATE queues behind it.

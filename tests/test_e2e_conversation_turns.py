@@ -140,11 +140,14 @@ def test_conversation_errors(cache_service: Service) -> None:
     assert by_object.status_code == 200 and by_object.json()["conversation"] == {"id": conversation.id}
 
 
-def test_item_edits_are_refused_while_a_turn_runs(cache_service: Service, backend_admin: httpx.Client) -> None:
+def test_item_edits_are_refused_while_a_turn_runs(
+    cache_service: Service, backend_admin: httpx.Client
+) -> None:
     """Adding or deleting items while a turn runs is refused: nothing lands before the turn's input."""
     client = cache_service.openai()
     conversation = client.conversations.create(items=[{"role": "user", "content": "first"}])
     first_item = next(iter(client.conversations.items.list(conversation.id))).id
+    assert first_item is not None
     backend_admin.post("/admin/latency", json={"ms": 1500}).raise_for_status()
     results: list[Any] = []
     try:

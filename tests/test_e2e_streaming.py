@@ -197,12 +197,13 @@ def test_the_row_exists_before_response_created(cache_service: Service, backend_
                 "POST", "/v1/responses", json={"model": "ref-chatml", "input": "slowly", "stream": True}
             ) as reply,
         ):
-            _, created = next(_sse(reply))
+            events = _sse(reply)
+            _, created = next(events)
             response_id = created["response"]["id"]
             # The id was announced: it must be retrievable at once, from any replica.
             running = cache_service.http().get(f"/v1/responses/{response_id}")
             assert running.status_code == 200 and running.json()["status"] == "in_progress"
-            kinds = [name for name, _ in _sse(reply)]
+            kinds = [name for name, _ in events]
     finally:
         backend_admin.post("/admin/stream", json={}).raise_for_status()
     assert kinds[-1] == "response.completed"

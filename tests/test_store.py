@@ -16,6 +16,7 @@ from service.domain.output import output_items
 from service.store.db import StatementCounter
 from service.store.responses import PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
+from service.store.unit import unit_of_work
 from tests.factories import stored_response
 
 
@@ -55,10 +56,15 @@ async def _turn(
         depth=parent.depth + 1 if parent else 0,
         output=output_items(f"re: {text}", None, []),
     )
-    await store.write_turn(
-        TurnWrite(response, now + 3600, normalize_input(text), response.output, _prefix(f"pc_{text}"))
+    await _write(
+        store, TurnWrite(response, now + 3600, normalize_input(text), response.output, _prefix(f"pc_{text}"))
     )
     return response
+
+
+async def _write(store: ResponseStore, turn: TurnWrite) -> None:
+    async with unit_of_work(store.engine) as uow:
+        await store.write_turn(uow, turn)
 
 
 def _texts(segments: list[tuple[bool, list[dict[str, Any]]]]) -> list[str]:
@@ -128,7 +134,7 @@ async def test_input_items_pagination(engine: AsyncEngine) -> None:
     now = time.time()
     items = normalize_input([{"role": "user", "content": f"m{i}"} for i in range(5)])
     response = stored_response(tenant)
-    await store.write_turn(TurnWrite(response, now + 60, items, [], None))
+    await _write(store, TurnWrite(response, now + 60, items, [], None))
     has_more, page = await store.input_items(tenant, response.id, after=None, limit=2, descending=False)  # type: ignore[misc]
     assert has_more and [item["id"] for item in page] == [items[0]["id"], items[1]["id"]]
     has_more, page = await store.input_items(
@@ -156,5 +162,5 @@ async def test_turn_is_all_or_nothing(engine: AsyncEngine) -> None:
     )
     # The items collide with the first turn's ids: the whole turn must roll back.
     with pytest.raises(IntegrityError):
-        await store.write_turn(TurnWrite(duplicate, time.time() + 60, [], turn.output, _prefix()))
+        await _write(store, TurnWrite(duplicate, time.time() + 60, [], turn.output, _prefix()))
     assert await store.get(tenant, duplicate.id) is None

@@ -19,6 +19,7 @@ from service.errors import InvalidRequest, NotFound
 from service.store.conversations import ConversationStore, ConversationTurn, StoredConversation
 from service.store.db import StatementCounter
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
+from service.store.unit import unit_of_work
 from tests.factories import stored_response
 
 T = TypeVar("T")
@@ -72,10 +73,12 @@ async def _turn(
         output=output_items(f"re: {text}", None, []),
     )
     inputs = _messages(text)
-    await ResponseStore(engine).write_turn(TurnWrite(response, now + 3600, inputs, response.output, None))
-    async with engine.begin() as conn:
+    async with unit_of_work(engine) as uow:
+        await ResponseStore(engine).write_turn(
+            uow, TurnWrite(response, now + 3600, inputs, response.output, None)
+        )
         await store.finish_turn(
-            conn, tenant, conversation_id, response_id, _ids(inputs) + _ids(response.output)
+            uow, tenant, conversation_id, response_id, _ids(inputs) + _ids(response.output)
         )
     return response
 
@@ -162,9 +165,9 @@ async def test_get_and_delete_items(engine: AsyncEngine) -> None:
         await store.get_item(tenant, conversation.id, other_ids[0])
     assert missing.value.param == "item_id"
     with pytest.raises(NotFound):
-        await store.delete_item(tenant, conversation.id, other_ids[0])
-    assert await store.delete_item("other-tenant", conversation.id, item_ids[1]) is None
-    after = await store.delete_item(tenant, conversation.id, item_ids[1])
+        await store.delete_item(tenant, conversation.id, other_ids[0], time.time())
+    assert await store.delete_item("other-tenant", conversation.id, item_ids[1], time.time()) is None
+    after = await store.delete_item(tenant, conversation.id, item_ids[1], time.time())
     assert after is not None and after.id == conversation.id and after.metadata == {"k": "v"}
     assert after.version == conversation.version + 1
     assert await _page(store, tenant, conversation.id, after=None, limit=10, descending=False) == (
@@ -174,12 +177,12 @@ async def test_get_and_delete_items(engine: AsyncEngine) -> None:
     with pytest.raises(NotFound):
         await store.get_item(tenant, conversation.id, item_ids[1])
     with pytest.raises(NotFound):
-        await store.delete_item(tenant, conversation.id, item_ids[1])
+        await store.delete_item(tenant, conversation.id, item_ids[1], time.time())
     assert await _version(store, tenant, conversation.id) == after.version
     assert await _version(store, tenant, other.id) == 0
     assert await store.delete(tenant, conversation.id, time.time())
     assert await store.get_item(tenant, conversation.id, item_ids[0]) is None
-    assert await store.delete_item(tenant, conversation.id, item_ids[0]) is None
+    assert await store.delete_item(tenant, conversation.id, item_ids[0], time.time()) is None
 
 
 async def test_turns_append_without_an_edit_and_deleting_their_items_detaches(engine: AsyncEngine) -> None:
@@ -211,7 +214,7 @@ async def test_turns_append_without_an_edit_and_deleting_their_items_detaches(en
 
     # An item a response produced is detached, not deleted: the response keeps its output and history.
     produced = first.output[0]["id"]
-    after = await store.delete_item(tenant, conversation.id, produced)
+    after = await store.delete_item(tenant, conversation.id, produced, time.time())
     assert after is not None and after.version == 2
     _, listed = await _page(store, tenant, conversation.id, after=None, limit=100, descending=False)
     assert produced not in listed
@@ -220,7 +223,7 @@ async def test_turns_append_without_an_edit_and_deleting_their_items_detaches(en
     kept = await ResponseStore(engine).get(tenant, first.id)
     assert kept is not None and _ids(kept.output) == [produced]
     # A directly added item is really deleted; deleting the initial one leaves the turns in place.
-    assert await store.delete_item(tenant, conversation.id, initial[0]) is not None
+    assert await store.delete_item(tenant, conversation.id, initial[0], time.time()) is not None
     assert await _version(store, tenant, conversation.id) == 3
     remaining = await store.history(tenant, conversation.id)
     assert [[item["content"][0]["text"] for item in items] for _, items in remaining] == [
@@ -231,9 +234,14 @@ async def test_turns_append_without_an_edit_and_deleting_their_items_detaches(en
     ]
 
 
+async def _release(engine: AsyncEngine, conversation_id: str, response_id: str, tenant: str) -> bool:
+    async with unit_of_work(engine) as uow:
+        return await ConversationStore(engine).release_turn(uow, tenant, conversation_id, response_id)
+
+
 async def test_turn_lock(engine: AsyncEngine) -> None:
     store, tenant = ConversationStore(engine), uuid.uuid4().hex
-    conversation, _ = await _new(store, tenant, "a", "b")
+    conversation, (first, _) = await _new(store, tenant, "a", "b")
     now = time.time()
     turn = await store.begin_turn(tenant, conversation.id, "resp_1", 30, now)
     assert turn is not None and (turn.version, turn.head_response_id, turn.next_position) == (0, None, 2)
@@ -243,27 +251,41 @@ async def test_turn_lock(engine: AsyncEngine) -> None:
     assert conversation.id in locked.value.message
     assert await store.begin_turn("other-tenant", conversation.id, "resp_2", 30, now) is None
     assert await store.begin_turn(tenant, "conv_missing", "resp_2", 30, now) is None
-    # Editing the item list while a turn runs is allowed; the version tells the next turn.
-    assert await store.add_items(tenant, conversation.id, _messages("c"), now)
+    # While a turn runs its item list cannot change: nothing may land before the turn's input.
+    for edit in (
+        store.add_items(tenant, conversation.id, _messages("c"), now),
+        store.delete_item(tenant, conversation.id, first, now),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            await edit
+        assert refused.value.code == "conversation_locked"
+    assert not await store.add_items("other-tenant", conversation.id, _messages("c"), now)
 
-    assert not await store.release_turn(tenant, conversation.id, "resp_2")
-    assert await store.release_turn(tenant, conversation.id, "resp_1")
-    assert not await store.release_turn(tenant, conversation.id, "resp_1")
+    assert not await _release(engine, conversation.id, "resp_2", tenant)
+    assert await _release(engine, conversation.id, "resp_1", tenant)
+    assert not await _release(engine, conversation.id, "resp_1", tenant)
+    assert await store.add_items(tenant, conversation.id, _messages("c"), now)
     retaken = await store.begin_turn(tenant, conversation.id, "resp_2", 30, now)
     assert retaken is not None and (retaken.version, retaken.next_position) == (1, 3)
 
-    # After the lease runs out another response may take the lock; the stale holder cannot finish.
-    taken = await store.begin_turn(tenant, conversation.id, "resp_3", 30, now + 31)
+    # The holder's heartbeat moves the lease on; once it lapses, edits go through and another response
+    # may take the lock over, and the stale holder can neither renew nor finish.
+    assert await store.renew_turn(tenant, conversation.id, "resp_2", now + 40)
+    with pytest.raises(InvalidRequest):
+        await store.begin_turn(tenant, conversation.id, "resp_3", 30, now + 35)
+    assert await store.add_items(tenant, conversation.id, _messages("d"), now + 41)
+    taken = await store.begin_turn(tenant, conversation.id, "resp_3", 30, now + 41)
     assert taken is not None
+    assert not await store.renew_turn(tenant, conversation.id, "resp_2", now + 80)
     with pytest.raises(InvalidRequest) as lost:
-        async with engine.begin() as conn:
-            await store.finish_turn(conn, tenant, conversation.id, "resp_2", [])
+        async with unit_of_work(engine) as uow:
+            await store.finish_turn(uow, tenant, conversation.id, "resp_2", [])
     assert lost.value.code == "conversation_locked"
-    async with engine.begin() as conn:
-        assert await store.finish_turn(conn, tenant, conversation.id, "resp_3", []) == 1
+    async with unit_of_work(engine) as uow:
+        assert await store.finish_turn(uow, tenant, conversation.id, "resp_3", []) == 2
     fetched = await store.get(tenant, conversation.id)
     assert fetched is not None and fetched.head_response_id == "resp_3"
-    assert await store.begin_turn(tenant, conversation.id, "resp_4", 30, now + 32) is not None
+    assert await store.begin_turn(tenant, conversation.id, "resp_4", 30, now + 42) is not None
 
 
 async def test_concurrent_turns_and_edits(engine: AsyncEngine) -> None:
@@ -280,6 +302,8 @@ async def test_concurrent_turns_and_edits(engine: AsyncEngine) -> None:
         or (isinstance(outcome, InvalidRequest) and outcome.code == "conversation_locked")
         for outcome in outcomes
     )
+    (winner,) = [f"resp_{i}" for i, outcome in enumerate(outcomes) if isinstance(outcome, ConversationTurn)]
+    assert await _release(engine, conversation.id, winner, tenant)
     batches = [_messages(f"b{i}-0", f"b{i}-1") for i in range(10)]
     assert all(await asyncio.gather(*(store.add_items(tenant, conversation.id, b, now) for b in batches)))
     _, listed = await _page(store, tenant, conversation.id, after=None, limit=100, descending=False)
@@ -296,13 +320,13 @@ async def test_a_failed_finish_rolls_back_with_the_callers_transaction(engine: A
     conversation, _ = await _new(store, tenant, "a")
     assert await store.begin_turn(tenant, conversation.id, "resp_1", 30, time.time()) is not None
     with pytest.raises(RuntimeError):
-        async with engine.begin() as conn:
+        async with unit_of_work(engine) as uow:
             # The items were never written: nothing of the finish may stay.
-            await store.finish_turn(conn, tenant, conversation.id, "resp_1", ["msg_never_written"])
+            await store.finish_turn(uow, tenant, conversation.id, "resp_1", ["msg_never_written"])
     # The lock is still resp_1's, and no position was allocated.
     with pytest.raises(InvalidRequest):
         await store.begin_turn(tenant, conversation.id, "resp_2", 30, time.time())
-    assert await store.release_turn(tenant, conversation.id, "resp_1")
+    assert await _release(engine, conversation.id, "resp_1", tenant)
     turn = await store.begin_turn(tenant, conversation.id, "resp_2", 30, time.time())
     assert turn is not None and (turn.next_position, turn.head_response_id, turn.version) == (1, None, 0)
 
@@ -339,7 +363,7 @@ async def test_round_trips_do_not_grow_with_the_conversation(engine: AsyncEngine
                 counter, store.get_item(tenant, conversation.id, item_ids[-1])
             )
             found["delete_item"], _ = await _counted(
-                counter, store.delete_item(tenant, conversation.id, item_ids[-1])
+                counter, store.delete_item(tenant, conversation.id, item_ids[-1], time.time())
             )
             found["history"], history = await _counted(counter, store.history(tenant, conversation.id))
             assert sum(len(items) for _, items in history) == length + 1
@@ -347,7 +371,7 @@ async def test_round_trips_do_not_grow_with_the_conversation(engine: AsyncEngine
                 counter, store.begin_turn(tenant, conversation.id, "resp_a", 30, time.time())
             )
             found["release_turn"], _ = await _counted(
-                counter, store.release_turn(tenant, conversation.id, "resp_a")
+                counter, _release(engine, conversation.id, "resp_a", tenant)
             )
             counter.reset()
             await _turn(engine, store, tenant, conversation.id, "q")

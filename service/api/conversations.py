@@ -119,7 +119,7 @@ async def get_item(
 
 @router.delete("/{conversation_id}/items/{item_id}", responses=error_responses(404))
 async def delete_item(conversation_id: str, item_id: str, tenant: Tenant, store: Store) -> JSONBody:
-    conversation = await store.delete_item(tenant, conversation_id, item_id)
+    conversation = await store.delete_item(tenant, conversation_id, item_id, time.time())
     if conversation is None:
         raise _not_found(conversation_id)
     return JSONBody(conversation_object(conversation))

@@ -28,6 +28,8 @@ async def prometheus_metrics(request: Request) -> Response:
 
 @router.get("/readyz", responses={503: {"description": "The database is unreachable or not at head"}})
 async def readyz(request: Request) -> JSONBody:
+    if not request.app.state.pipeline.accepting:
+        return JSONBody({"status": "unavailable", "reason": "shutting down"}, 503)
     head = head_revision()
     try:
         current = await current_revision(request.app.state.engine)

@@ -238,16 +238,18 @@ async def cancel_response(
         raise InvalidRequest(
             "Responses can only be cancelled if they were created with background=true.", param="response_id"
         )
-    if stored.status in ("completed", "failed", "incomplete"):
+    # The status after the conditional cancel is the truth: cancelled (now or before), or the final
+    # status of a response that finished first, even if it finished while this request waited.
+    after = await store.cancel(tenant, response_id, time.time())
+    if after is None:
+        raise _not_found(response_id)
+    if after.status != "cancelled":
         raise Conflict(
-            f"Cannot cancel a response whose status is '{stored.status}'.",
+            f"Cannot cancel a response whose status is '{after.status}'.",
             param="response_id",
             code="response_not_cancellable",
         )
-    cancelled = await store.cancel(tenant, response_id, time.time())
-    if cancelled is None:
-        raise _not_found(response_id)
-    return JSONBody(response_object(cancelled))
+    return JSONBody(response_object(after))
 
 
 @router.get("/{response_id}/input_items", responses=error_responses(404))

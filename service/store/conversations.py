@@ -6,6 +6,10 @@ items; reads are one query (plus one existence check only when a page comes back
 fails). A conversation is "unknown" when it does not exist, belongs to another tenant or was deleted:
 every method answers None (or an empty history) for it; an unknown item in a known conversation raises
 NotFound, so the API can tell the two apart.
+
+The turn lock is a lease: the running turn renews it every heartbeat, and once it lapses (its process
+died) the next turn takes it over and item edits go through. While it is held, edits of the item list are
+refused (`conversation_locked`) so nothing lands before the running turn's input.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from service.errors import InvalidRequest, NotFound
 from service.observe import db_call
 from service.store.db import autocommit
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Conversation, Item
+from service.store.unit import UnitOfWork
 
 ItemPayload = dict[str, Any]
 
@@ -65,6 +70,31 @@ def _live(tenant: str, conversation_id: str) -> ColumnElement[bool]:
 
 def _exists(tenant: str, conversation_id: str) -> Select[Any]:
     return select(literal_column("1")).where(_live(tenant, conversation_id))
+
+
+def _unlocked(now: float) -> ColumnElement[bool]:
+    return or_(Conversation.active_response_id.is_(None), Conversation.lock_expires_at < now)
+
+
+def conversation_locked(conversation_id: str) -> InvalidRequest:
+    # OpenAI's status, type, param and code for the same refusal.
+    return InvalidRequest(
+        f"Another response is in progress for conversation {conversation_id}. Please retry in a few seconds.",
+        param="conversation",
+        code="conversation_locked",
+    )
+
+
+async def _known(conn: AsyncConnection, tenant: str, conversation_id: str, now: float) -> bool:
+    """After a conditional UPDATE matched nothing: False if the conversation is unknown, True if it is
+    known and free; raises conversation_locked if a turn holds it."""
+    query = select(Conversation.lock_expires_at).where(
+        _live(tenant, conversation_id), Conversation.active_response_id.is_not(None)
+    )
+    locked = (await conn.execute(query)).first()
+    if locked is not None and locked[0] is not None and locked[0] >= now:
+        raise conversation_locked(conversation_id)
+    return locked is not None or (await conn.execute(_exists(tenant, conversation_id))).first() is not None
 
 
 def item_not_found(conversation_id: str, item_id: str) -> NotFound:
@@ -160,17 +190,19 @@ class ConversationStore:
     async def add_items(
         self, tenant: str, conversation_id: str, items: Sequence[ItemPayload], now: float
     ) -> bool:
-        """Append items (an edit: bumps version); False if the conversation is unknown. Two statements."""
+        """Append items (an edit: bumps version); False if the conversation is unknown, conversation_locked
+        while a turn runs. Two statements."""
         count = len(items)
         allocate = (
             update(Conversation)
-            .where(_live(tenant, conversation_id))
+            .where(_live(tenant, conversation_id), _unlocked(now))
             .values(next_position=Conversation.next_position + count, version=Conversation.version + 1)
             .returning(Conversation.next_position)
         )
         async with self.engine.begin() as conn:
             end = (await conn.execute(allocate)).scalar_one_or_none()
             if end is None:
+                await _known(conn, tenant, conversation_id, now)
                 return False
             start = end - count
             rows = [
@@ -225,21 +257,28 @@ class ConversationStore:
         return item
 
     @db_call
-    async def delete_item(self, tenant: str, conversation_id: str, item_id: str) -> StoredConversation | None:
+    async def delete_item(
+        self, tenant: str, conversation_id: str, item_id: str, now: float
+    ) -> StoredConversation | None:
         """Remove an item (an edit: bumps version); the conversation, None if unknown, NotFound if the item
-        is. An item a response produced or carried is only detached: the response's history keeps it."""
+        is, conversation_locked while a turn runs. An item a response produced or carried is only
+        detached: the response's history keeps it."""
         in_conversation = and_(Item.id == item_id, Item.conversation_id == conversation_id)
         owner = select(Item.response_id).where(in_conversation).scalar_subquery()
         bump = (
             update(Conversation)
-            .where(_live(tenant, conversation_id), select(Item.id).where(in_conversation).exists())
+            .where(
+                _live(tenant, conversation_id),
+                _unlocked(now),
+                select(Item.id).where(in_conversation).exists(),
+            )
             .values(version=Conversation.version + 1)
             .returning(*_CONVERSATION_COLUMNS, owner)
         )
         async with self.engine.begin() as conn:
             row = (await conn.execute(bump)).first()
             if row is None:
-                if (await conn.execute(_exists(tenant, conversation_id))).first() is None:
+                if not await _known(conn, tenant, conversation_id, now):
                     return None
                 raise item_not_found(conversation_id, item_id)
             if row[-1] is None:
@@ -285,40 +324,52 @@ class ConversationStore:
     async def begin_turn(
         self, tenant: str, conversation_id: str, response_id: str, lease_seconds: float, now: float
     ) -> ConversationTurn | None:
-        """Take the turn lock (one conditional UPDATE); None if unknown, InvalidRequest if it is held."""
+        """Take the turn lock, or take over one whose lease lapsed (one conditional UPDATE); None if
+        unknown, conversation_locked if a live turn holds it."""
         statement = (
             update(Conversation)
-            .where(
-                _live(tenant, conversation_id),
-                or_(Conversation.active_response_id.is_(None), Conversation.lock_expires_at < now),
-            )
+            .where(_live(tenant, conversation_id), _unlocked(now))
             .values(active_response_id=response_id, lock_expires_at=now + lease_seconds)
             .returning(Conversation.version, Conversation.head_response_id, Conversation.next_position)
         )
         async with self.engine.begin() as conn:
             row = (await conn.execute(statement)).first()
             if row is None:
-                if (await conn.execute(_exists(tenant, conversation_id))).first() is None:
-                    return None
-                raise InvalidRequest(
-                    f"Another response is already in progress for conversation {conversation_id}.",
-                    param="conversation",
-                    code="conversation_locked",
-                )
+                await _known(conn, tenant, conversation_id, now)
+                return None
         return ConversationTurn(*row)
+
+    @db_call
+    async def renew_turn(
+        self, tenant: str, conversation_id: str, response_id: str, lock_expires_at: float
+    ) -> bool:
+        """The running turn's heartbeat: extend its lock; False if it lost the lock (the lease lapsed and
+        another turn took it over)."""
+        statement = (
+            update(Conversation)
+            .where(
+                Conversation.id == conversation_id,
+                Conversation.tenant == tenant,
+                Conversation.active_response_id == response_id,
+            )
+            .values(lock_expires_at=lock_expires_at)
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(statement)
+        return bool(result.rowcount)
 
     async def finish_turn(
         self,
-        conn: AsyncConnection,
+        uow: UnitOfWork,
         tenant: str,
         conversation_id: str,
         response_id: str,
         item_ids: Sequence[str],
     ) -> int:
-        """Inside the caller's transaction: append the turn's already inserted items (input then output,
+        """In the caller's unit of work: append the turn's already inserted items (input then output,
         in order), make the response the head and release the lock, without bumping version. Two
-        statements; returns the conversation's version. Raises InvalidRequest (conversation_locked) if the
-        lease expired and another response took the lock, so the caller's transaction rolls back."""
+        statements; returns the conversation's version. Raises conversation_locked if the lease lapsed and
+        another response took the lock, so the caller's unit rolls back."""
         count = len(item_ids)
         advance = (
             update(Conversation)
@@ -335,18 +386,14 @@ class ConversationStore:
             )
             .returning(Conversation.next_position, Conversation.version)
         )
-        row = (await conn.execute(advance)).first()
+        row = (await uow.conn.execute(advance)).first()
         if row is None:
-            raise InvalidRequest(
-                f"The turn lock on conversation {conversation_id} expired and was taken by another response.",
-                param="conversation",
-                code="conversation_locked",
-            )
+            raise conversation_locked(conversation_id)
         end, version = row
         if count:
             start = end - count
             positions = {item_id: start + offset for offset, item_id in enumerate(item_ids)}
-            result = await conn.execute(
+            result = await uow.conn.execute(
                 update(Item)
                 .where(Item.id.in_(item_ids), Item.tenant == tenant)
                 .values(conversation_id=conversation_id, conversation_position=case(positions, value=Item.id))
@@ -357,9 +404,11 @@ class ConversationStore:
                 )
         return int(version)
 
-    @db_call
-    async def release_turn(self, tenant: str, conversation_id: str, response_id: str) -> bool:
-        """Release the turn lock if `response_id` still holds it (a failed turn); False otherwise."""
+    async def release_turn(
+        self, uow: UnitOfWork, tenant: str, conversation_id: str, response_id: str
+    ) -> bool:
+        """In the caller's unit: release the turn lock if `response_id` still holds it (a turn that ends
+        without joining the conversation); False otherwise."""
         statement = (
             update(Conversation)
             .where(
@@ -369,6 +418,19 @@ class ConversationStore:
             )
             .values(active_response_id=None, lock_expires_at=None)
         )
-        async with self.engine.begin() as conn:
-            result = await conn.execute(statement)
+        result = await uow.conn.execute(statement)
         return bool(result.rowcount)
+
+    async def release_reaped(
+        self, uow: UnitOfWork, conversation_ids: Sequence[str], response_ids: Sequence[str]
+    ) -> int:
+        """In the reaper's unit: free the conversations still locked by responses it just failed."""
+        if not conversation_ids:
+            return 0
+        statement = (
+            update(Conversation)
+            .where(Conversation.id.in_(conversation_ids), Conversation.active_response_id.in_(response_ids))
+            .values(active_response_id=None, lock_expires_at=None)
+        )
+        result = await uow.conn.execute(statement)
+        return int(result.rowcount or 0)

@@ -2,12 +2,15 @@
 
 Round trips per turn are fixed: the parent with its prefix record and output items is one query, the
 history (full path only) is one recursive query, and writing a turn is one transaction of three inserts,
-whatever the depth of the conversation.
+whatever the depth of the conversation. A streamed or background turn's row is inserted first (in
+progress, with a lease its runner renews) and moved on to its final status by one conditional UPDATE in
+the transaction that adds its output and prefix record; the reaper and cancel are conditional UPDATEs
+too, so of two racing writers exactly one wins and the other learns it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service.observe import db_call
 from service.store.db import autocommit
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
+from service.store.unit import UnitOfWork
 
 ItemPayload = dict[str, Any]
 
@@ -95,8 +99,15 @@ class TurnWrite:
     input_items: Sequence[ItemPayload]
     output_items: Sequence[ItemPayload]
     prefix: PrefixWrite | None
-    # More statements for the same transaction (a conversation turn appends its items to the conversation).
-    also: Callable[[AsyncConnection], Awaitable[object]] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Reaped:
+    """A response the reaper finalized, and the conversation whose lock it may still hold."""
+
+    id: str
+    tenant: str
+    conversation_id: str | None
 
 
 _RESPONSE_COLUMNS = (
@@ -232,11 +243,9 @@ class ResponseStore:
             segments[-1][1].append(payload)
         return segments
 
-    @db_call
-    async def write_turn(self, turn: TurnWrite) -> None:
-        """Response, its items and its prefix record, committed together or not at all."""
-        async with self.engine.begin() as conn:
-            await self._insert(conn, turn, None)
+    async def write_turn(self, uow: UnitOfWork, turn: TurnWrite) -> None:
+        """A finished turn that has no row yet: response, items and prefix record, in the caller's unit."""
+        await self._insert(uow.conn, turn, None)
 
     @staticmethod
     async def _insert(conn: AsyncConnection, turn: TurnWrite, lease_expires_at: float | None) -> None:
@@ -256,12 +265,11 @@ class ResponseStore:
             await conn.execute(_INSERT_ITEMS, item_rows)
         if turn.prefix is not None:
             await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
-        if turn.also is not None:
-            await turn.also(conn)
 
     @db_call
-    async def insert_queued(self, turn: TurnWrite, lease_expires_at: float) -> None:
-        """A background response as accepted: the response with its input items, no output yet."""
+    async def open_turn(self, turn: TurnWrite, lease_expires_at: float) -> None:
+        """A queued or running response as accepted: the row with its input items and a lease, no output
+        yet. Readable at once from any replica; `finish` moves it on."""
         async with self.engine.begin() as conn:
             await self._insert(conn, turn, lease_expires_at)
 
@@ -282,8 +290,9 @@ class ResponseStore:
         return bool(result.rowcount)
 
     @db_call
-    async def heartbeat(self, response_id: str, lease_expires_at: float) -> bool:
-        """Extend the lease; False once the response was cancelled (from any replica)."""
+    async def renew_lease(self, response_id: str, lease_expires_at: float) -> bool:
+        """Extend a running response's lease; False once it is no longer running (cancelled from any
+        replica, or reaped after its lease ran out)."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(Response)
@@ -292,42 +301,37 @@ class ResponseStore:
             )
         return bool(result.rowcount)
 
-    @db_call
-    async def finish(self, turn: TurnWrite) -> bool:
-        """Complete a running background response with its output and prefix record, all or nothing;
-        False (and nothing written) if it was cancelled or reaped meanwhile."""
+    async def finish(self, uow: UnitOfWork, turn: TurnWrite) -> bool:
+        """Move a running response to its final status with its output and prefix record, in the caller's
+        unit; False (and nothing written) if it is no longer running: cancelled or reaped meanwhile."""
         response = turn.response
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(Response)
-                .where(Response.id == response.id, Response.status == "in_progress")
-                .values(
-                    status=response.status,
-                    usage=response.usage,
-                    error=response.error,
-                    incomplete_details=response.incomplete_details,
-                    completed_at=response.completed_at,
-                    lease_expires_at=None,
-                )
+        result = await uow.conn.execute(
+            update(Response)
+            .where(Response.id == response.id, Response.status == "in_progress")
+            .values(
+                status=response.status,
+                usage=response.usage,
+                error=response.error,
+                incomplete_details=response.incomplete_details,
+                completed_at=response.completed_at,
+                lease_expires_at=None,
             )
-            if not result.rowcount:
-                await conn.rollback()
-                return False
-            now = response.completed_at or response.created_at
-            rows = [
-                _item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)
-            ]
-            if rows:
-                await conn.execute(_INSERT_ITEMS, rows)
-            if turn.prefix is not None:
-                await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
-            if turn.also is not None:
-                await turn.also(conn)
+        )
+        if not result.rowcount:
+            return False
+        now = response.completed_at or response.created_at
+        rows = [_item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)]
+        if rows:
+            await uow.conn.execute(_INSERT_ITEMS, rows)
+        if turn.prefix is not None:
+            await uow.conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
         return True
 
     @db_call
     async def cancel(self, tenant: str, response_id: str, now: float) -> StoredResponse | None:
-        """Cancel a queued or running background response (idempotent); returns it as it now stands."""
+        """Cancel a queued or running background response (idempotent); returns it as it now stands. The
+        UPDATE rechecks the status, so a cancel that lost the race to completion changes nothing and the
+        returned status says what really happened."""
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(Response)
@@ -340,26 +344,23 @@ class ResponseStore:
             )
         return await self.get(tenant, response_id)
 
-    @db_call
-    async def reap(self, now: float, batch: int = 500) -> int:
-        """Fail responses whose worker's lease ran out (the process died), in bounded batches."""
-        stale = (
-            select(Response.id)
-            .where(Response.status.in_(("queued", "in_progress")), Response.lease_expires_at < now)
-            .limit(batch)
-            .scalar_subquery()
-        )
+    async def reap(self, uow: UnitOfWork, now: float, batch: int = 500) -> list[Reaped]:
+        """Fail queued or running responses whose lease ran out (their process died), in bounded batches,
+        in the caller's unit. Status and lease are rechecked by the UPDATE itself, so a response that
+        committed its completion (or renewed its lease) meanwhile is left alone; returns what changed."""
+        abandoned = and_(Response.status.in_(("queued", "in_progress")), Response.lease_expires_at < now)
+        stale = select(Response.id).where(abandoned).limit(batch).scalar_subquery()
         error = {
             "code": "server_error",
             "message": "The process running this response stopped before it finished.",
         }
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(Response)
-                .where(Response.id.in_(stale))
-                .values(status="failed", error=error, completed_at=now, lease_expires_at=None)
-            )
-        return int(result.rowcount or 0)
+        result = await uow.conn.execute(
+            update(Response)
+            .where(Response.id.in_(stale), abandoned)
+            .values(status="failed", error=error, completed_at=now, lease_expires_at=None)
+            .returning(Response.id, Response.tenant, Response.conversation_id)
+        )
+        return [Reaped(*row) for row in result.all()]
 
     @db_call
     async def invalidate_record(self, tenant: str, response_id: str, reason: str) -> bool:

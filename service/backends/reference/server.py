@@ -418,7 +418,7 @@ class Backend:
             abort_after = self.faults.abort_after_chunks
         if self.faults.extra_streams > 0:
             self.faults.extra_streams -= 1
-            events = [*events, *((extra, None) for extra in self.faults.extra_deltas)]
+            events = [*events, *((extra, []) for extra in self.faults.extra_deltas)]
         for sent, (delta, ids) in enumerate(events):
             if abort_after is not None and sent >= abort_after:
                 raise StreamAborted(f"injected stream abort after {sent} chunks")

@@ -1,0 +1,103 @@
+"""Leases on running turns, the reaper and cancel, on SQLite and on Postgres: every one is a conditional
+UPDATE that rechecks status (and lease) itself and reports what it changed, so of two racing writers
+exactly one wins and the other learns it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.store.conversations import ConversationStore
+from service.store.models import Response
+from service.store.responses import ResponseStore, StoredResponse, TurnWrite
+from service.store.unit import unit_of_work
+from service.workers.reaper import reap_once
+from tests.factories import stored_response
+
+
+async def _open(
+    store: ResponseStore, lease_expires_at: float, *, status: str = "in_progress", **fields: object
+) -> StoredResponse:
+    response = stored_response(uuid.uuid4().hex, status=status, completed_at=None, **fields)
+    await store.open_turn(TurnWrite(response, time.time() + 60, [], [], None), lease_expires_at)
+    return response
+
+
+async def _status(store: ResponseStore, response: StoredResponse) -> str:
+    stored = await store.get(response.tenant, response.id)
+    assert stored is not None
+    return stored.status
+
+
+async def test_the_reaper_fails_only_what_outlived_its_lease(engine: AsyncEngine) -> None:
+    store, conversations = ResponseStore(engine), ConversationStore(engine)
+    now = time.time()
+    orphans = [
+        await _open(store, now - 1, status="queued", background=True),
+        await _open(store, now - 1),
+    ]
+    live = await _open(store, now + 60)
+    reaped = await reap_once(store, conversations)
+    assert {orphan.id for orphan in orphans} <= {entry.id for entry in reaped}
+    assert live.id not in {entry.id for entry in reaped}
+    for orphan in orphans:
+        stored = await store.get(orphan.tenant, orphan.id)
+        assert stored is not None and stored.status == "failed" and stored.error is not None
+    assert await _status(store, live) == "in_progress"
+    # Nothing to do twice: a second pass changes nothing it already changed.
+    assert not {orphan.id for orphan in orphans} & {
+        entry.id for entry in await reap_once(store, conversations)
+    }
+
+
+async def test_the_reaper_frees_the_conversation_its_dead_turn_held(engine: AsyncEngine) -> None:
+    store, conversations = ResponseStore(engine), ConversationStore(engine)
+    now = time.time()
+    conversation = await conversations.create("t", metadata={}, items=[], now=now)
+    dead = stored_response("t", status="in_progress", completed_at=None, conversation_id=conversation.id)
+    assert await conversations.begin_turn("t", conversation.id, dead.id, 60, now) is not None
+    await store.open_turn(TurnWrite(dead, now + 60, [], [], None), now - 1)
+    assert dead.id in {entry.id for entry in await reap_once(store, conversations)}
+    # Free at once, though the lock's own lease has not run out yet.
+    assert await conversations.begin_turn("t", conversation.id, "resp_next", 60, now) is not None
+
+
+async def test_the_reaper_never_fails_a_response_committing_its_completion(engine: AsyncEngine) -> None:
+    store, conversations = ResponseStore(engine), ConversationStore(engine)
+    running = await _open(store, time.time() - 1)  # lease ran out: a heartbeat was late
+    async with engine.begin() as conn:
+        # The turn commits `completed` while the reaper's pass waits on the row.
+        await conn.execute(update(Response).where(Response.id == running.id).values(status="completed"))
+        reaping = asyncio.create_task(reap_once(store, conversations))
+        await asyncio.sleep(0.5)
+    reaped = await reaping
+    assert running.id not in {entry.id for entry in reaped}
+    assert await _status(store, running) == "completed"
+
+
+async def test_finish_loses_to_cancel_and_cancel_loses_to_finish(engine: AsyncEngine) -> None:
+    store = ResponseStore(engine)
+    now = time.time()
+    cancelled = await _open(store, now + 60, background=True)
+    after = await store.cancel(cancelled.tenant, cancelled.id, now)
+    assert after is not None and after.status == "cancelled"
+    assert not await store.renew_lease(cancelled.id, now + 90)
+    done = StoredResponse(
+        **{**{k: getattr(cancelled, k) for k in StoredResponse.__slots__}, "status": "completed"}
+    )
+    async with unit_of_work(engine) as uow:
+        assert not await store.finish(uow, TurnWrite(done, now + 60, [], [], None))
+    assert await _status(store, cancelled) == "cancelled"
+
+    finished = await _open(store, now + 60, background=True)
+    done = StoredResponse(
+        **{**{k: getattr(finished, k) for k in StoredResponse.__slots__}, "status": "completed"}
+    )
+    async with unit_of_work(engine) as uow:
+        assert await store.finish(uow, TurnWrite(done, now + 60, [], [], None))
+    after = await store.cancel(finished.tenant, finished.id, now)
+    assert after is not None and after.status == "completed"
