@@ -33,7 +33,10 @@ def _bindir() -> Path | None:
 
 
 class ThrowawayCluster:
-    def __init__(self) -> None:
+    """`crash_safe` keeps commits durable across a stop of the server (not of the machine): tuned for
+    speed, the cluster acknowledges commits before their WAL leaves shared memory, and a crash loses them."""
+
+    def __init__(self, *, crash_safe: bool = False) -> None:
         bindir = _bindir()
         if bindir is None:
             raise RuntimeError(
@@ -44,6 +47,7 @@ class ThrowawayCluster:
         self.data = self.root / "data"
         self.port = free_port()
         self._as_root = os.geteuid() == 0
+        self._crash_safe = crash_safe
 
     def _run(self, *args: str) -> None:
         command = list(args)
@@ -66,9 +70,14 @@ class ThrowawayCluster:
             "UTF8",
             "--no-sync",
         )
+        self.start_server()
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start_server(self) -> None:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f"-c synchronous_commit={'on' if self._crash_safe else 'off'} -c full_page_writes=off "
+            "-c max_connections=200"
         )
         self._run(
             str(self.bindir / "pg_ctl"),
@@ -81,11 +90,14 @@ class ThrowawayCluster:
             "-w",
             "start",
         )
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop_server(self) -> None:
+        """Stop at once, as a crash would: open connections break, nothing is shut down cleanly."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
 
     def stop(self) -> None:
         try:
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+            self.stop_server()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

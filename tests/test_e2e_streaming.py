@@ -5,11 +5,9 @@ stream leaves a response in progress."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from openai.types.responses import (
     ResponseCompletedEvent,
@@ -22,6 +20,7 @@ from pydantic import TypeAdapter
 
 from tests.conftest import Service
 from tests.oracle import full_render_digest
+from tests.sse import sse_events
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 LOOKUP: FunctionToolParam = {
@@ -32,24 +31,12 @@ LOOKUP: FunctionToolParam = {
 }
 
 
-def _sse(reply: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    buffer = b""
-    for chunk in reply.iter_raw():
-        assert b"\r" not in chunk, "SSE frames must use LF line endings"
-        buffer += chunk
-        while b"\n\n" in buffer:
-            frame, buffer = buffer.split(b"\n\n", 1)
-            name, data = frame.split(b"\n", 1)
-            assert name.startswith(b"event: ") and data.startswith(b"data: ")
-            yield name[7:].decode(), orjson.loads(data[6:])
-
-
 def _stream(service: Service, **body: Any) -> tuple[httpx.Headers, list[dict[str, Any]]]:
     with service.http() as http, http.stream("POST", "/v1/responses", json={"stream": True, **body}) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         events = []
-        for name, event in _sse(reply):
+        for name, event in sse_events(reply):
             assert name == event["type"]
             EVENTS.validate_python(event)  # the SDK's own event union
             events.append(event)
@@ -156,7 +143,7 @@ def test_client_disconnect_mid_stream_still_stores_the_turn(
                 "POST", "/v1/responses", json={"model": "ref-chatml", "input": "long answer", "stream": True}
             ) as reply,
         ):
-            events = _sse(reply)
+            events = sse_events(reply)
             _, created = next(events)
             next(events)
             next(events)
@@ -197,7 +184,7 @@ def test_the_row_exists_before_response_created(cache_service: Service, backend_
                 "POST", "/v1/responses", json={"model": "ref-chatml", "input": "slowly", "stream": True}
             ) as reply,
         ):
-            events = _sse(reply)
+            events = sse_events(reply)
             _, created = next(events)
             response_id = created["response"]["id"]
             # The id was announced: it must be retrievable at once, from any replica.
