@@ -31,6 +31,7 @@ def test_background_create_poll_and_continue(service: Service) -> None:
     client = service.openai()
     queued = client.responses.create(model="ref-chatml", input="take your time", background=True)
     assert queued.status == "queued" and queued.background is True and queued.output == []
+    assert queued.completed_at is None
     done = _poll(client, queued.id, ("completed",))
     assert done.output_text and done.usage is not None
     follow = client.responses.create(model="ref-chatml", input="and then?", previous_response_id=done.id)

@@ -167,3 +167,28 @@ def test_item_edits_are_refused_while_a_turn_runs(
     items = list(client.conversations.items.list(conversation.id, order="asc"))
     assert [getattr(item, "role", None) for item in items] == ["user", "user", "assistant"]
     client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "now"}])
+
+
+def test_a_turn_longer_than_its_lease_keeps_the_lock(
+    service_factory: Any, backend_admin: httpx.Client
+) -> None:
+    """The running turn's heartbeat renews the lock: a turn that outlasts the lease still holds it, and
+    still joins the conversation when it completes."""
+    service: Service = service_factory("postgres", backend_mode="cache_ref", turn_lease_seconds=3)
+    client = service.openai()
+    conversation = client.conversations.create()
+    backend_admin.post("/admin/latency", json={"ms": 5000}).raise_for_status()
+    results: list[Any] = []
+    try:
+        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
+        slow.start()
+        threading.Event().wait(4.5)  # past the 3 s lease
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "aside"}])
+        slow.join()
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    assert caught.value.code == "conversation_locked"
+    assert results[0].status == "completed"
+    items = list(client.conversations.items.list(conversation.id, order="asc"))
+    assert [getattr(item, "role", None) for item in items] == ["user", "assistant"]
