@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from service.domain import ids
-from service.store.responses import StoredResponse
+from service.store.responses import PrefixWrite, StoredResponse
 
 
 def stored_response(tenant: str, **overrides: Any) -> StoredResponse:
@@ -32,3 +32,30 @@ def stored_response(tenant: str, **overrides: Any) -> StoredResponse:
     }
     fields.update(overrides)
     return StoredResponse(**fields)
+
+
+def prefix_write(handle: str | None = None) -> PrefixWrite:
+    """A valid prefix record of a full-path turn, with a handle if named."""
+    return PrefixWrite(
+        status="valid",
+        decision_path="full",
+        decision_reason="no_parent",
+        prompt_tokens=10,
+        prompt_digest="ab" * 16,
+        cached_tokens=0,
+        reused_tokens=0,
+        bytes_sent=100,
+        turn_tokens=12,
+        safe_boundary=True,
+        safe_tokens=12,
+        prefix_hash="cd" * 16,
+        covers_output=True,
+        fingerprint="ef" * 16,
+        backend_fingerprint="12" * 16,
+        fingerprint_parts={"model": "x"},
+        handle_ref=handle,
+        handle_endpoint=None,
+        handle_epoch="e1" if handle else None,
+        handle_expires_at=time.time() + 60 if handle else None,
+        conversation_version=None,
+    )

@@ -14,36 +14,10 @@ from service.domain import ids
 from service.domain.items import normalize_input
 from service.domain.output import output_items
 from service.store.db import StatementCounter
-from service.store.responses import PrefixWrite, ResponseStore, StoredResponse, TurnWrite
+from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.unit import unit_of_work
-from tests.factories import stored_response
-
-
-def _prefix(handle: str | None = None) -> PrefixWrite:
-    return PrefixWrite(
-        status="valid",
-        decision_path="full",
-        decision_reason="no_parent",
-        prompt_tokens=10,
-        prompt_digest="ab" * 16,
-        cached_tokens=0,
-        reused_tokens=0,
-        bytes_sent=100,
-        turn_tokens=12,
-        safe_boundary=True,
-        safe_tokens=12,
-        prefix_hash="cd" * 16,
-        covers_output=True,
-        fingerprint="ef" * 16,
-        backend_fingerprint="12" * 16,
-        fingerprint_parts={"model": "x"},
-        handle_ref=handle,
-        handle_endpoint=None,
-        handle_epoch="e1" if handle else None,
-        handle_expires_at=time.time() + 60 if handle else None,
-        conversation_version=None,
-    )
+from tests.factories import prefix_write, stored_response
 
 
 async def _turn(
@@ -57,7 +31,8 @@ async def _turn(
         output=output_items(f"re: {text}", None, []),
     )
     await _write(
-        store, TurnWrite(response, now + 3600, normalize_input(text), response.output, _prefix(f"pc_{text}"))
+        store,
+        TurnWrite(response, now + 3600, normalize_input(text), response.output, prefix_write(f"pc_{text}")),
     )
     return response
 
@@ -162,5 +137,5 @@ async def test_turn_is_all_or_nothing(engine: AsyncEngine) -> None:
     )
     # The items collide with the first turn's ids: the whole turn must roll back.
     with pytest.raises(IntegrityError):
-        await _write(store, TurnWrite(duplicate, time.time() + 60, [], turn.output, _prefix()))
+        await _write(store, TurnWrite(duplicate, time.time() + 60, [], turn.output, prefix_write()))
     assert await store.get(tenant, duplicate.id) is None
