@@ -4,6 +4,8 @@ path across turns, edits that invalidate it, and the per-conversation lock."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -25,6 +27,24 @@ def cache_service(service_factory: Any) -> Service:
 def _turn(client: openai.OpenAI, conversation: str, text: str) -> tuple[Any, Any]:
     raw = client.responses.with_raw_response.create(model=MODEL, conversation=conversation, input=text)
     return raw.parse(), raw.headers
+
+
+@contextmanager
+def _while_a_turn_runs(
+    client: openai.OpenAI, conversation: str, backend_admin: httpx.Client, latency_ms: int, after: float
+) -> Iterator[list[Any]]:
+    """A turn on the conversation, slowed down by the backend, runs in a thread; the block starts
+    `after` seconds into it, and the list holds the turn's response once the block is done."""
+    backend_admin.post("/admin/latency", json={"ms": latency_ms}).raise_for_status()
+    results: list[Any] = []
+    try:
+        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation, "slow")[0]))
+        slow.start()
+        threading.Event().wait(after)
+        yield results
+        slow.join()
+    finally:
+        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
 
 
 def test_three_turn_conversation_uses_the_cache_and_appends_items(cache_service: Service) -> None:
@@ -78,17 +98,11 @@ def test_editing_the_conversation_invalidates_the_handle(cache_service: Service)
 def test_a_second_turn_while_one_runs_is_refused(cache_service: Service, backend_admin: httpx.Client) -> None:
     client = cache_service.openai()
     conversation = client.conversations.create()
-    backend_admin.post("/admin/latency", json={"ms": 800}).raise_for_status()
-    results: list[Any] = []
-    try:
-        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
-        slow.start()
-        threading.Event().wait(0.3)
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.responses.create(model=MODEL, conversation=conversation.id, input="impatient")
-        slow.join()
-    finally:
-        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    with (
+        _while_a_turn_runs(client, conversation.id, backend_admin, 800, after=0.3) as results,
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        client.responses.create(model=MODEL, conversation=conversation.id, input="impatient")
     assert caught.value.code == "conversation_locked"
     items = list(client.conversations.items.list(conversation.id, order="asc"))
     assert [getattr(item, "role", None) for item in items] == ["user", "assistant"]  # nothing interleaved
@@ -148,19 +162,11 @@ def test_item_edits_are_refused_while_a_turn_runs(
     conversation = client.conversations.create(items=[{"role": "user", "content": "first"}])
     first_item = next(iter(client.conversations.items.list(conversation.id))).id
     assert first_item is not None
-    backend_admin.post("/admin/latency", json={"ms": 1500}).raise_for_status()
-    results: list[Any] = []
-    try:
-        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
-        slow.start()
-        threading.Event().wait(0.5)
+    with _while_a_turn_runs(client, conversation.id, backend_admin, 1500, after=0.5) as results:
         with pytest.raises(openai.BadRequestError) as added:
             client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "aside"}])
         with pytest.raises(openai.BadRequestError) as deleted:
             client.conversations.items.delete(first_item, conversation_id=conversation.id)
-        slow.join()
-    finally:
-        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
     for caught in (added, deleted):
         assert caught.value.code == "conversation_locked" and caught.value.param == "conversation"
     assert results[0].status == "completed"
@@ -177,17 +183,11 @@ def test_a_turn_longer_than_its_lease_keeps_the_lock(
     service: Service = service_factory("postgres", backend_mode="cache_ref", turn_lease_seconds=3)
     client = service.openai()
     conversation = client.conversations.create()
-    backend_admin.post("/admin/latency", json={"ms": 5000}).raise_for_status()
-    results: list[Any] = []
-    try:
-        slow = threading.Thread(target=lambda: results.append(_turn(client, conversation.id, "slow")[0]))
-        slow.start()
-        threading.Event().wait(4.5)  # past the 3 s lease
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "aside"}])
-        slow.join()
-    finally:
-        backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
+    with (
+        _while_a_turn_runs(client, conversation.id, backend_admin, 5000, after=4.5) as results,  # past 3 s
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "aside"}])
     assert caught.value.code == "conversation_locked"
     assert results[0].status == "completed"
     items = list(client.conversations.items.list(conversation.id, order="asc"))

@@ -2,11 +2,12 @@
 concurrent streamed turns, and SIGTERM. Afterwards every response id a client saw in `response.created`
 is retrievable with a terminal status, and no conversation stays locked 30 s after its holder died.
 
-The service runs as `convstate serve` subprocesses with a short lease (3 s) and reaper interval (1 s), so
+The service runs as `convstate serve` processes with a short lease (3 s) and reaper interval (1 s), so
 recovery takes seconds; every wait is bounded."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -15,14 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import Process, start_service
 from service.serving import ServerThread
 from service.store.migrate import upgrade
 from tests.pg import ThrowawayCluster
-from tests.processes import ServeProcess
 from tests.sse import sse_events
 
 MODEL = "ref-chatml"
-FAST_RECOVERY = {"backend_mode": "cache_ref", "turn_lease_seconds": 3, "reaper_interval": 1}
+FAST_RECOVERY = {"turn_lease_seconds": 3, "reaper_interval": 1}
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 LOCK_RECLAIMED_WITHIN = 30.0
 
@@ -118,6 +119,15 @@ def _turn_goes_through(url: str, conversation_id: str, since: float) -> float:
     )
 
 
+def _serve(database_url: str, backend_url: str, **settings: object) -> Process:
+    """`convstate serve` in its own process, ready."""
+    return start_service(database_url, backend_url, "cache_ref", **settings)
+
+
+def _http(process: Process) -> httpx.Client:
+    return httpx.Client(base_url=process.url, timeout=30)
+
+
 def _conversations(url: str, count: int) -> list[str]:
     with httpx.Client(base_url=url, timeout=30) as http:
         return [http.post("/v1/conversations", json={}).json()["id"] for _ in range(count)]
@@ -134,23 +144,23 @@ def test_kill_9_mid_stream(
     migrated_urls: dict[str, str], reference_backend: ServerThread, slow_streams: None
 ) -> None:
     database_url = migrated_urls["postgres"]
-    with ServeProcess(database_url, reference_backend.url, **FAST_RECOVERY) as doomed:
+    with _serve(database_url, reference_backend.url, **FAST_RECOVERY) as doomed:
         conversation_ids = _conversations(doomed.url, 2)
         turns = [StreamedTurn(doomed.url, body) for body in _bodies(conversation_ids, 2)]
         for turn in turns:
             assert turn.announced.wait(30) and turn.response_id, turn.status_code
-        doomed.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+        doomed.signal(signal.SIGKILL)  # no handler runs, nothing is cleaned up
         died = time.monotonic()
     for turn in turns:
         turn.join()
         assert not turn.ended  # the connection went with the process
-    with ServeProcess(database_url, reference_backend.url, **FAST_RECOVERY) as survivor:
+    with _serve(database_url, reference_backend.url, **FAST_RECOVERY) as survivor, _http(survivor) as http:
         for turn in turns:
             assert turn.response_id is not None
             assert _terminal_status(survivor.url, turn.response_id) == "failed"
         for conversation_id in conversation_ids:
             assert _turn_goes_through(survivor.url, conversation_id, died) < LOCK_RECLAIMED_WITHIN
-            items = survivor.http().get(f"/v1/conversations/{conversation_id}/items?order=asc").json()
+            items = http.get(f"/v1/conversations/{conversation_id}/items?order=asc").json()
             # The dead turn appended nothing; the next one did.
             assert [item["role"] for item in items["data"]] == ["user", "assistant"]
 
@@ -162,7 +172,7 @@ def test_postgres_restart_under_concurrent_streams(
     database_url = cluster.start()
     try:
         upgrade(database_url)
-        with ServeProcess(database_url, reference_backend.url, **FAST_RECOVERY) as service:
+        with _serve(database_url, reference_backend.url, **FAST_RECOVERY) as service:
             conversation_ids = _conversations(service.url, 2)
             turns = [StreamedTurn(service.url, body) for body in _bodies(conversation_ids, 4)]
             for turn in turns:
@@ -191,14 +201,13 @@ def test_postgres_restart_under_concurrent_streams(
 def test_sigterm_lets_running_turns_finish_and_refuses_new_ones(
     migrated_urls: dict[str, str], reference_backend: ServerThread, slow_streams: None
 ) -> None:
-    service = ServeProcess(
+    with _serve(
         migrated_urls["postgres"], reference_backend.url, **FAST_RECOVERY, shutdown_grace_seconds=30
-    ).start()
-    with service:
+    ) as service:
         turn = StreamedTurn(service.url, {"model": MODEL, "input": "finish this, please"})
         assert turn.announced.wait(30) and turn.response_id
-        service.terminate()
-        with service.http() as http:
+        service.signal(signal.SIGTERM)
+        with _http(service) as http:
             deadline = time.monotonic() + 10
             while http.get("/readyz").status_code == 200 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -209,7 +218,7 @@ def test_sigterm_lets_running_turns_finish_and_refuses_new_ones(
         turn.join()
         assert turn.kinds[-1] == "response.completed"
         assert service.wait(timeout=30) == 0
-    with ServeProcess(migrated_urls["postgres"], reference_backend.url) as other:
+    with _serve(migrated_urls["postgres"], reference_backend.url) as other:
         assert turn.response_id is not None
         assert _terminal_status(other.url, turn.response_id) == "completed"
 
@@ -220,24 +229,25 @@ def test_sigterm_fails_what_outlives_the_grace_period(
     backend_admin.post("/admin/stream", json={"chunk_delay_ms": 1500}).raise_for_status()
     backend_admin.post("/admin/latency", json={"ms": 2000}).raise_for_status()
     try:
-        service = ServeProcess(
+        with _serve(
             migrated_urls["postgres"], reference_backend.url, **FAST_RECOVERY, shutdown_grace_seconds=1
-        ).start()
-        with service:
+        ) as service:
             turn = StreamedTurn(service.url, {"model": MODEL, "input": "a story that will not end in time"})
             assert turn.announced.wait(30) and turn.response_id
-            queued = service.http().post(
-                "/v1/responses", json={"model": MODEL, "input": "later", "background": True}
+            queued = httpx.post(
+                f"{service.url}/v1/responses",
+                json={"model": MODEL, "input": "later", "background": True},
+                timeout=30,
             )
             assert queued.json()["status"] == "queued"
-            service.terminate()  # the background turn is still waiting on the backend
+            service.signal(signal.SIGTERM)  # the background turn is still waiting on the backend
             turn.join()
             assert turn.ended and turn.kinds[-1] == "response.failed"
             assert service.wait(timeout=30) == 0
     finally:
         backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
         backend_admin.post("/admin/stream", json={}).raise_for_status()
-    with ServeProcess(migrated_urls["postgres"], reference_backend.url) as other, other.http() as http:
+    with _serve(migrated_urls["postgres"], reference_backend.url) as other, _http(other) as http:
         for response_id in (turn.response_id, queued.json()["id"]):
             stored = http.get(f"/v1/responses/{response_id}").json()
             assert stored["status"] == "failed"

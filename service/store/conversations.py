@@ -72,6 +72,14 @@ def _exists(tenant: str, conversation_id: str) -> Select[Any]:
     return select(literal_column("1")).where(_live(tenant, conversation_id))
 
 
+def _held_by(tenant: str, conversation_id: str, response_id: str) -> ColumnElement[bool]:
+    return and_(
+        Conversation.id == conversation_id,
+        Conversation.tenant == tenant,
+        Conversation.active_response_id == response_id,
+    )
+
+
 def _unlocked(now: float) -> ColumnElement[bool]:
     return or_(Conversation.active_response_id.is_(None), Conversation.lock_expires_at < now)
 
@@ -347,11 +355,7 @@ class ConversationStore:
         another turn took it over)."""
         statement = (
             update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                Conversation.tenant == tenant,
-                Conversation.active_response_id == response_id,
-            )
+            .where(_held_by(tenant, conversation_id, response_id))
             .values(lock_expires_at=lock_expires_at)
         )
         async with self.engine.begin() as conn:
@@ -373,11 +377,7 @@ class ConversationStore:
         count = len(item_ids)
         advance = (
             update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                Conversation.tenant == tenant,
-                Conversation.active_response_id == response_id,
-            )
+            .where(_held_by(tenant, conversation_id, response_id))
             .values(
                 next_position=Conversation.next_position + count,
                 head_response_id=response_id,
@@ -411,11 +411,7 @@ class ConversationStore:
         without joining the conversation); False otherwise."""
         statement = (
             update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                Conversation.tenant == tenant,
-                Conversation.active_response_id == response_id,
-            )
+            .where(_held_by(tenant, conversation_id, response_id))
             .values(active_response_id=None, lock_expires_at=None)
         )
         result = await uow.conn.execute(statement)
