@@ -14,8 +14,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -212,14 +212,17 @@ class Pipeline:
         self.canary = Canary(backend, responses, conversations)
         self.tasks = TaskSet()
         self.background = BackgroundRunner(self)
-        # False once the process is shutting down: new turns get 503, readiness fails.
-        self.accepting = True
+
+    @property
+    def accepting(self) -> bool:
+        """False once the process is shutting down: new turns get 503, readiness fails."""
+        return not self.tasks.closing
 
     # --- the two entry points -----------------------------------------------------------------------
 
     async def create(self, tenant: str, request: TurnRequest) -> TurnResult:
         """A turn answered whole (stored once it completes), or a background one (stored as queued)."""
-        with self.tasks.tracking():
+        with self._admitted():
             turn = await self._prepare(tenant, request)
             async with self._releasing_on_failure(turn):
                 if request.background:
@@ -229,7 +232,7 @@ class Pipeline:
     async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
         """Validation, parent and backend errors raise here, before any event; whatever fails after
         `response.created` ends the stream with `error` and `response.failed`."""
-        with self.tasks.tracking():
+        with self._admitted():
             turn = await self._prepare(tenant, request)
             async with self._releasing_on_failure(turn):
                 chat, sent = await self._send(turn, self.backend.open_chat_stream)
@@ -264,9 +267,23 @@ class Pipeline:
 
     # --- load and decide ----------------------------------------------------------------------------
 
-    async def _prepare(self, tenant: str, request: TurnRequest) -> PreparedTurn:
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """A request's turn: refused once the process is shutting down, waited for by the shutdown, and
+        answered 503 (not dropped) if the shutdown's grace period ends first."""
         if not self.accepting:
             raise ServiceUnavailable("This server is shutting down; retry the request.")
+        with self.tasks.tracking():
+            try:
+                yield
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or not self.tasks.closing:
+                    raise
+                task.uncancel()
+                raise ServiceUnavailable(SHUT_DOWN) from None
+
+    async def _prepare(self, tenant: str, request: TurnRequest) -> PreparedTurn:
         now = time.time()
         response_id = ids.new_id(ids.RESPONSE)
         if request.conversation_id is None:
@@ -598,16 +615,16 @@ class Pipeline:
         self.background.submit(turn)
         return TurnResult(queued, turn.decision, None, 0)
 
-    # --- off the hot path ---------------------------------------------------------------------------
+    # --- shutdown -----------------------------------------------------------------------------------
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns (new ones get 503, readiness fails) and let those in flight finish within
         `grace` seconds; the rest are cancelled, and each records itself failed and frees its
         conversation."""
-        self.accepting = False
         await self.tasks.drain(grace)
 
     async def aclose(self) -> None:
+        """The end of the process's lifespan: drains, unless a signal already did."""
         await self.drain(self.settings.shutdown_grace_seconds)
 
 

@@ -234,19 +234,33 @@ def test_sigterm_fails_what_outlives_the_grace_period(
         ) as service:
             turn = StreamedTurn(service.url, {"model": MODEL, "input": "a story that will not end in time"})
             assert turn.announced.wait(30) and turn.response_id
+            whole: list[httpx.Response] = []
+            answering = threading.Thread(
+                target=lambda: whole.append(
+                    httpx.post(
+                        f"{service.url}/v1/responses", json={"model": MODEL, "input": "now"}, timeout=30
+                    )
+                )
+            )
+            answering.start()
             queued = httpx.post(
                 f"{service.url}/v1/responses",
                 json={"model": MODEL, "input": "later", "background": True},
                 timeout=30,
             )
             assert queued.json()["status"] == "queued"
-            service.signal(signal.SIGTERM)  # the background turn is still waiting on the backend
+            service.signal(signal.SIGTERM)  # the other two turns are still waiting on the backend
             turn.join()
+            answering.join(timeout=30)
             assert turn.ended and turn.kinds[-1] == "response.failed"
             assert service.wait(timeout=30) == 0
     finally:
         backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
         backend_admin.post("/admin/stream", json={}).raise_for_status()
+    # The turn answered whole was told to retry, not dropped.
+    (cut,) = whole
+    assert cut.status_code == 503 and cut.headers["retry-after"].isdigit()
+    assert cut.json()["error"]["message"].startswith("The service shut down")
     with _serve(migrated_urls["postgres"], reference_backend.url) as other, _http(other) as http:
         for response_id in (turn.response_id, queued.json()["id"]):
             stored = http.get(f"/v1/responses/{response_id}").json()

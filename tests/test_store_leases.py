@@ -44,7 +44,7 @@ async def test_the_reaper_fails_only_what_outlived_its_lease(engine: AsyncEngine
         await _open(store, now - 1),
     ]
     live = await _open(store, now + 60)
-    # (The session's other replicas reap the same database: whichever pass gets there first does it.)
+    # (Other replicas these tests started reap the same database: whichever pass comes first does it.)
     reaped = await reap_once(store, conversations)
     assert live.id not in {entry.id for entry in reaped}
     for orphan in orphans:

@@ -106,7 +106,6 @@ class Reaped:
     """A response the reaper finalized, and the conversation whose lock it may still hold."""
 
     id: str
-    tenant: str
     conversation_id: str | None
 
 
@@ -358,7 +357,7 @@ class ResponseStore:
             update(Response)
             .where(Response.id.in_(stale), abandoned)
             .values(status="failed", error=error, completed_at=now, lease_expires_at=None)
-            .returning(Response.id, Response.tenant, Response.conversation_id)
+            .returning(Response.id, Response.conversation_id)
         )
         return [Reaped(*row) for row in result.all()]
 

@@ -19,6 +19,8 @@ CANCEL_WAIT_SECONDS = 5.0
 class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Set when a drain starts; the tasks it cancels can tell a shutdown from other cancellations.
+        self.closing = False
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -44,6 +46,7 @@ class TaskSet:
     async def drain(self, grace: float) -> None:
         """Wait up to `grace` seconds for every task, including those started meanwhile; then cancel the
         rest and give them a bounded time to clean up."""
+        self.closing = True
         deadline = time.monotonic() + grace
         while self._tasks and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(set(self._tasks), timeout=left)
