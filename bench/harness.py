@@ -424,13 +424,6 @@ class Process:
         self.stop()
         raise TimeoutError(f"{self.name} not ready in {timeout}s: {self.tail()}")
 
-    def signal(self, sig: int) -> None:
-        self._popen.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        """The exit status, once the process has exited."""
-        return self._popen.wait(timeout=timeout)
-
     def tail(self, lines: int = 20) -> str:
         self._log_handle.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -124,6 +124,20 @@ def _serve(database_url: str, backend_url: str, **settings: object) -> Process:
     return start_service(database_url, backend_url, "cache_ref", **settings)
 
 
+class Stopping:
+    """SIGTERM sent to a service process, whose exit status arrives later (it drains meanwhile)."""
+
+    def __init__(self, process: Process) -> None:
+        self.status: list[int] = []
+        self._thread = threading.Thread(target=lambda: self.status.append(process.signal(signal.SIGTERM)))
+        self._thread.start()
+
+    def exit_status(self) -> int:
+        self._thread.join(timeout=60)
+        (status,) = self.status
+        return status
+
+
 def _http(process: Process) -> httpx.Client:
     return httpx.Client(base_url=process.url, timeout=30)
 
@@ -206,7 +220,7 @@ def test_sigterm_lets_running_turns_finish_and_refuses_new_ones(
     ) as service:
         turn = StreamedTurn(service.url, {"model": MODEL, "input": "finish this, please"})
         assert turn.announced.wait(30) and turn.response_id
-        service.signal(signal.SIGTERM)
+        stopping = Stopping(service)
         with _http(service) as http:
             deadline = time.monotonic() + 10
             while http.get("/readyz").status_code == 200 and time.monotonic() < deadline:
@@ -217,7 +231,7 @@ def test_sigterm_lets_running_turns_finish_and_refuses_new_ones(
         assert refused.json()["error"]["type"] == "server_error"
         turn.join()
         assert turn.kinds[-1] == "response.completed"
-        assert service.wait(timeout=30) == 0
+        assert stopping.exit_status() == 0
     with _serve(migrated_urls["postgres"], reference_backend.url) as other:
         assert turn.response_id is not None
         assert _terminal_status(other.url, turn.response_id) == "completed"
@@ -249,11 +263,11 @@ def test_sigterm_fails_what_outlives_the_grace_period(
                 timeout=30,
             )
             assert queued.json()["status"] == "queued"
-            service.signal(signal.SIGTERM)  # the other two turns are still waiting on the backend
+            stopping = Stopping(service)  # the other two turns are still waiting on the backend
             turn.join()
             answering.join(timeout=30)
             assert turn.ended and turn.kinds[-1] == "response.failed"
-            assert service.wait(timeout=30) == 0
+            assert stopping.exit_status() == 0
     finally:
         backend_admin.post("/admin/latency", json={"ms": 0}).raise_for_status()
         backend_admin.post("/admin/stream", json={}).raise_for_status()
