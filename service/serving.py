@@ -20,8 +20,8 @@ log = logging.getLogger("convstate.serving")
 class DrainingServer(uvicorn.Server):
     """uvicorn that meets the first SIGTERM (or SIGINT) by draining before it shuts down: `drain` runs
     while the server still accepts connections, so a request that arrives meanwhile gets a 503 it can
-    retry elsewhere instead of a refused connection; then the usual shutdown follows. A second signal
-    exits at once."""
+    retry elsewhere instead of a refused connection; then the usual shutdown follows, and the process
+    ends by the signal like any uvicorn server. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
@@ -33,7 +33,10 @@ class DrainingServer(uvicorn.Server):
         if self._signalled:
             self.force_exit = True
             super().handle_exit(sig, frame)
+            return
         self._signalled = True
+        # Once shut down, uvicorn raises the signal again: the process ends by it, as without a drain.
+        self._captured_signals.append(sig)
 
     async def on_tick(self, counter: int) -> bool:
         if self._signalled and self._draining is None:
