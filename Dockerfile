@@ -38,7 +38,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000
-# uvicorn stops accepting on SIGTERM and finishes the turns in flight before it exits.
+# SIGTERM drains: new turns get 503 while those in flight finish (CONVSTATE_SHUTDOWN_GRACE_SECONDS).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['CONVSTATE_PORT'], timeout=2)"]
