@@ -69,20 +69,28 @@ def in_backend() -> AbstractContextManager[None]:
     return _timed("backend")
 
 
+@contextmanager
+def store_call(name: str) -> Iterator[None]:
+    """The block is database time, and a database that cannot be reached raises ServiceUnavailable (see
+    store/outage.py) instead of the driver's exception."""
+    with in_database():
+        try:
+            yield
+        except Exception as error:
+            unavailable = outage(error)
+            if unavailable is None:
+                raise
+            log.warning("database unavailable in %s: %r", name, error)
+            raise unavailable from error
+
+
 def db_call(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Decorator for store methods: their whole duration (checkout, statements, commit) is database time,
-    and a database that cannot be reached raises ServiceUnavailable (see store/outage.py)."""
+    """Decorator for store methods: `store_call` around their whole duration (checkout, statements,
+    commit)."""
 
     @functools.wraps(function)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with in_database():
-            try:
-                return await function(*args, **kwargs)
-            except Exception as error:
-                unavailable = outage(error)
-                if unavailable is None:
-                    raise
-                log.warning("database unavailable in %s: %r", function.__qualname__, error)
-                raise unavailable from error
+        with store_call(function.__qualname__):
+            return await function(*args, **kwargs)
 
     return wrapper

@@ -8,13 +8,16 @@ import asyncio
 import time
 import uuid
 
+import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.items import normalize_input
 from service.domain.output import output_items
+from service.errors import ServiceUnavailable
+from service.serving import free_port
 from service.store.conversations import ConversationStore
-from service.store.db import StatementCounter
+from service.store.db import StatementCounter, create_engine
 from service.store.models import Response
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from service.store.unit import unit_of_work
@@ -132,3 +135,14 @@ async def test_an_open_turn_costs_two_statements_to_open_and_three_to_finish(eng
         assert (opened, counter.count) == (2, 3)
     finally:
         counter.close()
+
+
+async def test_a_unit_of_work_on_an_unreachable_database_is_a_service_unavailable() -> None:
+    engine = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none")
+    try:
+        with pytest.raises(ServiceUnavailable) as raised:
+            async with unit_of_work(engine) as uow:
+                await ResponseStore(engine).write_turn(uow, TurnWrite(stored_response("t"), 0, [], [], None))
+        assert raised.value.code == "database_unavailable"
+    finally:
+        await engine.dispose()

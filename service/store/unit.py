@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.observe import in_database
+from service.observe import store_call
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,7 +21,8 @@ class UnitOfWork:
 
 @asynccontextmanager
 async def unit_of_work(engine: AsyncEngine) -> AsyncIterator[UnitOfWork]:
-    """Commits when the block ends, rolls back if it raises; all of it counts as database time."""
-    with in_database():
+    """Commits when the block ends, rolls back if it raises; all of it counts as database time, and an
+    unreachable database raises ServiceUnavailable, as from any store method."""
+    with store_call("a unit of work"):
         async with engine.begin() as conn:
             yield UnitOfWork(conn)
