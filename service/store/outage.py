@@ -1,8 +1,9 @@
 """Which database errors mean "unreachable or saturated, retry shortly" (503) rather than a bug (500).
 
 The one place that knows the drivers' exception types; the decorator every store method wears
-(`observe.db_call`) and every unit of work (`store.unit`) apply it, so every caller of the store (HTTP routes, the WebSocket mode, background
-turns) sees a typed ServiceUnavailable instead of a driver exception.
+(`observe.db_call`) and every unit of work (`store.unit`) apply it, so every caller of the store (HTTP
+routes, the WebSocket mode, background turns) sees a typed ServiceUnavailable instead of a driver
+exception.
 """
 
 from __future__ import annotations
