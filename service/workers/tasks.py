@@ -53,6 +53,6 @@ class TaskSet:
         if not self._tasks:
             return
         log.warning("cancelling %d tasks still running after the %.0fs grace period", len(self._tasks), grace)
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.wait(set(self._tasks), timeout=CANCEL_WAIT_SECONDS)
