@@ -1,4 +1,16 @@
-"""One turn: load -> decide -> forward -> persist; the only place store, domain and backend meet.
+"""One turn: load -> plan -> send -> persist; the only place store, domain and backend meet.
+
+The story of a turn (`create` and `stream` below):
+
+1. **Prepare** (`_prepare`): in a conversation, take its turn lock; load the parent (the conversation's
+   head or `previous_response_id`) with its prefix record in one query; ask the backend client for the
+   model's card and the tenant store for the salt; `domain.plan.plan_turn` (pure) then decides the path
+   and builds the exact backend body and its fingerprint from one object.
+2. **Send** (`_send`): the plan's cache body (the handle plus the new messages) if it has one; on a typed
+   miss, or without one, the full body from the stored history (one query); `truncation=auto` drops the
+   oldest history until it fits. The fingerprint recorded is that of the body actually sent.
+3. **Persist** (`_write`): response, items, prefix record and the conversation append in one unit of
+   work, committed before the id is returned.
 
 A turn always ends. One answered whole is stored in one unit of work when it completes (nothing before:
 its id has not left the service). A streamed or background turn's row is inserted, in progress or
@@ -287,7 +299,7 @@ class Pipeline:
         now = time.time()
         response_id = ids.new_id(ids.RESPONSE)
         if request.conversation_id is None:
-            return await self._decide(tenant, request, response_id, now, None, None)
+            return await self._load_and_plan(tenant, request, response_id, now, None, None)
         conversation = await self.conversations.begin_turn(
             tenant, request.conversation_id, response_id, self.settings.turn_lease_seconds, now
         )
@@ -297,7 +309,7 @@ class Pipeline:
             )
         try:
             return await self._holding(
-                self._decide(
+                self._load_and_plan(
                     tenant, request, response_id, now, conversation.head_response_id, conversation.version
                 ),
                 tenant,
@@ -318,7 +330,7 @@ class Pipeline:
             await self.release(turn)
             raise
 
-    async def _decide(
+    async def _load_and_plan(
         self,
         tenant: str,
         request: TurnRequest,
