@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -32,6 +32,8 @@ class Settings(BaseSettings):
         5.0, gt=0, description="seconds a request may wait for a free backend connection before a 503"
     )
     backend_info_ttl: float = Field(1.0, gt=0, description="seconds a /v1/models answer is trusted")
+    # Sent as a bearer token on every backend call (vLLM's --api-key).
+    backend_api_key: SecretStr | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -176,7 +176,11 @@ class TurnStream:
 
 def usage_object(reply: ChatReply) -> dict[str, Any]:
     return responses_usage(
-        reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, reply.reasoning_tokens
+        reply.prompt_tokens,
+        reply.completion_tokens,
+        reply.cached_tokens,
+        reply.reasoning_tokens,
+        reply.cache_write_tokens,
     )
 
 

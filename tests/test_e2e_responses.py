@@ -4,6 +4,7 @@ as the client, Postgres underneath."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -234,3 +235,17 @@ def test_request_size_and_item_limits(service_factory: Any) -> None:
         "input",
         "too_many_items",
     )
+
+
+def test_usage_maps_cached_and_cache_write_tokens(service: Service) -> None:
+    client = service.openai()
+    question = f"A long question about prefix caches, asked twice {uuid.uuid4().hex}. " * 20
+    first = client.responses.create(model=MODEL, input=question, max_output_tokens=16)
+    assert first.usage is not None
+    prompt = first.usage.input_tokens
+    details = first.usage.input_tokens_details
+    assert (details.cached_tokens, details.cache_write_tokens) == (0, prompt // 16 * 16)
+    with client.responses.stream(model=MODEL, input=question) as stream:
+        again = stream.get_final_response()
+    assert again.usage is not None
+    assert again.usage.input_tokens_details.cached_tokens == (prompt - 1) // 16 * 16

@@ -347,6 +347,11 @@ def test_prefix_cache_hits_and_salts(client: httpx.Client) -> None:
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (prompt - 1) // 16 * 16
     assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # vLLM's created_cache_tokens: the prompt's full blocks this request computed and cached.
+    assert first["usage"]["prompt_tokens_details"]["created_cache_tokens"] == prompt // 16 * 16
+    assert second["usage"]["prompt_tokens_details"]["created_cache_tokens"] == prompt // 16 * 16 - (
+        (prompt - 1) // 16 * 16
+    )
     # The reply's own tokens are cached too: the next turn reuses the whole previous turn's blocks.
     follow = [*messages, first["choices"][0]["message"], {"role": "user", "content": "and?"}]
     third = chat(

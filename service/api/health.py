@@ -28,13 +28,22 @@ async def prometheus_metrics(request: Request) -> Response:
 
 @router.get("/readyz", responses={503: {"description": "The database is unreachable or not at head"}})
 async def readyz(request: Request) -> JSONBody:
+    """Ready while not draining and the database answers at or past this code's head. The backend's state
+    is reported, never fails readiness: a backend restart would otherwise take every replica out of
+    rotation at once, and reads, deletes and conversations need no backend (turns answer 502/503 on their
+    own meanwhile)."""
     if not request.app.state.pipeline.accepting:
         return JSONBody({"status": "unavailable", "reason": "shutting down"}, 503)
+    backend = await request.app.state.pipeline.backend.status()
     head = head_revision()
     try:
         current = await current_revision(request.app.state.engine)
     except Exception as exc:
-        return JSONBody({"status": "unavailable", "database": f"unreachable: {exc.__class__.__name__}"}, 503)
-    if behind_head(current):
-        return JSONBody({"status": "unavailable", "database": f"at {current}, head is {head}"}, 503)
-    return JSONBody({"status": "ok", "database": current})
+        database, ready = f"unreachable: {exc.__class__.__name__}", False
+    else:
+        ready = not behind_head(current)
+        database = str(current) if ready else f"at {current}, head is {head}"
+    return JSONBody(
+        {"status": "ok" if ready else "unavailable", "database": database, "backend": backend},
+        200 if ready else 503,
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from service.errors import (
     BackendTimeout,
     BackendUnavailable,
     ContextLengthExceeded,
+    ConvstateError,
     InvalidRequest,
     ServiceUnavailable,
 )
@@ -94,6 +96,7 @@ class ChatReply:
     handle: PromptCacheHandle | None
     bytes_sent: int
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    cache_write_tokens: int = 0
 
 
 def parse_handle(data: Any) -> PromptCacheHandle | None:
@@ -117,8 +120,9 @@ def parse_handle(data: Any) -> PromptCacheHandle | None:
         return None
 
 
-def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int, int, int]:
-    """(prompt, completion, cached, reasoning) tokens from an OpenAI/vLLM usage object."""
+def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int, int, int, int]:
+    """(prompt, completion, cached, cache-write, reasoning) tokens from an OpenAI/vLLM usage object;
+    vLLM reports the prompt tokens it wrote to its prefix cache as `created_cache_tokens`."""
     usage = usage or {}
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
@@ -126,6 +130,7 @@ def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int, int, int]:
         int(usage.get("prompt_tokens") or 0),
         int(usage.get("completion_tokens") or 0),
         int(prompt_details.get("cached_tokens") or 0),
+        int(prompt_details.get("created_cache_tokens") or 0),
         int(completion_details.get("reasoning_tokens") or 0),
     )
 
@@ -161,18 +166,76 @@ class _Reply:
     body: bytes
 
 
-def _error_message(status: int, body: bytes) -> tuple[str, str | None, str | None]:
-    """(message, type, code) of an error body, in OpenAI's or vLLM's shape or neither."""
+@dataclass(frozen=True, slots=True)
+class _ErrorBody:
+    message: str
+    type: str | None = None
+    param: str | None = None
+    # OpenAI's codes are strings or null; vLLM's (the HTTP status as an integer) are dropped.
+    code: str | None = None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _error_body(status: int, body: bytes) -> _ErrorBody:
+    """An error body in OpenAI's, vLLM's or llama.cpp's shape, or neither."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:500].decode(errors="replace") or f"HTTP {status}", None, None
+        return _ErrorBody(body[:500].decode(errors="replace") or f"HTTP {status}")
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message") or data), error.get("type"), error.get("code")
+        return _ErrorBody(
+            str(error.get("message") or data),
+            _text(error.get("type")),
+            _text(error.get("param")),
+            _text(error.get("code")),
+        )
     if isinstance(data, dict) and "message" in data:
-        return str(data["message"]), data.get("type"), None
-    return str(data)[:500], None, None
+        return _ErrorBody(str(data["message"]), _text(data.get("type")))
+    return _ErrorBody(str(data)[:500])
+
+
+# A prompt over the context window, as servers word it: vLLM ("This model's maximum context length is N
+# tokens. However, your prompt contains M input tokens", older "You passed N input tokens ... the model's
+# context length is only K tokens", "'max_tokens' ... is too large: ... maximum context length"),
+# llama.cpp (type exceed_context_size_error; "request (N tokens) exceeds the available context size",
+# "input (N tokens) is larger than the max context size") and OpenAI (code context_length_exceeded).
+_CONTEXT_LENGTH = re.compile(r"maximum context length|context length is only|context size", re.IGNORECASE)
+
+
+def _is_context_length(error: _ErrorBody) -> bool:
+    return (
+        error.type == "exceed_context_size_error"
+        or error.code == "context_length_exceeded"
+        or _CONTEXT_LENGTH.search(error.message) is not None
+    )
+
+
+def backend_error(status: int, body: bytes) -> BackendMiss | ConvstateError:
+    """The typed error for a backend's error reply (status >= 400)."""
+    error = _error_body(status, body)
+    message = error.message
+    if status == 409 and error.type == "prompt_cache_miss":
+        return BackendMiss(error.code or "unknown", message)
+    if status in (401, 403):
+        # The service's credentials, not the client's request: the operator's problem.
+        return _failed(
+            "The model backend refused this service's credentials; the service operator must fix its "
+            "backend API key.",
+            f"HTTP {status}: {message}",
+        )
+    if status == 404:
+        return InvalidRequest(
+            f"The model backend does not serve this model: {message}", param="model", code="model_not_found"
+        )
+    if status == 400 and _is_context_length(error):
+        return ContextLengthExceeded(f"The input is too long for the model: {message}")
+    if status < 500:
+        return InvalidRequest(f"The model backend rejected the request: {message}", code=error.code)
+    return _failed(f"The model backend failed (HTTP {status}).", message)
 
 
 # Connection-level failures: the request did not reach a backend that could answer it, so it is safe to
@@ -277,7 +340,7 @@ class ChatStream:
         return delta
 
     def reply(self) -> ChatReply:
-        prompt, completion, cached, reasoning_tokens = usage_counts(self._usage)
+        prompt, completion, cached, cache_write, reasoning_tokens = usage_counts(self._usage)
         self._client._note_epoch(self._model, self._handle)
         return ChatReply(
             content="".join(self._text),
@@ -291,6 +354,7 @@ class ChatStream:
             prompt_digest=self._digest,
             handle=self._handle,
             bytes_sent=self._bytes_sent,
+            cache_write_tokens=cache_write,
         )
 
 
@@ -303,6 +367,7 @@ class BackendClient:
         self._models_fetched_at = float("-inf")
         self._models_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.backend_max_connections)
+        self._models_status = "unknown"
 
     def _http(self) -> aiohttp.ClientSession:
         """The pooled session, made on first use (inside the running event loop)."""
@@ -322,6 +387,7 @@ class BackendClient:
                     sock_read=settings.backend_timeout,
                 ),
                 json_serialize=lambda value: orjson.dumps(value).decode(),
+                headers=_auth_headers(settings),
             )
         return self._session
 
@@ -363,7 +429,7 @@ class BackendClient:
                         path.lstrip("/"), data=body, headers={"content-type": "application/json", **headers}
                     )
                     if response.status in _TRANSIENT_STATUS:
-                        detail = _error_message(response.status, await response.read())[0]
+                        detail = _error_body(response.status, await response.read()).message
                         response.release()
                         raise _TransientStatus(response.status, detail)
                     return response
@@ -399,22 +465,11 @@ class BackendClient:
     def _raise_for_status(self, status: int, body: bytes) -> None:
         if status < 400:
             return
-        message, error_type, code = _error_message(status, body)
-        if status == 409 and error_type == "prompt_cache_miss":
+        error = backend_error(status, body)
+        if isinstance(error, BackendMiss):
             # A refused handle often means a restart: learn the new epoch on the next decision.
             self._models_fetched_at = float("-inf")
-            raise BackendMiss(code or "unknown", message)
-        if status == 404:
-            raise InvalidRequest(
-                f"The model backend does not serve this model: {message}",
-                param="model",
-                code="model_not_found",
-            )
-        if status == 400 and "maximum context length" in message:
-            raise ContextLengthExceeded(f"The input is too long for the model: {message}")
-        if 400 <= status < 500:
-            raise InvalidRequest(f"The model backend rejected the request: {message}", code=code)
-        raise _failed(f"The model backend failed (HTTP {status}).", message)
+        raise error
 
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatReply:
         payload = orjson.dumps(body)
@@ -427,7 +482,7 @@ class BackendClient:
             message = choice.get("message") or {}
         except (KeyError, IndexError, TypeError):
             raise BackendUnavailable("The model backend returned a malformed completion.") from None
-        prompt, completion, cached, reasoning_tokens = usage_counts(data.get("usage"))
+        prompt, completion, cached, cache_write, reasoning_tokens = usage_counts(data.get("usage"))
         logprobs = (choice.get("logprobs") or {}).get("content") or []
         handle = parse_handle(data.get("prompt_cache"))
         self._note_epoch(str(body.get("model")), handle)
@@ -444,6 +499,7 @@ class BackendClient:
             handle=handle,
             bytes_sent=len(payload),
             logprobs=list(logprobs),
+            cache_write_tokens=cache_write,
         )
 
     async def open_chat_stream(
@@ -485,17 +541,33 @@ class BackendClient:
                     await self._refresh_models()
         return self._models.get(model)
 
-    async def _refresh_models(self) -> None:
+    async def status(self) -> str:
+        """Ask /v1/models now: "ok", or in a word why it does not answer (for /readyz, so at most half a
+        second: a hung backend must not make the probe itself time out; kubelet's default is 1 s)."""
+        await self._refresh_models(min(self._settings.backend_connect_timeout, 0.5))
+        return self._models_status
+
+    async def _refresh_models(self, seconds: float | None = None) -> None:
+        cards: list[Any] = []
         try:
-            timeout = aiohttp.ClientTimeout(total=self._settings.backend_connect_timeout)
+            timeout = aiohttp.ClientTimeout(total=seconds or self._settings.backend_connect_timeout)
             async with self._http().get("v1/models", timeout=timeout) as response:
-                response.raise_for_status()
-                cards = orjson.loads(await response.read()).get("data") or []
-        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
-            # Unknown epoch and fingerprint: every decision fails closed to the full path until it answers.
-            self._models = {}
-        else:
-            self._models = {
-                str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)
-            }
+                if response.status in (401, 403):
+                    self._models_status = "unauthorized"
+                elif response.status >= 400:
+                    self._models_status = f"http_{response.status}"
+                else:
+                    cards = orjson.loads(await response.read()).get("data") or []
+                    self._models_status = "ok"
+        except (aiohttp.ClientError, TimeoutError):
+            self._models_status = "unreachable"
+        except (ValueError, AttributeError):
+            self._models_status = "malformed"
+        # Unknown epoch and fingerprint when it failed: every decision fails closed to the full path.
+        self._models = {str(card.get("id")): _model_info(card) for card in cards if isinstance(card, dict)}
         self._models_fetched_at = time.monotonic()
+
+
+def _auth_headers(settings: Settings) -> dict[str, str]:
+    key = settings.backend_api_key.get_secret_value() if settings.backend_api_key else ""
+    return {"authorization": f"Bearer {key}"} if key else {}

@@ -71,10 +71,12 @@ def chat_options(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def responses_usage(prompt: int, completion: int, cached: int, reasoning: int) -> dict[str, Any]:
+def responses_usage(
+    prompt: int, completion: int, cached: int, reasoning: int, cache_write: int = 0
+) -> dict[str, Any]:
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": prompt + completion,

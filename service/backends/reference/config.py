@@ -28,6 +28,8 @@ class ReferenceSettings(BaseSettings):
     # render context match the handle's, as a backend that trusts its caller would; each such reuse is
     # counted as stale. The differential tests run against this to check the service's decision alone.
     verify_handles: bool = True
+    # Require this bearer token on /v1 paths, as vLLM's --api-key does.
+    api_key: str | None = None
 
     @field_validator("models")
     @classmethod

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,7 @@ class Turn:
     prompt: Prompt
     digest: str
     cached_tokens: int
+    created_cache_tokens: int
     completion: Completion
     prompt_cache: dict[str, Any] | None
 
@@ -268,6 +269,9 @@ class Backend:
         prompt = self.render_prompt(req, now)
         digest = token_digest(prompt.tokens)
         cached = self.prefix_cache.lookup(req.model, req.ctx.cache_salt, prompt.tokens)
+        # Like vLLM's created_cache_tokens: the prompt's full blocks this turn computed and cached.
+        block = self.prefix_cache.block_size
+        created = max(0, len(prompt.tokens) // block * block - cached)
         max_tokens = req.max_tokens or self.settings.max_model_len - len(prompt.tokens)
         completion = complete(plan_reply(digest, prompt.last, req.generation), self.encoder, max_tokens)
         # Generated tokens are cached too (all but the last, whose KV is never computed).
@@ -277,7 +281,7 @@ class Backend:
         self.counters.completion_tokens += len(completion.token_ids)
         pc = req.prompt_cache
         registered = self._register(req, prompt, completion, now) if pc is not None and pc.register else None
-        return Turn(req, prompt, digest, cached, completion, registered)
+        return Turn(req, prompt, digest, cached, created, completion, registered)
 
     def _register(
         self, req: ChatRequest, prompt: Prompt, completion: Completion, now: float
@@ -322,7 +326,10 @@ class Backend:
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": turn.cached_tokens},
+            "prompt_tokens_details": {
+                "cached_tokens": turn.cached_tokens,
+                "created_cache_tokens": turn.created_cache_tokens,
+            },
             "completion_tokens_details": {"reasoning_tokens": turn.completion.reasoning_tokens},
         }
 
@@ -545,6 +552,20 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
     @app.exception_handler(RenderError)
     async def _render_error(_: Request, exc: RenderError) -> Response:
         return json_response(ApiError(400, str(exc), param="messages").body, 400)
+
+    if settings.api_key:
+        # vLLM's --api-key: a bearer token on /v1 paths, answered 401 in its own (non-OpenAI) shape.
+        expected = f"Bearer {settings.api_key}"
+
+        @app.middleware("http")
+        async def _authenticate(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            if request.url.path.startswith("/v1") and not secrets.compare_digest(
+                request.headers.get("authorization", ""), expected
+            ):
+                return json_response({"error": "Unauthorized"}, 401)
+            return await call_next(request)
 
     @app.get("/health")
     async def health() -> Response:

