@@ -1,10 +1,10 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Both build .venv first.
+# Entry points on a fresh machine: `make demo`, `make test` and `make test-vllm`. All build .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test test-vllm lint install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The tests marked `vllm`, against a real vLLM on CPU; its environment and model are cached outside .venv.
+test-vllm: $(STAMP)
+	PYTHON=$(PYTHON) bash tests/vllm/lane.sh run

@@ -55,10 +55,67 @@ build_model() {
   touch "$MODEL/.built"
 }
 
+VLLM_PID=""
+stop_vllm() {
+  if [ -n "$VLLM_PID" ]; then
+    # Its own process group: the API server and the engine processes it spawned.
+    kill -TERM -- "-$VLLM_PID" 2>/dev/null || true
+    wait "$VLLM_PID" 2>/dev/null || true
+    VLLM_PID=""
+  fi
+}
+
+run() {
+  local port key log started deadline
+  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  key=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')
+  log="$CACHE/vllm-$port.log"
+  log "starting vLLM on 127.0.0.1:$port (log: $log)"
+  # Offline: the model is the local folder. A small context keeps the over-the-window cases cheap; a
+  # 1 GiB KV cache is plenty for it. Prefix caching and prompt-token details are what the tests observe.
+  HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 setsid "$PY" -m vllm.entrypoints.openai.api_server \
+    --model "$MODEL" --served-model-name smollm2-135m-instruct \
+    --host 127.0.0.1 --port "$port" --api-key "$key" \
+    --max-model-len 2048 --enable-prefix-caching --enable-prompt-tokens-details \
+    --enable-auto-tool-choice --tool-call-parser hermes \
+    >"$log" 2>&1 &
+  VLLM_PID=$!
+  trap stop_vllm EXIT
+  started=$SECONDS
+  deadline=$((SECONDS + ${VLLM_START_TIMEOUT:-900}))
+  until "$PYTHON" - "http://127.0.0.1:$port/v1/models" "$key" 2>/dev/null <<'PY'
+import sys, urllib.request
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": f"Bearer {sys.argv[2]}"})
+urllib.request.urlopen(request, timeout=5)
+PY
+  do
+    if ! kill -0 "$VLLM_PID" 2>/dev/null; then
+      tail -n 40 "$log" >&2
+      log "vLLM exited during start-up"
+      exit 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      tail -n 40 "$log" >&2
+      log "vLLM did not answer within ${VLLM_START_TIMEOUT:-900} s"
+      exit 1
+    fi
+    sleep 2
+  done
+  log "vLLM ready after $((SECONDS - started)) s"
+  CONVSTATE_TEST_VLLM_URL="http://127.0.0.1:$port" CONVSTATE_TEST_VLLM_API_KEY="$key" \
+    CONVSTATE_TEST_VLLM_MODEL=smollm2-135m-instruct .venv/bin/pytest -m vllm tests/vllm "$@"
+}
+
 case "${1:-run}" in
   install)
     install_env
     build_model
+    ;;
+  run)
+    shift || true
+    install_env
+    build_model
+    run "$@"
     ;;
   *)
     echo "usage: $0 [install|run]" >&2

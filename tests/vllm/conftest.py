@@ -1,0 +1,115 @@
+"""The real vLLM the `vllm` tests run against, and the service in front of it.
+
+`make test-vllm` (tests/vllm/lane.sh) starts vLLM and names it in CONVSTATE_TEST_VLLM_URL,
+CONVSTATE_TEST_VLLM_API_KEY and CONVSTATE_TEST_VLLM_MODEL. Without a vLLM answering there these tests
+fail; they never skip."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.backends.client import BackendClient
+from service.config import Settings
+from service.domain.items import history_messages
+from service.serving import ServerThread
+from service.store.db import create_engine
+from service.store.responses import ResponseStore
+from tests.conftest import Service, start_service
+from tests.vllm.recorder import Exchange, Recorder
+
+
+@dataclass(frozen=True)
+class Vllm:
+    url: str
+    api_key: str
+    model: str
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {self.api_key}"}, timeout=120
+        )
+
+
+@pytest.fixture(scope="session")
+def vllm() -> Vllm:
+    names = ("CONVSTATE_TEST_VLLM_URL", "CONVSTATE_TEST_VLLM_API_KEY", "CONVSTATE_TEST_VLLM_MODEL")
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        pytest.fail(f"the vllm tests need a running vLLM ({', '.join(missing)} unset): run `make test-vllm`")
+    server = Vllm(*(os.environ[name] for name in names))
+    try:
+        with server.http() as http:
+            cards = http.get("/v1/models").raise_for_status().json()["data"]
+    except httpx.HTTPError as exc:
+        pytest.fail(f"vLLM at {server.url} does not answer /v1/models: {exc!r}")
+    if server.model not in [card["id"] for card in cards]:
+        pytest.fail(f"vLLM at {server.url} does not serve {server.model}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def recorder(vllm: Vllm) -> Iterator[Recorder]:
+    """The proxy every service below talks to vLLM through."""
+    recording = Recorder(vllm.url)
+    with ServerThread(recording.app()) as server:
+        recording.url = server.url
+        yield recording
+
+
+@pytest.fixture(scope="session")
+def vllm_service(vllm: Vllm, recorder: Recorder, migrated_urls: dict[str, str]) -> Iterator[Any]:
+    """Factory: the service in a backend mode against vLLM (through the recorder), one per settings."""
+    running: dict[tuple[object, ...], Service] = {}
+
+    def get(mode: str = "full", **overrides: object) -> Service:
+        settings: dict[str, object] = {"backend_mode": mode, "backend_api_key": vllm.api_key, **overrides}
+        key = tuple(sorted(settings.items()))
+        if key not in running:
+            running[key] = start_service(migrated_urls["postgres"], recorder.url, **settings)
+        return running[key]
+
+    yield get
+    for service in running.values():
+        service.server.stop()
+
+
+@pytest.fixture
+async def vllm_engine(migrated_urls: dict[str, str]) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(migrated_urls["postgres"])
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def canary_render(
+    engine: AsyncEngine,
+    settings: Settings,
+    exchange: Exchange,
+    response_id: str,
+    instructions: str | None,
+    *,
+    through_reply: bool,
+) -> list[int]:
+    """A stored turn's history rendered the canary's way, through vLLM's /tokenize chat form, with the
+    tools and salt the turn was sent with: through its reply without a generation prompt (what the canary
+    checks a handle against), or up to its reply with one (what the turn was generated from)."""
+    segments = await ResponseStore(engine).history("default", response_id)
+    if not through_reply and segments and segments[-1][0]:
+        segments = segments[:-1]
+    body: dict[str, Any] = {
+        key: exchange.body[key] for key in ("model", "tools", "cache_salt") if key in exchange.body
+    }
+    body.update(messages=history_messages(instructions, segments), add_generation_prompt=not through_reply)
+    client = BackendClient(settings)
+    try:
+        return await client.tokenize_chat(body)
+    finally:
+        await client.aclose()

@@ -1,0 +1,91 @@
+"""A loopback proxy between the service and vLLM that asks every chat completion for its token ids
+(`return_token_ids`) and keeps what the service sent and what vLLM reported for it, so a test can hold
+the service's renders and usage against vLLM's own figures for the same turn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+CHAT = "/v1/chat/completions"
+_FORWARDED = ("authorization", "content-type", "x-request-id")
+
+
+@dataclass
+class Exchange:
+    """One chat completion as the service sent it and as vLLM answered it."""
+
+    body: dict[str, Any]
+    status: int = 0
+    prompt_token_ids: list[int] | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Recorder:
+    target: str
+    url: str = ""  # where the proxy listens, once started
+    exchanges: list[Exchange] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        client = httpx.AsyncClient(base_url=self.target, timeout=300)
+        methods = ["GET", "POST", "DELETE"]
+        return Starlette(routes=[Route("/{path:path}", self._handler(client), methods=methods)])
+
+    def _handler(self, client: httpx.AsyncClient) -> Any:
+        async def handle(request: Request) -> Response:
+            body = await request.body()
+            exchange = None
+            if request.url.path == CHAT and request.method == "POST":
+                exchange = Exchange(orjson.loads(body))
+                self.exchanges.append(exchange)
+                body = orjson.dumps({**exchange.body, "return_token_ids": True})
+            headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
+            upstream = await client.send(
+                client.build_request(request.method, request.url.path, content=body, headers=headers),
+                stream=True,
+            )
+            kept = {"content-type": upstream.headers.get("content-type", "application/json")}
+            if exchange is None:
+                content = await upstream.aread()
+                await upstream.aclose()
+                return Response(content, upstream.status_code, headers=kept)
+            exchange.status = upstream.status_code
+            return StreamingResponse(_relay(upstream, exchange), upstream.status_code, headers=kept)
+
+        return handle
+
+
+async def _relay(upstream: httpx.Response, exchange: Exchange) -> AsyncIterator[bytes]:
+    """Pass the reply through unchanged, noting its token ids, usage or error on the way."""
+    try:
+        if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            content = await upstream.aread()
+            _note(exchange, orjson.loads(content))
+            yield content
+            return
+        async for line in upstream.aiter_lines():
+            data = line.removeprefix("data:").strip()
+            if line.startswith("data:") and data != "[DONE]":
+                _note(exchange, orjson.loads(data))
+            yield (line + "\n").encode()
+    finally:
+        await upstream.aclose()
+
+
+def _note(exchange: Exchange, data: dict[str, Any]) -> None:
+    if data.get("prompt_token_ids") is not None:
+        exchange.prompt_token_ids = list(data["prompt_token_ids"])
+    if data.get("usage"):
+        exchange.usage = data["usage"]
+    if isinstance(data.get("error"), dict):
+        exchange.error = data["error"]
