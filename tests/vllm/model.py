@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,7 +31,18 @@ def main(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The template decides what the model sees; take it from the GGUF whatever the loader kept.
     tokenizer.chat_template = chat_template(gguf)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # Dequantized on load, then moved into a plain model: a GGUF-loaded one refuses to be saved.
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.bfloat16,
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"model folder: {out} ({model.config.architectures}, {model.num_parameters()} parameters)")
