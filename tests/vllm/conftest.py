@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.backends.client import BackendClient
 from service.config import Settings
+from service.domain.fingerprint import SAMPLING_FIELDS
 from service.domain.items import history_messages
 from service.serving import ServerThread
 from service.store.db import create_engine
@@ -98,14 +99,17 @@ async def canary_render(
     *,
     through_reply: bool,
 ) -> list[int]:
-    """A stored turn's history rendered the canary's way, through vLLM's /tokenize chat form, with the
-    tools and salt the turn was sent with: through its reply without a generation prompt (what the canary
-    checks a handle against), or up to its reply with one (what the turn was generated from)."""
+    """A stored turn's history rendered as the canary renders it (TurnPlan.render_body: the body the turn
+    was sent with, less the cache reference and sampling, over the stored history) through vLLM's
+    /tokenize chat form: through the turn's reply without a generation prompt (what the canary checks a
+    handle against), or up to its reply with one (what the turn was generated from)."""
     segments = await ResponseStore(engine).history("default", response_id)
     if not through_reply and segments and segments[-1][0]:
         segments = segments[:-1]
-    body: dict[str, Any] = {
-        key: exchange.body[key] for key in ("model", "tools", "cache_salt") if key in exchange.body
+    body = {
+        key: value
+        for key, value in exchange.body.items()
+        if key not in ("messages", "prompt_cache") and key not in SAMPLING_FIELDS
     }
     body.update(messages=history_messages(instructions, segments), add_generation_prompt=not through_reply)
     client = BackendClient(settings)
