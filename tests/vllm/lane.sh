@@ -69,7 +69,7 @@ run() {
   local port key log started deadline
   port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   key=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')
-  log="$CACHE/vllm-$port.log"
+  log=$(mktemp "${TMPDIR:-/tmp}/convstate-vllm.XXXXXX")
   log "starting vLLM on 127.0.0.1:$port (log: $log)"
   # Offline: the model is the local folder. A small context keeps the over-the-window cases cheap; a
   # 1 GiB KV cache is plenty for it. Prefix caching and prompt-token details are what the tests observe.
@@ -102,8 +102,13 @@ PY
     sleep 2
   done
   log "vLLM ready after $((SECONDS - started)) s"
-  CONVSTATE_TEST_VLLM_URL="http://127.0.0.1:$port" CONVSTATE_TEST_VLLM_API_KEY="$key" \
-    CONVSTATE_TEST_VLLM_MODEL=smollm2-135m-instruct .venv/bin/pytest -m vllm tests/vllm "$@"
+  if CONVSTATE_TEST_VLLM_URL="http://127.0.0.1:$port" CONVSTATE_TEST_VLLM_API_KEY="$key" \
+    CONVSTATE_TEST_VLLM_MODEL=smollm2-135m-instruct .venv/bin/pytest -m vllm tests/vllm "$@"; then
+    rm -f "$log"
+  else
+    log "tests failed; vLLM's log: $log"
+    exit 1
+  fi
 }
 
 case "${1:-run}" in
