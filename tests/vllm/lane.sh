@@ -5,7 +5,7 @@
 #   lane.sh install   the vLLM environment and the model folder (cached; redone only when incomplete)
 #   lane.sh run       install, start vLLM, run the `vllm` tests with the project's .venv, stop vLLM
 #
-# The environment lives outside the work tree (it is about 3.5 GB and shared by every checkout) under
+# The environment lives outside the work tree (about 6.5 GB, shared by every checkout) under
 # ${XDG_CACHE_HOME:-$HOME/.cache}/convstate/, keyed by the versions below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -58,12 +58,16 @@ build_model() {
 
 VLLM_PID=""
 stop_vllm() {
-  if [ -n "$VLLM_PID" ]; then
-    # Its own process group: the API server and the engine processes it spawned.
-    kill -TERM -- "-$VLLM_PID" 2>/dev/null || true
-    wait "$VLLM_PID" 2>/dev/null || true
-    VLLM_PID=""
-  fi
+  if [ -z "$VLLM_PID" ]; then return; fi
+  # Its own process group: the API server and the engine processes it spawned; 30 s to shut down.
+  kill -TERM -- "-$VLLM_PID" 2>/dev/null || true
+  for _ in $(seq 30); do
+    kill -0 "$VLLM_PID" 2>/dev/null || break
+    sleep 1
+  done
+  kill -KILL -- "-$VLLM_PID" 2>/dev/null || true
+  wait "$VLLM_PID" 2>/dev/null || true
+  VLLM_PID=""
 }
 
 run() {
