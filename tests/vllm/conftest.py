@@ -7,7 +7,7 @@ fail; they never skip."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,6 @@ from service.config import Settings
 from service.domain.fingerprint import SAMPLING_FIELDS
 from service.domain.items import history_messages
 from service.serving import ServerThread
-from service.store.db import create_engine
 from service.store.responses import ResponseStore
 from tests.conftest import Service, start_service
 from tests.vllm.recorder import Exchange, Recorder
@@ -79,15 +78,6 @@ def vllm_service(vllm: Vllm, recorder: Recorder, migrated_urls: dict[str, str]) 
     yield get
     for service in running.values():
         service.server.stop()
-
-
-@pytest.fixture
-async def vllm_engine(migrated_urls: dict[str, str]) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(migrated_urls["postgres"])
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def canary_render(

@@ -19,8 +19,8 @@ from tests.vllm.conftest import Vllm
 pytestmark = pytest.mark.vllm
 
 
-async def test_kv_cache_reuse_stays_within_a_tenant(vllm: Vllm, vllm_engine: AsyncEngine) -> None:
-    tenants = TenantStore(vllm_engine)
+async def test_kv_cache_reuse_stays_within_a_tenant(vllm: Vllm, pg_engine: AsyncEngine) -> None:
+    tenants = TenantStore(pg_engine)
     salt_a = await tenants.cache_salt(f"tenant-a-{uuid.uuid4().hex}")
     salt_b = await tenants.cache_salt(f"tenant-b-{uuid.uuid4().hex}")
     assert salt_a != salt_b

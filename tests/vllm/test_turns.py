@@ -35,7 +35,7 @@ def _last(recorder: Recorder) -> Exchange:
 
 @pytest.mark.parametrize("mode", [*MODES, "cache_ref"])
 async def test_chain_and_the_canary_render_of_every_turn(
-    vllm_service: Any, vllm: Vllm, recorder: Recorder, vllm_engine: AsyncEngine, mode: str
+    vllm_service: Any, vllm: Vllm, recorder: Recorder, pg_engine: AsyncEngine, mode: str
 ) -> None:
     service: Service = vllm_service(mode)
     client = service.openai()
@@ -57,13 +57,13 @@ async def test_chain_and_the_canary_render_of_every_turn(
         # What the service sent is what was generated from: /tokenize of the stored history equals the
         # prompt token ids vLLM reports for the turn.
         generated_from = await canary_render(
-            vllm_engine, service.settings, exchange, response.id, instructions, through_reply=False
+            pg_engine, service.settings, exchange, response.id, instructions, through_reply=False
         )
         assert generated_from == exchange.prompt_token_ids
         prompts.append(exchange.prompt_token_ids)
         renders.append(
             await canary_render(
-                vllm_engine, service.settings, exchange, response.id, instructions, through_reply=True
+                pg_engine, service.settings, exchange, response.id, instructions, through_reply=True
             )
         )
         previous = response.id
