@@ -116,19 +116,24 @@ PY
   fi
 }
 
-case "${1:-run}" in
-  install)
-    install_env
-    build_model
-    ;;
-  run)
-    shift || true
-    install_env
-    build_model
-    run "$@"
-    ;;
-  *)
-    echo "usage: $0 [install|run]" >&2
-    exit 2
-    ;;
-esac
+main() {
+  case "${1:-run}" in
+    install)
+      install_env
+      build_model
+      ;;
+    run)
+      shift || true
+      install_env
+      build_model
+      run "$@"
+      ;;
+    *)
+      echo "usage: $0 [install|run]" >&2
+      exit 2
+      ;;
+  esac
+}
+
+# On one line, so bash has read all it will run: editing this file while it runs cannot change the run.
+main "$@"; exit
