@@ -157,10 +157,12 @@ def test_a_stream_is_stored_from_response_created_on_and_survives_its_client_lea
     assert stored["status"] == "completed" and stored["output"][0]["content"][0]["text"]
 
 
+@pytest.mark.parametrize("abort_as", ["disconnect", "error"])
 def test_backend_dying_mid_stream_gives_error_then_failed(
-    cache_service: Service, backend_admin: httpx.Client
+    cache_service: Service, backend_admin: httpx.Client, abort_as: str
 ) -> None:
-    backend_admin.post("/admin/stream", json={"abort_count": 1, "abort_after_chunks": 2}).raise_for_status()
+    fault = {"abort_count": 1, "abort_after_chunks": 2, "abort_as": abort_as}
+    backend_admin.post("/admin/stream", json=fault).raise_for_status()
     _, events = _stream(cache_service, model="ref-chatml", input="doomed")
     kinds = [event["type"] for event in events]
     assert kinds[-2:] == ["error", "response.failed"]

@@ -308,6 +308,10 @@ class ChatStream:
             self._started = 0.0
 
     def _feed(self, chunk: dict[str, Any]) -> ChunkDelta:
+        error = chunk.get("error")
+        if isinstance(error, dict):
+            # vLLM reports a failure inside generation in band: an error object instead of a chunk.
+            raise BackendUnavailable(f"The model backend failed mid-stream: {error.get('message')}")
         delta = ChunkDelta()
         if chunk.get("usage"):
             self._usage = chunk["usage"]

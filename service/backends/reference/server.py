@@ -79,9 +79,12 @@ class Faults:
     fail_status: int = 503
     latency_ms: float = 0.0
     # Streams: the next `abort_streams` streamed completions drop the connection after
-    # `abort_after_chunks` chunks (an engine dying mid-generation); every chunk waits `chunk_delay_ms`.
+    # `abort_after_chunks` chunks (an engine dying mid-generation), or with `abort_as_error` end the
+    # stream with an error event as vLLM does for a failure inside generation; every chunk waits
+    # `chunk_delay_ms`.
     abort_streams: int = 0
     abort_after_chunks: int = 0
+    abort_as_error: bool = False
     chunk_delay_ms: float = 0.0
     # The next `extra_streams` streamed completions send these raw deltas after the generated ones (a
     # misbehaving engine or parser: reasoning after text, characters a database rejects).
@@ -428,7 +431,12 @@ class Backend:
             events = [*events, *((extra, []) for extra in self.faults.extra_deltas)]
         for sent, (delta, ids) in enumerate(events):
             if abort_after is not None and sent >= abort_after:
-                raise StreamAborted(f"injected stream abort after {sent} chunks")
+                if not self.faults.abort_as_error:
+                    raise StreamAborted(f"injected stream abort after {sent} chunks")
+                # vLLM's in-band failure: an error object where a chunk would be, then [DONE], under 200.
+                error = ApiError(500, f"Injected failure after {sent} chunks")
+                yield b"data: " + orjson.dumps(error.body) + b"\n\ndata: [DONE]\n\n"
+                return
             if self.faults.chunk_delay_ms:
                 await asyncio.sleep(self.faults.chunk_delay_ms / 1000)
             yield event([choice(delta, ids)])
@@ -661,6 +669,7 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
         faults = backend.faults
         faults.abort_streams = _int_field(body, "abort_count", 0, 0, 1_000_000)
         faults.abort_after_chunks = _int_field(body, "abort_after_chunks", 0, 0, 1_000_000)
+        faults.abort_as_error = body.get("abort_as") == "error"
         faults.chunk_delay_ms = _int_field(body, "chunk_delay_ms", 0, 0, 60_000)
         extra = body.get("extra_deltas", [])
         if not isinstance(extra, list) or not all(isinstance(delta, dict) for delta in extra):
@@ -671,6 +680,7 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
             {
                 "abort_count": faults.abort_streams,
                 "abort_after_chunks": faults.abort_after_chunks,
+                "abort_as": "error" if faults.abort_as_error else "disconnect",
                 "chunk_delay_ms": faults.chunk_delay_ms,
                 "extra_count": faults.extra_streams,
                 "extra_deltas": faults.extra_deltas,
