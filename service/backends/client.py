@@ -311,7 +311,7 @@ class ChatStream:
         error = chunk.get("error")
         if isinstance(error, dict):
             # vLLM reports a failure inside generation in band: an error object instead of a chunk.
-            raise BackendUnavailable(f"The model backend failed mid-stream: {error.get('message')}")
+            raise _failed("The model backend failed mid-stream.", str(error.get("message")))
         delta = ChunkDelta()
         if chunk.get("usage"):
             self._usage = chunk["usage"]
