@@ -63,6 +63,25 @@ def recorder(vllm: Vllm) -> Iterator[Recorder]:
         yield recording
 
 
+@pytest.fixture(autouse=True)
+def every_turn_renders_as_generated(vllm: Vllm, recorder: Recorder) -> Iterator[None]:
+    """After each test, every chat completion it caused that vLLM answered: the /tokenize chat form of
+    the body the service sent equals the prompt token ids vLLM generated from."""
+    first = len(recorder.exchanges)
+    yield
+    with vllm.http() as http:
+        for exchange in recorder.exchanges[first:]:
+            if exchange.status != 200 or exchange.prompt_token_ids is None:
+                continue
+            body = {
+                key: value
+                for key, value in exchange.body.items()
+                if key != "prompt_cache" and key not in SAMPLING_FIELDS
+            }
+            rendered = http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
+            assert rendered == exchange.prompt_token_ids, f"render differs from generation: {exchange.body}"
+
+
 @pytest.fixture(scope="session")
 def vllm_service(vllm: Vllm, recorder: Recorder, migrated_urls: dict[str, str]) -> Iterator[Any]:
     """Factory: the service in a backend mode against vLLM (through the recorder), one per settings."""
