@@ -127,18 +127,25 @@ WEATHER = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_forced_tool_call_and_its_result(vllm_service: Any, vllm: Vllm, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "stream"), [("full", False), ("affinity", False), ("full", True)])
+def test_forced_tool_call_and_its_result(vllm_service: Any, vllm: Vllm, mode: str, stream: bool) -> None:
     client = vllm_service(mode).openai()
-    call_turn = client.responses.create(
-        model=vllm.model,
-        input="What is the weather in Paris?",
-        tools=[WEATHER],
-        tool_choice={"type": "function", "name": "get_weather"},
+    call: dict[str, Any] = {
+        "model": vllm.model,
+        "input": "What is the weather in Paris?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
         # Greedy, with room for the arguments: a cut-off call is no call.
-        temperature=0,
-        max_output_tokens=128,
-    )
+        "temperature": 0,
+        "max_output_tokens": 128,
+    }
+    if stream:
+        events = list(client.responses.create(**call, stream=True))
+        assert events[-1].type == "response.completed"
+        call_turn = events[-1].response
+        assert call_turn.output == client.responses.retrieve(call_turn.id).output
+    else:
+        call_turn = client.responses.create(**call)
     calls = [item for item in call_turn.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather"
     arguments = json.loads(calls[0].arguments)
