@@ -3,48 +3,86 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import conversations, errors, health, responses
+from service.api import admin, conversations, errors, health, responses
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
-from service.config import Settings, load_settings
+from service.config import AuthMode, Settings, load_settings
 from service.logs import configure_logging
 from service.pipeline import Pipeline
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
+from service.store.inspect import InspectStore
+from service.store.invalidations import InvalidationStore
+from service.store.keys import KeyStore
 from service.store.responses import ResponseStore
+from service.store.retention import RetentionStore
 from service.store.tenants import TenantStore
+from service.workers.invalidations import InvalidationWatcher
 from service.workers.reaper import reap_forever
+from service.workers.retention import retain_forever
+
+log = logging.getLogger("convstate")
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auth is AuthMode.NONE:
+            log.warning("CONVSTATE_AUTH=none: no API keys; every caller is the admin of the default tenant")
         engine = create_engine(
             settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
         )
+        # The invalidation feed has a connection of its own, so a busy pool never delays it.
+        feed_engine = create_engine(settings.database_url, pool_size=1, max_overflow=0)
         backend = BackendClient(settings)
         conversations = ConversationStore(engine)
-        turns = Pipeline(settings, ResponseStore(engine), conversations, TenantStore(engine), backend)
+        tenants = TenantStore(engine, settings.response_ttl_days)
+        keys = KeyStore(engine)
+        watcher = InvalidationWatcher(
+            feed_engine,
+            settings.invalidation_max_lag,
+            on_tenant_config=tenants.forget,
+            on_api_key=keys.forget,
+        )
+        keys.cache_trusted = watcher.fresh
+        await watcher.sync()
+        turns = Pipeline(settings, ResponseStore(engine), conversations, tenants, backend, watcher)
+        retention = RetentionStore(engine)
         app.state.engine = engine
         app.state.pipeline = turns
         app.state.conversations = conversations
-        reaper = asyncio.get_running_loop().create_task(
-            reap_forever(turns.responses, conversations, settings.reaper_interval)
-        )
+        app.state.tenants = tenants
+        app.state.keys = keys
+        app.state.watcher = watcher
+        app.state.invalidations = InvalidationStore(engine)
+        app.state.inspect = InspectStore(engine)
+        app.state.retention = retention
+        loop = asyncio.get_running_loop()
+        workers = [
+            loop.create_task(reap_forever(turns.responses, conversations, settings.reaper_interval)),
+            loop.create_task(watcher.run()),
+            loop.create_task(
+                retain_forever(retention, settings.retention_interval, settings.retention_batch)
+            ),
+        ]
         try:
             yield
         finally:
-            # Turns still running finish (within the grace period) before the reaper and the pools go.
+            # Turns still running finish (within the grace period) before the workers and the pools go.
             await turns.aclose()
-            reaper.cancel()
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await backend.aclose()
             await engine.dispose()
+            await feed_engine.dispose()
 
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -53,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)
+    app.include_router(admin.router)
     return app
 
 

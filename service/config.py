@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import ipaddress
+from enum import StrEnum
 from functools import cached_property
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from service.domain.policy import BackendMode
+
+
+class AuthMode(StrEnum):
+    API_KEY = "api_key"
+    NONE = "none"  # development only: every caller is the admin of the `default` tenant
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -40,6 +56,12 @@ class Settings(BaseSettings):
     # uvicorn worker processes; one per container is the norm (scale with replicas, see operations.md).
     workers: int = Field(1, ge=1, le=64)
 
+    auth: AuthMode = AuthMode.API_KEY
+    # auth=none beyond loopback serves every conversation to anyone who can reach the port.
+    auth_none_remote: bool = Field(False, validate_default=True)
+    # Every replica honours an invalidation (and a key revocation) within this many seconds.
+    invalidation_max_lag: float = Field(1.0, gt=0, le=60)
+
     canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
     response_ttl_days: float = Field(30.0, gt=0)
     # A running turn holds its response row's lease and its conversation's lock for this long past its
@@ -47,6 +69,8 @@ class Settings(BaseSettings):
     turn_lease_seconds: float = Field(15.0, ge=3, le=30)
     reaper_interval: float = Field(10.0, gt=0, description="seconds between reaper passes")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight turns get on SIGTERM")
+    retention_interval: float = Field(300.0, gt=0, description="seconds between retention passes")
+    retention_batch: int = Field(500, ge=1, le=100_000)
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)
@@ -74,6 +98,17 @@ class Settings(BaseSettings):
         value = value.rstrip("/")
         if value.endswith("/v1"):
             raise ValueError("backend_url is the server's base URL, without /v1")
+        return value
+
+    @field_validator("auth_none_remote")
+    @classmethod
+    def _auth_off_only_on_loopback(cls, value: bool, info: ValidationInfo) -> bool:
+        host = info.data.get("host", "")
+        if info.data.get("auth") is AuthMode.NONE and not is_loopback(host) and not value:
+            raise ValueError(
+                f"CONVSTATE_AUTH=none while listening on {host}: listen on loopback, or set "
+                "CONVSTATE_AUTH_NONE_REMOTE=true to serve without keys anyway"
+            )
         return value
 
     @cached_property

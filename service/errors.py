@@ -88,3 +88,17 @@ class BackendTimeout(ConvstateError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="backend_timeout")
+
+
+class Unauthorized(ConvstateError):
+    """No API key, or one that is unknown or revoked."""
+
+    status = 401
+    type = "invalid_request_error"
+
+
+class Forbidden(ConvstateError):
+    """A valid key whose role may not do this (a user key on the admin API)."""
+
+    status = 403
+    type = "invalid_request_error"

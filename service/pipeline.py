@@ -55,6 +55,7 @@ from service.store.tenants import TenantStore
 from service.store.unit import unit_of_work
 from service.workers.background import BackgroundRunner
 from service.workers.canary import Canary
+from service.workers.invalidations import InvalidationWatcher
 from service.workers.tasks import TaskSet
 
 log = logging.getLogger("convstate.pipeline")
@@ -219,6 +220,7 @@ class Pipeline:
         conversations: ConversationStore,
         tenants: TenantStore,
         backend: BackendClient,
+        invalidations: InvalidationWatcher,
     ) -> None:
         self.settings = settings
         self.responses = responses
@@ -226,6 +228,7 @@ class Pipeline:
         self.tenants = tenants
         self.backend = backend
         self.canary = Canary(backend, responses, conversations)
+        self.invalidations = invalidations
         self.tasks = TaskSet()
         self.background = BackgroundRunner(self)
 
@@ -368,6 +371,7 @@ class Pipeline:
                 backend=await self.backend.model_info(request.model),
                 parent=_parent_state(parent),
                 has_parent=parent is not None,
+                invalidated_since=self.invalidations.invalidated_since(tenant, parent),
                 conversation_version=conversation_version,
                 now=now,
                 canary=random.random() < self.settings.canary_fraction,
@@ -450,6 +454,7 @@ class Pipeline:
             background=request.background,
             created_at=turn.created_at,
             completed_at=None if status in ("queued", "in_progress") else time.time(),
+            lineage_root=turn.parent.response.lineage_root if turn.parent else turn.response_id,
             output=output,
         )
 
@@ -476,7 +481,7 @@ class Pipeline:
     ) -> TurnWrite:
         return TurnWrite(
             response=response,
-            expires_at=turn.created_at + self.settings.response_ttl_days * 86400,
+            expires_at=turn.created_at + self.tenants.response_ttl_seconds(turn.tenant),
             input_items=turn.request.input,
             output_items=response.output,
             prefix=prefix,

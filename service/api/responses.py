@@ -13,8 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from service.api.body import CheckedRoute, parse_json
-from service.api.deps import current_tenant, pipeline, response_store
-from service.api.errors import error_responses, validation_message, validation_param
+from service.api.deps import authenticate, current_tenant, pipeline, response_store
+from service.api.errors import error_response, error_responses, validation_message, validation_param
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import CompactBody, ConversationRef, CreateResponseBody, ListQuery
@@ -149,7 +149,14 @@ async def responses_socket(websocket: WebSocket) -> None:
     out, one response at a time on a connection."""
     turns: Pipeline = websocket.app.state.pipeline
     settings = websocket.app.state.settings
-    tenant = await current_tenant()
+    try:
+        tenant = (await authenticate(websocket)).tenant
+    except ConvstateError as exc:
+        # Refused in the handshake, with the same status and envelope as an HTTP request.
+        await websocket.send_denial_response(
+            error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        )
+        return
     await websocket.accept()
     while True:
         try:

@@ -34,6 +34,27 @@ class Tenant(Base):
     # Per-tenant salt forwarded as vLLM's cache_salt: KV reuse never crosses tenants.
     cache_salt: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Double)
+    # Days a response of this tenant lives; NULL: the service default (CONVSTATE_RESPONSE_TTL_DAYS).
+    response_ttl_days: Mapped[float | None] = mapped_column(Double)
+
+
+class ApiKey(Base):
+    """A key is stored only as the SHA-256 of its secret; `id` is its public name (list, revoke)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(Id, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(Id, ForeignKey("tenants.id"))
+    role: Mapped[str] = mapped_column(String(16))  # user | admin
+    name: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[float] = mapped_column(Double)
+    revoked_at: Mapped[float | None] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ux_api_keys_hash", "key_hash", unique=True),
+        Index("ix_api_keys_tenant", "tenant"),
+    )
 
 
 class Conversation(Base):
@@ -66,6 +87,8 @@ class Response(Base):
     conversation_id: Mapped[str | None] = mapped_column(Id, ForeignKey("conversations.id"))
     # Number of ancestors: orders a lineage without walking it.
     depth: Mapped[int] = mapped_column(Integer)
+    # The lineage's first response: "a response and its descendants" is (root, depth >= d), no walk.
+    lineage_root: Mapped[str | None] = mapped_column(Id)
     instructions: Mapped[str | None] = mapped_column(Text)
     # The effective request settings (tools, sampling, text, reasoning, metadata, ...), as echoed.
     settings: Mapped[dict[str, Any]] = mapped_column(JsonType)
@@ -86,6 +109,7 @@ class Response(Base):
         Index("ix_responses_previous", "previous_response_id"),
         Index("ix_responses_expires_at", "expires_at"),
         Index("ix_responses_status_active", "status", postgresql_where="status IN ('queued', 'in_progress')"),
+        Index("ix_responses_lineage", "lineage_root", "expires_at"),
     )
 
 
@@ -158,13 +182,17 @@ class PrefixRecord(Base):
 
 
 class Invalidation(Base):
-    """A scoped invalidation: every record of the scope created before `created_at` is stale."""
+    """A scoped invalidation: every record of the scope created before `created_at` is stale. Also the
+    change feed every replica follows (salt rotations, key revocations) and the audit log of both."""
 
     __tablename__ = "invalidations"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    scope: Mapped[str] = mapped_column(String(16))  # tenant | model | fingerprint | all
+    scope: Mapped[str] = mapped_column(String(16))  # service.domain.invalidation.Scope
     key: Mapped[str | None] = mapped_column(String(256))
+    # Response scope: the response's lineage root and depth (it and its descendants).
+    lineage_root: Mapped[str | None] = mapped_column(Id)
+    depth: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[float] = mapped_column(Double)

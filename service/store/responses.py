@@ -10,6 +10,7 @@ too, so of two racing writers exactly one wins and the other learns it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class StoredResponse:
     background: bool
     created_at: float
     completed_at: float | None
+    lineage_root: str | None
     output: list[ItemPayload] = field(default_factory=list)
 
 
@@ -126,6 +128,7 @@ _RESPONSE_COLUMNS = (
     Response.background,
     Response.created_at,
     Response.completed_at,
+    Response.lineage_root,
 )
 _PREFIX_COLUMNS = (
     PrefixRecord.status,
@@ -144,8 +147,15 @@ _N_RESPONSE = len(_RESPONSE_COLUMNS)
 _N_PREFIX = len(_PREFIX_COLUMNS)
 
 
-def _live_response(tenant: str, response_id: str) -> Any:
-    return and_(Response.id == response_id, Response.tenant == tenant, Response.deleted_at.is_(None))
+def _live_response(tenant: str, response_id: str, now: float) -> Any:
+    """The tenant's response, unless deleted or expired (expired ones are gone at once, before the
+    retention worker deletes their rows)."""
+    return and_(
+        Response.id == response_id,
+        Response.tenant == tenant,
+        Response.deleted_at.is_(None),
+        Response.expires_at > now,
+    )
 
 
 def _response_with_output(*extra: Any) -> Select[Any]:
@@ -164,6 +174,7 @@ _LIVE_BY_ID = and_(
     Response.id == bindparam("response_id"),
     Response.tenant == bindparam("tenant"),
     Response.deleted_at.is_(None),
+    Response.expires_at > bindparam("now"),
     Response.store.is_(True),
 )
 _PARENT = (
@@ -207,7 +218,9 @@ class ResponseStore:
     ) -> tuple[StoredResponse, Sequence[Any]] | None:
         """Runs a `_response_with_output` query: the response with its output, and the first row."""
         async with self._reads.connect() as conn:
-            rows = (await conn.execute(query, {"tenant": tenant, "response_id": response_id})).all()
+            rows = (
+                await conn.execute(query, {"tenant": tenant, "response_id": response_id, "now": time.time()})
+            ).all()
         if not rows:
             return None
         response = _to_response(rows[0])
@@ -263,7 +276,7 @@ class ResponseStore:
         if item_rows:
             await conn.execute(_INSERT_ITEMS, item_rows)
         if turn.prefix is not None:
-            await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
+            await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix))
 
     @db_call
     async def open_turn(self, turn: TurnWrite, lease_expires_at: float) -> None:
@@ -323,7 +336,7 @@ class ResponseStore:
         if rows:
             await uow.conn.execute(_INSERT_ITEMS, rows)
         if turn.prefix is not None:
-            await uow.conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix, now))
+            await uow.conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix))
         return True
 
     @db_call
@@ -335,7 +348,7 @@ class ResponseStore:
             await conn.execute(
                 update(Response)
                 .where(
-                    _live_response(tenant, response_id),
+                    _live_response(tenant, response_id, now),
                     Response.background.is_(True),
                     Response.status.in_(("queued", "in_progress")),
                 )
@@ -376,7 +389,7 @@ class ResponseStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(Response)
-                .where(_live_response(tenant, response_id), Response.store.is_(True))
+                .where(_live_response(tenant, response_id, now), Response.store.is_(True))
                 .values(deleted_at=now)
             )
         return bool(result.rowcount)
@@ -387,7 +400,7 @@ class ResponseStore:
     ) -> tuple[bool, list[ItemPayload]] | None:
         """(has_more, page) of the response's own input items, or None if the response is unknown."""
         exists: Select[Any] = select(literal_column("1")).where(
-            _live_response(tenant, response_id), Response.store.is_(True)
+            _live_response(tenant, response_id, time.time()), Response.store.is_(True)
         )
         order = Item.position.desc() if descending else Item.position.asc()
         query = select(Item.id, Item.position, Item.payload).where(
@@ -407,9 +420,13 @@ class ResponseStore:
         return len(rows) > limit, [row.payload for row in rows[:limit]]
 
 
-def _prefix_row(response: StoredResponse, prefix: PrefixWrite, now: float) -> dict[str, Any]:
+def _prefix_row(response: StoredResponse, prefix: PrefixWrite) -> dict[str, Any]:
     row = {key: getattr(prefix, key) for key in PrefixWrite.__slots__}
-    row.update(response_id=response.id, tenant=response.tenant, model=response.model, created_at=now)
+    # A record is as old as the decision it was built on (the turn's start), not its commit: an
+    # invalidation made while the turn ran must cover the handle that turn continued.
+    row.update(
+        response_id=response.id, tenant=response.tenant, model=response.model, created_at=response.created_at
+    )
     return row
 
 

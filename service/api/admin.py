@@ -1,0 +1,275 @@
+"""The admin API under /admin/v1: tenants, keys, inspection, scoped invalidation, stats, retention.
+
+Admin keys are the operators' keys: they see and act on every tenant. Every route needs the admin role."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.api import admin_schemas as schemas
+from service.api.deps import admin
+from service.domain.auth import Principal
+from service.domain.invalidation import Scope, Subject, fingerprint_key, handle_state
+from service.domain.stats import Summary, summarize
+from service.errors import InvalidRequest, NotFound
+from service.store.inspect import InspectedTurn
+from service.store.keys import StoredKey, tenant_not_found
+from service.store.tenants import StoredTenant
+from service.workers.retention import retention_pass
+
+router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(admin)])
+
+Admin = Annotated[Principal, Depends(admin)]
+
+
+def _tenant(tenant: StoredTenant) -> schemas.Tenant:
+    return schemas.Tenant(
+        id=tenant.id,
+        created_at=tenant.created_at,
+        response_ttl_days=tenant.response_ttl_days,
+        salt_id=tenant.salt_id,
+    )
+
+
+def _key(key: StoredKey) -> schemas.Key:
+    return schemas.Key(**asdict(key))
+
+
+@router.get("/tenants")
+async def list_tenants(request: Request) -> schemas.Tenants:
+    return schemas.Tenants(data=[_tenant(t) for t in await request.app.state.tenants.list()])
+
+
+@router.post("/tenants")
+async def create_tenant(body: schemas.CreateTenantBody, request: Request) -> schemas.Tenant:
+    created = await request.app.state.tenants.create(body.id, body.response_ttl_days, time.time())
+    if created is None:
+        raise InvalidRequest(f"Tenant '{body.id}' already exists.", param="id", code="tenant_exists")
+    return _tenant(created)
+
+
+@router.get("/tenants/{tenant_id}")
+async def get_tenant(tenant_id: str, request: Request) -> schemas.Tenant:
+    found = await request.app.state.tenants.get(tenant_id)
+    if found is None:
+        raise tenant_not_found(tenant_id)
+    return _tenant(found)
+
+
+@router.post("/tenants/{tenant_id}")
+async def update_tenant(
+    tenant_id: str, body: schemas.UpdateTenantBody, request: Request, caller: Admin
+) -> schemas.Tenant:
+    """Set the tenant's response retention (`null`: the service default); applies to new responses."""
+    updated = await request.app.state.tenants.set_retention(
+        tenant_id, body.response_ttl_days, actor=caller.actor, now=time.time()
+    )
+    if updated is None:
+        raise tenant_not_found(tenant_id)
+    return _tenant(updated)
+
+
+@router.post("/tenants/{tenant_id}/rotate_salt")
+async def rotate_salt(
+    tenant_id: str, body: schemas.ReasonBody, request: Request, caller: Admin
+) -> schemas.Tenant:
+    """A new cache salt: every handle of the tenant stops matching at once, on every replica within the
+    max lag (`fingerprint_mismatch:cache_salt`)."""
+    rotated = await request.app.state.tenants.rotate_salt(
+        tenant_id, actor=caller.actor, reason=body.reason, now=time.time()
+    )
+    if rotated is None:
+        raise tenant_not_found(tenant_id)
+    return _tenant(rotated)
+
+
+@router.get("/keys")
+async def list_keys(request: Request, tenant: str | None = None) -> schemas.Keys:
+    return schemas.Keys(data=[_key(k) for k in await request.app.state.keys.list(tenant)])
+
+
+@router.post("/keys")
+async def create_key(body: schemas.CreateKeyBody, request: Request) -> schemas.CreatedKey:
+    """A new key; the secret is in this answer only."""
+    created, secret = await request.app.state.keys.create(body.tenant, body.role, body.name, time.time())
+    return schemas.CreatedKey(**asdict(created), key=secret)
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(key_id: str, body: schemas.ReasonBody, request: Request, caller: Admin) -> schemas.Key:
+    """Refused on every replica within the max lag."""
+    revoked = await request.app.state.keys.revoke(
+        key_id, actor=caller.actor, reason=body.reason, now=time.time()
+    )
+    if revoked is None:
+        raise NotFound(f"No key found with id '{key_id}'.", param="key_id")
+    return _key(revoked)
+
+
+def _turn(request: Request, turn: InspectedTurn, now: float) -> schemas.Turn:
+    cutoff = None
+    if turn.fingerprint_parts is not None:
+        subject = Subject(
+            turn.tenant,
+            turn.model,
+            turn.conversation_id,
+            turn.lineage_root,
+            turn.depth,
+            turn.fingerprint_parts,
+        )
+        cutoff = request.app.state.watcher.cutoff(subject)
+    decision = None
+    if turn.decision_path is not None and turn.decision_reason is not None:
+        decision = schemas.Decision(path=turn.decision_path, reason=turn.decision_reason)
+    return schemas.Turn(
+        id=turn.id,
+        tenant=turn.tenant,
+        model=turn.model,
+        status=turn.status,
+        conversation_id=turn.conversation_id,
+        lineage_root=turn.lineage_root,
+        depth=turn.depth,
+        created_at=turn.created_at,
+        expires_at=turn.expires_at,
+        expired=turn.expires_at <= now,
+        deleted=turn.deleted_at is not None,
+        decision=decision,
+        prompt_tokens=turn.prompt_tokens,
+        cached_tokens=turn.cached_tokens,
+        bytes_sent=turn.bytes_sent,
+        prefix_hash=turn.prefix_hash,
+        turn_tokens=turn.turn_tokens,
+        safe_boundary=turn.safe_boundary,
+        safe_tokens=turn.safe_tokens,
+        covers_output=turn.covers_output,
+        fingerprint=turn.fingerprint,
+        fingerprint_parts=turn.fingerprint_parts,
+        handle=schemas.Handle(
+            state=handle_state(
+                record_status=turn.record_status,
+                invalid_reason=turn.invalid_reason,
+                handle_ref=turn.handle_ref,
+                handle_expires_at=turn.handle_expires_at,
+                record_created_at=turn.record_created_at,
+                cutoff=cutoff,
+                now=now,
+            ),
+            ref=turn.handle_ref,
+            endpoint=turn.handle_endpoint,
+            epoch=turn.handle_epoch,
+            expires_at=turn.handle_expires_at,
+        ),
+    )
+
+
+@router.get("/responses/{response_id}/lineage")
+async def inspect_lineage(response_id: str, request: Request) -> schemas.Inspection:
+    """The response and its ancestors (through previous_response_id), oldest first, turn by turn."""
+    turns = await request.app.state.inspect.lineage(response_id)
+    if not turns:
+        raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+    now = time.time()
+    return schemas.Inspection(object="lineage", id=response_id, turns=[_turn(request, t, now) for t in turns])
+
+
+@router.get("/conversations/{conversation_id}/turns")
+async def inspect_conversation(conversation_id: str, request: Request) -> schemas.Inspection:
+    """Every turn of the conversation, oldest first (an unknown conversation has none)."""
+    turns = await request.app.state.inspect.conversation(conversation_id)
+    now = time.time()
+    return schemas.Inspection(
+        object="conversation", id=conversation_id, turns=[_turn(request, t, now) for t in turns]
+    )
+
+
+async def _rule_target(
+    request: Request, body: schemas.InvalidateBody
+) -> tuple[str | None, str | None, int | None]:
+    """(key, lineage root, depth) of the rule the body asks for; 400/404 for a target that cannot be."""
+    scope = Scope(body.scope)
+    if scope is Scope.ALL:
+        if body.key is not None:
+            raise InvalidRequest("scope 'all' takes no key.", param="key")
+        return None, None, None
+    if not body.key:
+        raise InvalidRequest(f"scope '{scope}' needs a key.", param="key")
+    if body.part is not None and scope is not Scope.FINGERPRINT:
+        raise InvalidRequest("'part' applies to the fingerprint scope only.", param="part")
+    if scope is Scope.FINGERPRINT:
+        try:
+            return fingerprint_key(body.part, body.key), None, None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="part") from None
+    if scope is Scope.RESPONSE:
+        position = await request.app.state.invalidations.lineage_position(body.key)
+        if position is None:
+            raise NotFound(f"No response found with id '{body.key}'.", param="key")
+        return body.key, *position
+    if scope is Scope.TENANT and await request.app.state.tenants.get(body.key) is None:
+        raise tenant_not_found(body.key)
+    return body.key, None, None
+
+
+@router.post("/invalidations")
+async def invalidate(body: schemas.InvalidateBody, request: Request, caller: Admin) -> schemas.Invalidation:
+    """One row whatever the scope covers; every replica decides `full; reason=invalidated` for the
+    covered records within the max lag. A response scope covers the response and its descendants."""
+    key, root, depth = await _rule_target(request, body)
+    row = await request.app.state.invalidations.add(
+        Scope(body.scope),
+        key,
+        reason=body.reason,
+        actor=caller.actor,
+        now=time.time(),
+        lineage_root=root,
+        depth=depth,
+    )
+    return schemas.Invalidation(**asdict(row))
+
+
+@router.get("/invalidations")
+async def list_invalidations(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> schemas.Invalidations:
+    """The audit log (invalidations, salt rotations, retention changes, key revocations), newest first."""
+    rows = await request.app.state.invalidations.recent(limit + 1, before)
+    return schemas.Invalidations(
+        data=[schemas.Invalidation(**asdict(row)) for row in rows[:limit]], has_more=len(rows) > limit
+    )
+
+
+def _group(summary: Summary) -> schemas.StatsGroup:
+    return schemas.StatsGroup(
+        tenant=summary.tenant,
+        model=summary.model,
+        turns=summary.turns,
+        reused=summary.reused,
+        hit_rate=summary.hit_rate,
+        fallbacks=summary.fallbacks,
+        prompt_tokens=summary.prompt_tokens,
+        cached_tokens=summary.cached_tokens,
+        bytes_sent=summary.bytes_sent,
+        decisions=summary.decisions,
+    )
+
+
+@router.get("/stats")
+async def stats(
+    request: Request, tenant: str | None = None, model: str | None = None, since: float | None = None
+) -> schemas.Stats:
+    """Stored turns' decisions by path and reason, hit rate, fallbacks and tokens, per tenant and model."""
+    total, groups = summarize(await request.app.state.inspect.decisions(tenant, model, since))
+    return schemas.Stats(total=_group(total), groups=[_group(group) for group in groups])
+
+
+@router.post("/retention/run")
+async def run_retention(request: Request) -> schemas.RetentionRun:
+    """A retention pass now, instead of waiting for the worker's next one."""
+    deleted = await retention_pass(request.app.state.retention, request.app.state.settings.retention_batch)
+    return schemas.RetentionRun(deleted_responses=deleted)

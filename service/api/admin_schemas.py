@@ -1,0 +1,160 @@
+"""Request and response bodies of the admin API (they document it in /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.domain.auth import Role
+
+TenantId = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+Reason = Field(min_length=1, max_length=500)
+TtlDays = Field(default=None, gt=0, le=36500)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateTenantBody(Body):
+    id: str = TenantId
+    response_ttl_days: float | None = TtlDays
+
+
+class UpdateTenantBody(Body):
+    response_ttl_days: float | None = TtlDays
+
+
+class ReasonBody(Body):
+    reason: str = Reason
+
+
+class CreateKeyBody(Body):
+    tenant: str = TenantId
+    role: Role = Role.USER
+    name: str = Field(default="", max_length=128)
+
+
+class InvalidateBody(Body):
+    scope: Literal["response", "conversation", "tenant", "model", "fingerprint", "all"]
+    key: str | None = Field(
+        default=None,
+        max_length=200,
+        description="response id, conversation id, tenant id, model name or fingerprint hash; none for all",
+    )
+    part: str | None = Field(
+        default=None, description="fingerprint scope: the part the hash is of (omit for the combined hash)"
+    )
+    reason: str = Reason
+
+
+class Tenant(BaseModel):
+    id: str
+    created_at: float
+    response_ttl_days: float | None = Field(description="None: the service default")
+    salt_id: str = Field(description="names the current cache salt without revealing it")
+
+
+class Tenants(BaseModel):
+    data: list[Tenant]
+
+
+class Key(BaseModel):
+    id: str
+    tenant: str
+    role: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+class CreatedKey(Key):
+    key: str = Field(description="the secret: shown once, stored only as its hash")
+
+
+class Keys(BaseModel):
+    data: list[Key]
+
+
+class Decision(BaseModel):
+    path: str
+    reason: str
+
+
+class Handle(BaseModel):
+    state: str = Field(description="none, valid, expired, invalidated:<reason> or invalidated:scope")
+    ref: str | None
+    endpoint: str | None
+    epoch: str | None
+    expires_at: float | None
+
+
+class Turn(BaseModel):
+    id: str
+    tenant: str
+    model: str
+    status: str
+    conversation_id: str | None
+    lineage_root: str | None
+    depth: int
+    created_at: float
+    expires_at: float
+    expired: bool
+    deleted: bool
+    decision: Decision | None
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    bytes_sent: int | None
+    prefix_hash: str | None
+    turn_tokens: int | None
+    safe_boundary: bool | None
+    safe_tokens: int | None
+    covers_output: bool | None
+    fingerprint: str | None
+    fingerprint_parts: dict[str, Any] | None
+    handle: Handle
+
+
+class Inspection(BaseModel):
+    object: Literal["lineage", "conversation"]
+    id: str
+    turns: list[Turn]
+
+
+class Invalidation(BaseModel):
+    id: int
+    scope: str
+    key: str | None
+    lineage_root: str | None
+    depth: int | None
+    reason: str
+    actor: str
+    created_at: float
+
+
+class Invalidations(BaseModel):
+    data: list[Invalidation]
+    has_more: bool
+
+
+class StatsGroup(BaseModel):
+    tenant: str | None
+    model: str | None
+    turns: int
+    reused: int
+    hit_rate: float | None
+    fallbacks: int
+    prompt_tokens: int
+    cached_tokens: int
+    bytes_sent: int
+    decisions: dict[str, int]
+
+
+class Stats(BaseModel):
+    total: StatsGroup
+    groups: list[StatsGroup]
+
+
+class RetentionRun(BaseModel):
+    deleted_responses: int
