@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-vllm lint install
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	# The admin client: the `convstate admin` command uses it, and the tests drive a live service with it.
+	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,10 +1,14 @@
-"""The `convstate` command: serve, migrate, refbackend, demo."""
+"""The `convstate` command: serve, migrate, refbackend, demo, tenants, keys, admin."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 import uvicorn
@@ -12,7 +16,18 @@ import uvicorn
 from service.config import load_settings
 from service.logs import configure_logging
 
+if TYPE_CHECKING:
+    from convstate_client import Client
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="convstate: conversation state for vLLM.")
+tenants_app = typer.Typer(no_args_is_help=True, help="Tenants, directly in CONVSTATE_DATABASE_URL.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys, directly in CONVSTATE_DATABASE_URL.")
+admin_app = typer.Typer(no_args_is_help=True, help="The admin API of a running service, over HTTP.")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(admin_app, name="admin")
+T = TypeVar("T")
 
 
 @app.command()
@@ -93,6 +108,182 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="convstate-demo-") as tmp:
         database_url = f"sqlite+aiosqlite:///{Path(tmp) / 'demo.db'}"
         run_demo(database_url, turns=turns, mode=mode, model=model, restart_at=restart_at)
+
+
+def _on_database(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run `work` against CONVSTATE_DATABASE_URL (migrated: `convstate migrate`)."""
+    from service.store.db import create_engine
+
+    async def run() -> T:
+        engine = create_engine(load_settings().database_url)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="tenant id")],
+    ttl_days: Annotated[
+        float | None, typer.Option(help="response retention (default: the service's)")
+    ] = None,
+) -> None:
+    """Create a tenant (with its own cache salt)."""
+    from service.store.tenants import TenantStore
+
+    created = _on_database(lambda engine: TenantStore(engine).create(name, ttl_days, time.time()))
+    if created is None:
+        raise SystemExit(f"convstate: tenant {name!r} already exists")
+    typer.echo(f"tenant {created.id} created")
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    """Every tenant: id, retention, salt id."""
+    from service.store.tenants import TenantStore
+
+    for tenant in _on_database(lambda engine: TenantStore(engine).list()):
+        ttl = "default" if tenant.response_ttl_days is None else f"{tenant.response_ttl_days:g}d"
+        typer.echo(f"{tenant.id}\tretention={ttl}\tsalt_id={tenant.salt_id}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the key's tenant (must exist)")],
+    role: Annotated[str, typer.Option(help="user or admin")] = "user",
+    name: Annotated[str, typer.Option(help="a label")] = "",
+) -> None:
+    """Create a key and print it once: it is stored only as its hash."""
+    from service.domain.auth import Role
+    from service.errors import NotFound
+    from service.store.keys import KeyStore
+
+    try:
+        key_role = Role(role)
+    except ValueError:
+        raise SystemExit(f"convstate: --role must be user or admin, not {role!r}") from None
+    try:
+        created, secret = _on_database(
+            lambda engine: KeyStore(engine).create(tenant, key_role, name, time.time())
+        )
+    except NotFound:
+        raise SystemExit(
+            f"convstate: no tenant {tenant!r}; create it with `convstate tenants create`"
+        ) from None
+    typer.echo(f"# key {created.id} ({created.role}) for tenant {created.tenant}; shown once:", err=True)
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="only this tenant's")] = None) -> None:
+    """Keys (never their secrets)."""
+    from service.store.keys import KeyStore
+
+    for key in _on_database(lambda engine: KeyStore(engine).list(tenant)):
+        state = "active" if key.revoked_at is None else "revoked"
+        typer.echo(f"{key.id}\t{key.tenant}\t{key.role}\t{state}\t{key.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (from `keys list`)")],
+    reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "revoked",
+) -> None:
+    """Revoke a key: refused by every replica within the invalidation max lag."""
+    from service.store.keys import KeyStore
+
+    revoked = _on_database(
+        lambda engine: KeyStore(engine).revoke(key_id, actor="cli", reason=reason, now=time.time())
+    )
+    if revoked is None:
+        raise SystemExit(f"convstate: no key {key_id!r}")
+    typer.echo(f"key {revoked.id} revoked")
+
+
+@admin_app.callback()
+def admin_connection(
+    context: typer.Context,
+    url: Annotated[
+        str, typer.Option(envvar="CONVSTATE_ADMIN_URL", help="the service")
+    ] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="CONVSTATE_ADMIN_KEY", help="an admin key")] = "",
+) -> None:
+    try:
+        from convstate_client import Client
+    except ImportError:
+        raise SystemExit(
+            "convstate: `convstate admin` needs convstate-client (pip install ./clients/python)"
+        ) from None
+    context.obj = Client(url, key)
+
+
+def _call(context: typer.Context, call: Callable[[Client], Any]) -> None:
+    from convstate_client import ApiError
+
+    client: Client = context.obj
+    try:
+        _echo_json(call(client))
+    except ApiError as exc:
+        raise SystemExit(f"convstate: {exc}") from None
+    finally:
+        client.close()
+
+
+@admin_app.command("inspect")
+def admin_inspect(context: typer.Context, response_id: str) -> None:
+    """A response's lineage, turn by turn: decision, prefix record, handle state."""
+    _call(context, lambda client: client.lineage(response_id))
+
+
+@admin_app.command("conversation")
+def admin_conversation(context: typer.Context, conversation_id: str) -> None:
+    """A conversation's turns, like `inspect`."""
+    _call(context, lambda client: client.conversation_turns(conversation_id))
+
+
+@admin_app.command("invalidate")
+def admin_invalidate(
+    context: typer.Context,
+    scope: Annotated[str, typer.Argument(help="response, conversation, tenant, model, fingerprint or all")],
+    key: Annotated[str | None, typer.Argument(help="what the scope names (none for all)")] = None,
+    reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "operator request",
+    part: Annotated[str | None, typer.Option(help="fingerprint scope: the part the hash is of")] = None,
+) -> None:
+    """Invalidate every handle in the scope (the service checks the scope's name)."""
+    _call(context, lambda client: client.invalidate(cast(Any, scope), key, reason=reason, part=part))
+
+
+@admin_app.command("invalidations")
+def admin_invalidations(context: typer.Context, limit: int = 50) -> None:
+    """The audit log, newest first."""
+    _call(context, lambda client: client.invalidations(limit))
+
+
+@admin_app.command("stats")
+def admin_stats(context: typer.Context, tenant: str | None = None, model: str | None = None) -> None:
+    """Decisions, hit rate, fallbacks and tokens per tenant and model."""
+    _call(context, lambda client: client.stats(tenant, model))
+
+
+@admin_app.command("rotate-salt")
+def admin_rotate_salt(
+    context: typer.Context, tenant: str, reason: Annotated[str, typer.Option()] = "salt rotation"
+) -> None:
+    """A new cache salt for the tenant: none of its handles is reused after it."""
+    _call(context, lambda client: client.rotate_salt(tenant, reason))
+
+
+@admin_app.command("retention")
+def admin_retention(context: typer.Context) -> None:
+    """Run a retention pass now."""
+    _call(context, lambda client: client.run_retention())
 
 
 def main() -> None:
