@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import convstate_client
 import httpx
 import openai
 import pytest
@@ -19,9 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import create_app
 from service.config import Settings
+from service.domain.auth import Role
 from service.serving import ServerThread
 from service.store.db import create_engine
+from service.store.keys import KeyStore
 from service.store.migrate import upgrade
+from service.store.tenants import TenantStore
 from tests.pg import postgres_url
 
 
@@ -135,13 +141,45 @@ def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
         yield client
 
 
-class Service:
-    """The service running over HTTP, with the settings it was started with."""
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A tenant with one key of each role."""
 
-    def __init__(self, server: ServerThread, settings: Settings) -> None:
+    tenant: str
+    user_key: str
+    admin_key: str
+
+
+def new_tenant(database_url: str, tenant: str | None = None) -> Credentials:
+    """A new tenant in a migrated database, with a user key and an admin key."""
+    name = tenant or f"t-{uuid.uuid4().hex[:12]}"
+
+    async def create() -> Credentials:
+        engine = create_engine(database_url)
+        try:
+            now = time.time()
+            await TenantStore(engine).create(name, None, now)
+            keys = KeyStore(engine)
+            _, user = await keys.create(name, Role.USER, "tests", now)
+            _, admin = await keys.create(name, Role.ADMIN, "tests", now)
+            return Credentials(name, user, admin)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(create())
+
+
+class Service:
+    """The service running over HTTP, with the settings it was started with and a tenant's keys; every
+    client it hands out authenticates as that tenant."""
+
+    def __init__(self, server: ServerThread, settings: Settings, credentials: Credentials) -> None:
         self.server = server
         self.settings = settings
         self.url = server.url
+        self.tenant = credentials.tenant
+        self.api_key = credentials.user_key
+        self.admin_key = credentials.admin_key
 
     @property
     def app(self) -> FastAPI:
@@ -149,20 +187,32 @@ class Service:
         assert isinstance(app, FastAPI)
         return app
 
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0)
+    def openai(self, api_key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key, max_retries=0)
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+    def http(self, api_key: str | None = None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {api_key or self.api_key}"}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
+
+    def admin(self) -> convstate_client.Client:
+        return convstate_client.Client(self.url, self.admin_key)
 
 
 def start_service(database_url: str, backend_url: str, **overrides: object) -> Service:
     settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
-    return Service(ServerThread(create_app(settings)).start(), settings)
+    return Service(ServerThread(create_app(settings)).start(), settings, new_tenant(database_url))
 
 
 @pytest.fixture(scope="session")
-def service_factory(migrated_urls: dict[str, str], reference_backend: ServerThread) -> Iterator[object]:
+def credentials(migrated_urls: dict[str, str]) -> dict[str, Credentials]:
+    """The session's tenant on each dialect, shared by the services the factory starts."""
+    return {dialect: new_tenant(url) for dialect, url in migrated_urls.items()}
+
+
+@pytest.fixture(scope="session")
+def service_factory(
+    migrated_urls: dict[str, str], reference_backend: ServerThread, credentials: dict[str, Credentials]
+) -> Iterator[object]:
     """Start (and cache) one service per (dialect, settings) combination for the session."""
     running: dict[tuple[object, ...], Service] = {}
 
@@ -174,7 +224,8 @@ def service_factory(migrated_urls: dict[str, str], reference_backend: ServerThre
                 backend_url=reference_backend.url,
                 **overrides,  # type: ignore[arg-type]
             )
-            running[key] = Service(ServerThread(create_app(settings)).start(), settings)
+            app = create_app(settings)
+            running[key] = Service(ServerThread(app).start(), settings, credentials[dialect])
         return running[key]
 
     yield get

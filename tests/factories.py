@@ -31,6 +31,7 @@ def stored_response(tenant: str, **overrides: Any) -> StoredResponse:
         "completed_at": now,
     }
     fields.update(overrides)
+    fields.setdefault("lineage_root", fields["id"])
     return StoredResponse(**fields)
 
 

@@ -22,7 +22,7 @@ def lookup(word: str) -> str:
 
 
 def _agent(service: Service) -> Agent:
-    client = AsyncOpenAI(base_url=f"{service.url}/v1", api_key="test", max_retries=0)
+    client = AsyncOpenAI(base_url=f"{service.url}/v1", api_key=service.api_key, max_retries=0)
     return Agent(
         name="glossary",
         instructions="Use the lookup tool when asked.",
@@ -46,7 +46,7 @@ async def test_agent_with_a_tool_chains_by_previous_response_id(cache_service: S
 
 
 async def test_agent_in_a_conversation(cache_service: Service) -> None:
-    client = AsyncOpenAI(base_url=f"{cache_service.url}/v1", api_key="test", max_retries=0)
+    client = AsyncOpenAI(base_url=f"{cache_service.url}/v1", api_key=cache_service.api_key, max_retries=0)
     conversation = await client.conversations.create()
     result = await Runner.run(_agent(cache_service), "please lookup otter", conversation_id=conversation.id)
     assert "a semi-aquatic mammal" in result.final_output

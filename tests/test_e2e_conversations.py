@@ -17,10 +17,7 @@ from openai.types.conversations import (
 )
 from pydantic import TypeAdapter
 
-from service.api.deps import current_tenant
-from service.app import create_app
-from service.serving import ServerThread
-from tests.conftest import Service
+from tests.conftest import Service, new_tenant
 
 ITEM = TypeAdapter(ConversationItem)
 
@@ -168,15 +165,14 @@ def test_delete_item_returns_the_conversation(service: Service) -> None:
 
 
 @pytest.fixture
-def other_tenant(service: Service) -> Iterator[str]:
-    """The same service, database and backend, where every caller is another tenant."""
-    app = create_app(service.settings)
-    app.dependency_overrides[current_tenant] = lambda: "another-tenant"
-    with ServerThread(app) as server:
-        yield server.url
+def other_tenant(service: Service) -> Iterator[httpx.Client]:
+    """The same service, database and backend, called with another tenant's key."""
+    other = new_tenant(service.settings.database_url)
+    with service.http(other.user_key) as http:
+        yield http
 
 
-def test_another_tenants_conversation_is_not_found(service: Service, other_tenant: str) -> None:
+def test_another_tenants_conversation_is_not_found(service: Service, other_tenant: httpx.Client) -> None:
     client = service.openai()
     conversation = _conversation(client, items=[{"role": "user", "content": "private"}])
     item_id = client.conversations.items.list(conversation.id).data[0].id
@@ -190,11 +186,10 @@ def test_another_tenants_conversation_is_not_found(service: Service, other_tenan
         ("GET", f"{base}/items/{item_id}", None),
         ("DELETE", f"{base}/items/{item_id}", None),
     ]
-    with httpx.Client(base_url=other_tenant, timeout=30) as http:
-        for method, path, body in requests:
-            reply = http.request(method, path, json=body)
-            assert reply.status_code == 404, (method, path)
-            assert _error(reply)["param"] == "conversation_id"
+    for method, path, body in requests:
+        reply = other_tenant.request(method, path, json=body)
+        assert reply.status_code == 404, (method, path)
+        assert _error(reply)["param"] == "conversation_id"
     # Untouched for its owner.
     assert client.conversations.retrieve(conversation.id).model_dump() == conversation.model_dump()
     assert [item.id for item in client.conversations.items.list(conversation.id)] == [item_id]

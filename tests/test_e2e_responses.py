@@ -195,7 +195,7 @@ def test_unreachable_backend_is_a_clear_502(migrated_urls: dict[str, str]) -> No
         backend_retry_deadline=1.0,
     )
     try:
-        reply = httpx.post(f"{service.url}/v1/responses", json={"model": MODEL, "input": "x"}, timeout=30)
+        reply = service.http().post("/v1/responses", json={"model": MODEL, "input": "x"})
     finally:
         service.server.stop()
     assert reply.status_code == 502
@@ -210,7 +210,7 @@ def test_health_and_readiness(service: Service) -> None:
 
 
 async def test_concurrent_burst_loses_nothing(service: Service) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="test", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key=service.api_key, max_retries=0)
 
     async def conversation(index: int) -> tuple[str, str]:
         first = await client.responses.create(model=MODEL, input=f"conversation {index}")
