@@ -50,6 +50,7 @@ def _owned(service: Service) -> Ids:
     response = client.responses.create(model=MODEL, input="mine")
     conversation = client.conversations.create(items=[{"role": "user", "content": "private"}])
     item = client.conversations.items.list(conversation.id).data[0].id
+    assert item is not None
     key = service.admin().keys(service.tenant)["data"][0]["id"]
     return Ids(response.id, conversation.id, item, key, service.tenant)
 
@@ -123,7 +124,7 @@ def _routes(service: Service) -> set[tuple[str, str]]:
         if isinstance(route, Route) and route.path in PUBLIC:
             continue
         if isinstance(route, APIRoute):
-            routes |= {(method, route.path) for method in route.methods}
+            routes |= {(method, route.path) for method in route.methods or ()}
         elif isinstance(route, WebSocketRoute):
             routes.add(("WS", route.path))
         else:
