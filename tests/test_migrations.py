@@ -21,6 +21,15 @@ async def _scalar(url: str, sql: str) -> Any:
         await engine.dispose()
 
 
+async def _all(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(text(sql))]
+    finally:
+        await engine.dispose()
+
+
 async def _revision(url: str) -> str | None:
     engine = create_engine(url)
     try:
@@ -58,5 +67,49 @@ def test_up_down_up_keeps_items(dialect: str, new_postgres_database: Any, tmp_pa
     assert asyncio.run(_scalar(url, "SELECT count(*) FROM items")) == 1
     downgrade(url, "base")
     assert asyncio.run(_revision(url)) is None
+    upgrade(url)
+    assert asyncio.run(_revision(url)) == head_revision()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_0005_gives_existing_responses_their_lineage_root(
+    dialect: str, new_postgres_database: Any, tmp_path: Any
+) -> None:
+    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0004")
+    insert = (
+        "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
+        " cancel_requested, created_at, expires_at, previous_response_id, conversation_id) VALUES"
+        " (:id, 't', 'm', 'completed', :depth, '{}', true, false, false, 0, 1, :previous, :conversation)"
+    )
+    rows = [
+        {"id": "resp_a", "depth": 0, "previous": None, "conversation": None},
+        {"id": "resp_b", "depth": 1, "previous": "resp_a", "conversation": None},
+        {"id": "resp_c", "depth": 2, "previous": "resp_b", "conversation": None},
+        {"id": "resp_d", "depth": 0, "previous": None, "conversation": "conv_1"},
+        {"id": "resp_e", "depth": 1, "previous": None, "conversation": "conv_1"},
+    ]
+
+    async def seed() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                conversation = "INSERT INTO conversations (id, tenant, metadata, created_at)"
+                await conn.execute(text(f"{conversation} VALUES ('conv_1', 't', '{{}}', 0)"))
+                for row in rows:
+                    await conn.execute(text(insert), row)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    upgrade(url)
+    assert asyncio.run(_all(url, "SELECT id, lineage_root FROM responses ORDER BY id")) == [
+        ("resp_a", "resp_a"),
+        ("resp_b", "resp_a"),
+        ("resp_c", "resp_a"),
+        ("resp_d", "conv_1"),  # conversation turns chain through the conversation, not previous_response_id
+        ("resp_e", "conv_1"),
+    ]
+    downgrade(url, "0004")
     upgrade(url)
     assert asyncio.run(_revision(url)) == head_revision()
