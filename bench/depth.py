@@ -49,7 +49,9 @@ def run_mode(
         harness.start_backend() as backend,
         harness.start_service(database_url, backend.url, mode) as service,
     ):
-        client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="bench", max_retries=0, timeout=120)
+        client = openai.OpenAI(
+            base_url=f"{service.url}/v1", api_key=service.api_key, max_retries=0, timeout=120
+        )
 
         def one(conversation: int, turn: int, previous: str | None) -> tuple[Turn, str]:
             start = time.perf_counter()

@@ -36,7 +36,9 @@ import httpx
 import orjson
 from sqlalchemy.engine import make_url
 
+from service.domain.auth import Role
 from service.serving import free_port
+from service.store.keys import provision_key
 from service.store.migrate import upgrade
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -398,6 +400,7 @@ class Process:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.api_key = ""  # the service's: a user key of the benchmark tenant
         self._logdir = Path(tempfile.mkdtemp(prefix=f"convstate-bench-{name}-"))
         self.log = self._logdir / "output.log"
         self._log_handle = self.log.open("wb")
@@ -463,7 +466,9 @@ def start_backend(**settings: object) -> Process:
 
 
 def start_service(database_url: str, backend_url: str, mode: str, **settings: object) -> Process:
-    """`convstate serve`: one uvicorn process, settings from CONVSTATE_* like a deployment."""
+    """`convstate serve`: one uvicorn process, settings from CONVSTATE_* like a deployment, with API keys
+    on (so the figures include authentication) and a user key of tenant `bench` in `.api_key`."""
+    api_key = provision_key(database_url, "bench", Role.USER, "bench")
     port = free_port()
     env = {
         "CONVSTATE_DATABASE_URL": database_url,
@@ -472,7 +477,9 @@ def start_service(database_url: str, backend_url: str, mode: str, **settings: ob
         **{f"CONVSTATE_{key.upper()}": str(value) for key, value in settings.items()},
     }
     args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return Process("service", args, env, port, "/readyz").wait_ready()
+    service = Process("service", args, env, port, "/readyz").wait_ready()
+    service.api_key = api_key
+    return service
 
 
 def parse_settings(parser: argparse.ArgumentParser, pairs: Sequence[str]) -> dict[str, str]:
@@ -557,6 +564,7 @@ class DriveResult:
 async def drive(
     base_url: str,
     *,
+    api_key: str,
     conversations: int,
     turns: int,
     concurrency: int,
@@ -572,7 +580,7 @@ async def drive(
     service); without it every conversation sends its next turn as soon as the last one is answered."""
     result = DriveResult()
     timeout = httpx.Timeout(120.0, connect=10.0)
-    headers = {"content-type": "application/json", "authorization": "Bearer bench"}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {api_key}"}
     # One single-connection client per request slot, not one shared pool: httpcore scans (and polls the
     # socket of) every pooled connection on each request, which at 32+ connections costs the driver more
     # CPU than the service it measures. The queue of idle clients is also the concurrency gate.

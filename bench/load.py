@@ -67,6 +67,7 @@ def run(
         asyncio.run(
             harness.drive(
                 service.url,
+                api_key=service.api_key,
                 conversations=conversations,
                 turns=WARMUP_TURNS,
                 concurrency=conversations,
@@ -79,6 +80,7 @@ def run(
             result = asyncio.run(
                 harness.drive(
                     service.url,
+                    api_key=service.api_key,
                     conversations=conversations,
                     turns=turns,
                     concurrency=conversations,

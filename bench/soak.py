@@ -73,6 +73,7 @@ async def soak(
     try:
         result = await harness.drive(
             service.url,
+            api_key=service.api_key,
             conversations=conversations,
             turns=turns // conversations,
             concurrency=concurrency,

@@ -9,8 +9,10 @@ import typer
 from service.app import create_app
 from service.backends.reference.config import ReferenceSettings
 from service.backends.reference.server import create_app as create_reference_app
-from service.config import load_settings
+from service.config import AuthMode, load_settings
+from service.domain.auth import Role
 from service.serving import ServerThread
+from service.store.keys import provision_key
 from service.store.migrate import upgrade
 
 PROMPTS = (
@@ -25,12 +27,18 @@ PROMPTS = (
 
 def run_demo(database_url: str, *, turns: int, mode: str, model: str, restart_at: int) -> None:
     upgrade(database_url)
+    # The service runs as deployed, with API keys (not CONVSTATE_AUTH=none), so what the demo shows
+    # includes authentication: the key is checked once, then served from the process's cache.
+    api_key = provision_key(database_url, "demo", Role.USER, "demo")
     with ServerThread(create_reference_app(ReferenceSettings())) as backend:
-        settings = load_settings(database_url=database_url, backend_url=backend.url, backend_mode=mode)
+        settings = load_settings(
+            database_url=database_url, backend_url=backend.url, backend_mode=mode, auth=AuthMode.API_KEY
+        )
         with ServerThread(create_app(settings)) as service, httpx.Client(base_url=backend.url) as admin:
-            client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="demo")
+            client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=api_key)
             typer.echo(
                 f"convstate demo: mode={mode} model={model} backend={backend.url} service={service.url}"
+                " tenant=demo (API key)"
             )
             typer.echo(
                 f"{'turn':>4}  {'response id':<53} {'decision':<36} {'rendered':>8} {'bytes':>7}  digest"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ from service.config import Settings
 from service.domain.auth import Role
 from service.serving import ServerThread
 from service.store.db import create_engine
-from service.store.keys import KeyStore
+from service.store.keys import provision_key
 from service.store.migrate import upgrade
-from service.store.tenants import TenantStore
 from tests.pg import postgres_url
 
 
@@ -153,20 +151,8 @@ class Credentials:
 def new_tenant(database_url: str, tenant: str | None = None) -> Credentials:
     """A new tenant in a migrated database, with a user key and an admin key."""
     name = tenant or f"t-{uuid.uuid4().hex[:12]}"
-
-    async def create() -> Credentials:
-        engine = create_engine(database_url)
-        try:
-            now = time.time()
-            await TenantStore(engine).create(name, None, now)
-            keys = KeyStore(engine)
-            _, user = await keys.create(name, Role.USER, "tests", now)
-            _, admin = await keys.create(name, Role.ADMIN, "tests", now)
-            return Credentials(name, user, admin)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(create())
+    user = provision_key(database_url, name, Role.USER, "tests")
+    return Credentials(name, user, provision_key(database_url, name, Role.ADMIN, "tests"))
 
 
 class Service:

@@ -9,6 +9,8 @@ that list.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,3 +132,21 @@ class KeyStore:
             await append(conn, Scope.API_KEY, key_id, reason=reason, actor=actor, now=now)
         self.forget(key_id)
         return StoredKey(*row)
+
+
+def provision_key(database_url: str, tenant: str, role: Role, name: str) -> str:
+    """Blocking, for set-up code (demo, benchmarks, tests): the tenant (created if missing) and a new key
+    for it; returns the secret."""
+    from service.store.db import create_engine
+    from service.store.tenants import TenantStore
+
+    async def provision() -> str:
+        engine = create_engine(database_url)
+        try:
+            now = time.time()
+            await TenantStore(engine).create(tenant, None, now)
+            return (await KeyStore(engine).create(tenant, role, name, now))[1]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(provision())
