@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,13 @@ def trusting_backend() -> Iterator[ServerThread]:
 def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=reference_backend.url) as client:
         yield client
+
+
+def sql_statements(headers: Mapping[str, str]) -> int:
+    """The SQL statements a request ran, from its Server-Timing header."""
+    match = re.search(r'db;dur=[0-9.]+;desc="(\d+) statements"', headers["server-timing"])
+    assert match, headers["server-timing"]
+    return int(match.group(1))
 
 
 @dataclass(frozen=True, slots=True)

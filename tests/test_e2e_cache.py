@@ -3,7 +3,6 @@ invisibly with the right recorded reason."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store.models import PrefixRecord
-from tests.conftest import Service
+from tests.conftest import Service, sql_statements
 from tests.oracle import full_render_digest
 
 
@@ -31,12 +30,6 @@ def _turn(
         model=kwargs.pop("model", "ref-chatml"), input=text, previous_response_id=previous, **kwargs
     )
     return raw.parse(), raw.headers
-
-
-def _sql_statements(headers: Mapping[str, str]) -> int:
-    match = re.search(r'db;dur=[0-9.]+;desc="(\d+) statements"', headers["server-timing"])
-    assert match, headers["server-timing"]
-    return int(match.group(1))
 
 
 async def _record(engine: AsyncEngine, response_id: str) -> dict[str, Any]:
@@ -60,7 +53,7 @@ def test_hundred_turns_hit_with_flat_bytes_and_constant_sql(cache_service: Servi
         history += [{"role": "assistant", "content": response.output_text}]
         decisions.append(headers["x-convstate-decision"])
         sent.append(int(headers["x-convstate-bytes-sent"]))
-        statements.append(_sql_statements(headers))
+        statements.append(sql_statements(headers))
         previous = response.id
     assert decisions[0] == "full; reason=no_parent"
     assert set(decisions[1:]) == {"cache_ref; reason=hit"}

@@ -5,10 +5,9 @@ Postgres, the poll on SQLite), and a scope covering 10,000 turns is one row."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -18,7 +17,7 @@ from sqlalchemy import func, insert, select
 from service.store.db import create_engine
 from service.store.migrate import upgrade
 from service.store.models import Invalidation, PrefixRecord, Response
-from tests.conftest import Service, new_tenant, start_service
+from tests.conftest import Service, new_tenant, sql_statements, start_service
 
 MODEL = "ref-chatml"
 LAG = 0.25  # a short max lag, so the window after an invalidation (lag + 1 s) passes quickly here
@@ -146,12 +145,6 @@ def test_another_replica_honours_an_invalidation_within_a_second(
         second.server.stop()
 
 
-def _statements(headers: Mapping[str, str]) -> int:
-    match = re.search(r'desc="(\d+) statements"', headers["server-timing"])
-    assert match, headers
-    return int(match.group(1))
-
-
 async def _seed(url: str, tenant: str, turns: int) -> None:
     """`turns` stored turns with valid prefix records, written directly (the service would take minutes)."""
     now = time.time()
@@ -225,7 +218,7 @@ def test_a_scope_covering_ten_thousand_turns_is_one_row(cache_service_factory: A
     for tenant in (big.tenant, small.tenant):
         reply = admin.post("/admin/v1/invalidations", json={"scope": "tenant", "key": tenant, "reason": "x"})
         assert reply.status_code == 200, reply.text
-        statements.append(_statements(reply.headers))
+        statements.append(sql_statements(reply.headers))
     after = asyncio.run(_counts(url, big.tenant))
     assert before[1] == 10_002  # the seeded turns and the chain's two
     assert after == (before[0] + 2, before[1])  # one row per call; no record was touched

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from service.app import create_app
-from tests.conftest import Credentials, Service, new_tenant, start_service
+from tests.conftest import Credentials, Service, new_tenant, sql_statements, start_service
 
 MODEL = "ref-chatml"
 # Routes anyone may call: probes, metrics, the API's own description.
@@ -251,12 +251,6 @@ def test_revoked_key_is_refused_by_another_replica_within_a_second(
         second.server.stop()
 
 
-def _statements(headers: Mapping[str, str]) -> int:
-    match = re.search(r'desc="(\d+) statements"', headers["server-timing"])
-    assert match, headers
-    return int(match.group(1))
-
-
 def test_authentication_adds_no_sql_to_a_turn(service_factory: Any) -> None:
     counts: dict[str, list[int]] = {}
     for auth in ("api_key", "none"):
@@ -269,7 +263,7 @@ def test_authentication_adds_no_sql_to_a_turn(service_factory: Any) -> None:
                 model=MODEL, input=f"turn {turn}", previous_response_id=previous
             )
             previous = raw.parse().id
-            counts[auth].append(_statements(raw.headers))
+            counts[auth].append(sql_statements(raw.headers))
     # The first turn may read the tenant (and, with keys, the key) once per process.
     assert counts["api_key"][1:] == counts["none"][1:], counts
     assert len(set(counts["api_key"][2:])) == 1

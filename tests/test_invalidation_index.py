@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.invalidation import InvalidationIndex, Rule, Scope, Subject, fingerprint_key, handle_state
 from service.store.db import create_engine
-from service.store.invalidations import InvalidationStore
+from service.store.invalidations import Change, InvalidationStore
 from service.workers.invalidations import CLOCK_MARGIN, InvalidationWatcher
 
 PARTS = {"model": "m1", "tools": "t1", "chat_template": "c1"}
@@ -114,15 +114,15 @@ async def test_watcher_follows_the_feed(engine: AsyncEngine) -> None:
     try:
         await asyncio.sleep(0.3)  # listening
         store, now = InvalidationStore(engine), time.time()
-        await store.add(Scope.TENANT_CONFIG, "acme-feed", reason="salt", actor="test", now=now)
-        await store.add(Scope.TENANT, "acme-feed", reason="test", actor="test", now=now)
+        await store.add(Change(Scope.TENANT_CONFIG, "acme-feed", "salt", "test", now))
+        await store.add(Change(Scope.TENANT, "acme-feed", "test", "test", now))
         subject = _subject(tenant="acme-feed")
         deadline = time.monotonic() + 1.0
         while watcher.index.cutoff(subject) is None:
             assert time.monotonic() < deadline, "the feed did not arrive"
             await asyncio.sleep(0.02)
         assert watcher.index.cutoff(subject) == pytest.approx(now + max_lag + CLOCK_MARGIN)
-        assert forgotten == ["acme-feed"]
+        assert "acme-feed" in forgotten
         assert watcher.fresh()
     finally:
         running.cancel()

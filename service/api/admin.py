@@ -17,6 +17,7 @@ from service.domain.invalidation import Scope, Subject, fingerprint_key, handle_
 from service.domain.stats import Summary, summarize
 from service.errors import InvalidRequest, NotFound
 from service.store.inspect import InspectedTurn
+from service.store.invalidations import Change, StoredInvalidation
 from service.store.keys import StoredKey, tenant_not_found
 from service.store.tenants import StoredTenant
 from service.workers.retention import retention_pass
@@ -33,10 +34,6 @@ def _tenant(tenant: StoredTenant) -> schemas.Tenant:
         response_ttl_days=tenant.response_ttl_days,
         salt_id=tenant.salt_id,
     )
-
-
-def _key(key: StoredKey) -> schemas.Key:
-    return schemas.Key(**asdict(key))
 
 
 @router.get("/tenants")
@@ -89,7 +86,7 @@ async def rotate_salt(
 
 @router.get("/keys")
 async def list_keys(request: Request, tenant: str | None = None) -> schemas.Keys:
-    return schemas.Keys(data=[_key(k) for k in await request.app.state.keys.list(tenant)])
+    return schemas.Keys(data=await request.app.state.keys.list(tenant))
 
 
 @router.post("/keys")
@@ -100,14 +97,14 @@ async def create_key(body: schemas.CreateKeyBody, request: Request) -> schemas.C
 
 
 @router.post("/keys/{key_id}/revoke")
-async def revoke_key(key_id: str, body: schemas.ReasonBody, request: Request, caller: Admin) -> schemas.Key:
+async def revoke_key(key_id: str, body: schemas.ReasonBody, request: Request, caller: Admin) -> StoredKey:
     """Refused on every replica within the max lag."""
-    revoked = await request.app.state.keys.revoke(
+    revoked: StoredKey | None = await request.app.state.keys.revoke(
         key_id, actor=caller.actor, reason=body.reason, now=time.time()
     )
     if revoked is None:
         raise NotFound(f"No key found with id '{key_id}'.", param="key_id")
-    return _key(revoked)
+    return revoked
 
 
 def _turn(request: Request, turn: InspectedTurn, now: float) -> schemas.Turn:
@@ -215,20 +212,14 @@ async def _rule_target(
 
 
 @router.post("/invalidations")
-async def invalidate(body: schemas.InvalidateBody, request: Request, caller: Admin) -> schemas.Invalidation:
+async def invalidate(body: schemas.InvalidateBody, request: Request, caller: Admin) -> StoredInvalidation:
     """One row whatever the scope covers; every replica decides `full; reason=invalidated` for the
     covered records within the max lag. A response scope covers the response and its descendants."""
     key, root, depth = await _rule_target(request, body)
-    row = await request.app.state.invalidations.add(
-        Scope(body.scope),
-        key,
-        reason=body.reason,
-        actor=caller.actor,
-        now=time.time(),
-        lineage_root=root,
-        depth=depth,
-    )
-    return schemas.Invalidation(**asdict(row))
+    change = Change(Scope(body.scope), key, body.reason, caller.actor, time.time(), root, depth)
+    row: StoredInvalidation = await request.app.state.invalidations.add(change)
+    request.app.state.watcher.made_here(row)
+    return row
 
 
 @router.get("/invalidations")
@@ -239,9 +230,7 @@ async def list_invalidations(
 ) -> schemas.Invalidations:
     """The audit log (invalidations, salt rotations, retention changes, key revocations), newest first."""
     rows = await request.app.state.invalidations.recent(limit + 1, before)
-    return schemas.Invalidations(
-        data=[schemas.Invalidation(**asdict(row)) for row in rows[:limit]], has_more=len(rows) > limit
-    )
+    return schemas.Invalidations(data=rows[:limit], has_more=len(rows) > limit)
 
 
 def _group(summary: Summary) -> schemas.StatsGroup:

@@ -1,12 +1,16 @@
-"""Request and response bodies of the admin API (they document it in /openapi.json)."""
+"""Request and response bodies of the admin API (they document it in /openapi.json). Keys and audit rows
+are answered as the store holds them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain.auth import Role
+from service.store.invalidations import StoredInvalidation
+from service.store.keys import StoredKey
 
 TenantId = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 Reason = Field(min_length=1, max_length=500)
@@ -60,21 +64,13 @@ class Tenants(BaseModel):
     data: list[Tenant]
 
 
-class Key(BaseModel):
-    id: str
-    tenant: str
-    role: str
-    name: str
-    created_at: float
-    revoked_at: float | None
-
-
-class CreatedKey(Key):
-    key: str = Field(description="the secret: shown once, stored only as its hash")
+@dataclass(slots=True)
+class CreatedKey(StoredKey):
+    key: str = field(metadata={"description": "the secret: shown once, stored only as its hash"})
 
 
 class Keys(BaseModel):
-    data: list[Key]
+    data: list[StoredKey]
 
 
 class Decision(BaseModel):
@@ -122,19 +118,8 @@ class Inspection(BaseModel):
     turns: list[Turn]
 
 
-class Invalidation(BaseModel):
-    id: int
-    scope: str
-    key: str | None
-    lineage_root: str | None
-    depth: int | None
-    reason: str
-    actor: str
-    created_at: float
-
-
 class Invalidations(BaseModel):
-    data: list[Invalidation]
+    data: list[StoredInvalidation]
     has_more: bool
 
 

@@ -78,8 +78,8 @@ class InvalidationIndex:
         self.window = window
         self._all: float | None = None
         self._keyed: dict[tuple[Scope, str], float] = {}
-        # Response scope: lineage root -> [(depth, cutoff)]; covers records of that depth and deeper.
-        self._lineages: dict[str, list[tuple[int, float]]] = {}
+        # Response scope: lineage root -> {depth: cutoff}; covers records of that depth and deeper.
+        self._lineages: dict[str, dict[int, float]] = {}
 
     def add(self, rule: Rule) -> None:
         if rule.scope not in HANDLE_SCOPES:
@@ -89,7 +89,8 @@ class InvalidationIndex:
             self._all = _later(self._all, cutoff)
         elif rule.scope is Scope.RESPONSE:
             if rule.lineage_root is not None and rule.depth is not None:
-                self._lineages.setdefault(rule.lineage_root, []).append((rule.depth, cutoff))
+                depths = self._lineages.setdefault(rule.lineage_root, {})
+                depths[rule.depth] = max(cutoff, depths.get(rule.depth, cutoff))
         elif rule.key is not None:
             self._keyed[(rule.scope, rule.key)] = max(cutoff, self._keyed.get((rule.scope, rule.key), cutoff))
 
@@ -112,7 +113,7 @@ class InvalidationIndex:
             for candidate in candidates:
                 found = _later(found, keyed.get(candidate))
         if subject.lineage_root is not None:
-            for depth, cutoff in self._lineages.get(subject.lineage_root, ()):
+            for depth, cutoff in self._lineages.get(subject.lineage_root, {}).items():
                 if depth <= subject.depth:
                     found = _later(found, cutoff)
         return found

@@ -49,26 +49,30 @@ _COLUMNS = (
 )
 
 
-async def append(
-    conn: AsyncConnection,
-    scope: Scope,
-    key: str | None,
-    *,
-    reason: str,
-    actor: str,
-    now: float,
-    lineage_root: str | None = None,
-    depth: int | None = None,
-) -> StoredInvalidation:
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What to append to the feed."""
+
+    scope: Scope
+    key: str | None
+    reason: str
+    actor: str
+    now: float
+    # Response scope: the response's lineage root and depth.
+    lineage_root: str | None = None
+    depth: int | None = None
+
+
+async def append(conn: AsyncConnection, change: Change) -> StoredInvalidation:
     """Inside the caller's transaction: one row, and a wake-up for every listening replica on commit."""
     values: dict[str, Any] = {
-        "scope": str(scope),
-        "key": key,
-        "lineage_root": lineage_root,
-        "depth": depth,
-        "reason": reason,
-        "actor": actor,
-        "created_at": now,
+        "scope": str(change.scope),
+        "key": change.key,
+        "lineage_root": change.lineage_root,
+        "depth": change.depth,
+        "reason": change.reason,
+        "actor": change.actor,
+        "created_at": change.now,
     }
     row: Sequence[Any] = (await conn.execute(insert(Invalidation).values(values).returning(*_COLUMNS))).one()
     if conn.dialect.name == "postgresql":
@@ -82,21 +86,9 @@ class InvalidationStore:
         self._reads = autocommit(engine)
 
     @db_call
-    async def add(
-        self,
-        scope: Scope,
-        key: str | None,
-        *,
-        reason: str,
-        actor: str,
-        now: float,
-        lineage_root: str | None = None,
-        depth: int | None = None,
-    ) -> StoredInvalidation:
+    async def add(self, change: Change) -> StoredInvalidation:
         async with self.engine.begin() as conn:
-            return await append(
-                conn, scope, key, reason=reason, actor=actor, now=now, lineage_root=lineage_root, depth=depth
-            )
+            return await append(conn, change)
 
     @db_call
     async def lineage_position(self, response_id: str) -> tuple[str, int] | None:

@@ -24,7 +24,7 @@ from service.domain.invalidation import Scope
 from service.errors import NotFound
 from service.observe import db_call
 from service.store.db import autocommit
-from service.store.invalidations import append
+from service.store.invalidations import Change, append
 from service.store.models import ApiKey
 
 UNKNOWN_KEYS_REMEMBERED = 10_000
@@ -129,7 +129,7 @@ class KeyStore:
             row = (await conn.execute(statement)).first()
             if row is None:
                 return None
-            await append(conn, Scope.API_KEY, key_id, reason=reason, actor=actor, now=now)
+            await append(conn, Change(Scope.API_KEY, key_id, reason, actor, now))
         self.forget(key_id)
         return StoredKey(*row)
 

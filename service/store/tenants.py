@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain.invalidation import Scope
 from service.observe import db_call
 from service.store.db import autocommit
-from service.store.invalidations import append
+from service.store.invalidations import Change, append
 from service.store.models import Tenant
 
 DAY = 86400.0
@@ -133,6 +133,6 @@ class TenantStore:
             row = (await conn.execute(statement)).first()
             if row is None:
                 return None
-            await append(conn, Scope.TENANT_CONFIG, tenant, reason=reason, actor=actor, now=now)
+            await append(conn, Change(Scope.TENANT_CONFIG, tenant, reason, actor, now))
         self.forget(tenant)
         return StoredTenant(*row)

@@ -72,6 +72,11 @@ class InvalidationWatcher:
         """The index's cutoff for the subject; every record is stale while the view is not fresh."""
         return self.index.cutoff(subject) if self.fresh() else math.inf
 
+    def made_here(self, row: StoredInvalidation) -> None:
+        """This replica wrote the row: honour it now, not at the next read of the feed (which still reads
+        it, and every row before it, in order; adding a rule twice changes nothing)."""
+        self.index.add(row.rule)
+
     def _apply(self, rows: list[StoredInvalidation]) -> None:
         for row in rows:
             rule = row.rule
