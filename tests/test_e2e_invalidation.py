@@ -20,7 +20,7 @@ from service.store.models import Invalidation, PrefixRecord, Response
 from tests.conftest import Service, new_tenant, sql_statements, start_service
 
 MODEL = "ref-chatml"
-LAG = 0.25  # a short max lag, so the window after an invalidation (lag + 1 s) passes quickly here
+LAG = 0.5  # a short max lag, so the window after an invalidation (lag + 1 s) passes quickly here
 
 
 def _turn(client: openai.OpenAI, previous: str | None, text: str = "next", **kwargs: Any) -> tuple[str, str]:
