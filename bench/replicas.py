@@ -39,7 +39,13 @@ def throughput(server: str, count: int, mode: str, conversations: int, turns: in
     ):
         busy = harness.wait_for_quiet(30)
         result = asyncio.run(
-            harness.drive(replicas.url, conversations=conversations, turns=turns, concurrency=conversations)
+            harness.drive(
+                replicas.url,
+                api_key=replicas.api_key,
+                conversations=conversations,
+                turns=turns,
+                concurrency=conversations,
+            )
         )
         ok = [turn for turn in result.turns if turn.status == 200]
         return {
@@ -60,7 +66,7 @@ def rolling_restart(server: str, count: int, mode: str, conversations: int) -> d
         harness.start_backend() as backend,
         ReplicaSet(database_url, backend.url, mode, count, **REPLICA_SETTINGS) as replicas,
     ):
-        with Load(replicas.url, conversations, max_seconds=300) as load:
+        with Load(replicas.url, conversations, api_key=replicas.api_key, max_seconds=300) as load:
             time.sleep(2.0)
             before = len(load.acknowledged)
             started = time.monotonic()

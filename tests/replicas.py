@@ -141,6 +141,8 @@ class ReplicaSet:
             self.close()
             raise
         self.front.upstreams = [replica.url for replica in self.replicas]
+        # Every replica's key is one of the same tenant's in the shared database: any of them works on all.
+        self.api_key = self.replicas[0].api_key
 
     @property
     def url(self) -> str:
@@ -192,11 +194,14 @@ class Load:
         self,
         url: str,
         conversations: int,
+        *,
+        api_key: str,
         model: str = "ref-chatml",
         max_turns: int = 400,
         max_seconds: float = 180.0,
     ) -> None:
         self.url = url
+        self.api_key = api_key
         self.model = model
         self.acknowledged: list[Acknowledged] = []
         self.failures: list[str] = []
@@ -209,7 +214,8 @@ class Load:
 
     def _drive(self, index: int) -> None:
         previous: str | None = None
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        headers = {"authorization": f"Bearer {self.api_key}"}
+        with httpx.Client(base_url=self.url, timeout=60, headers=headers) as http:
             for turn in range(self._max_turns):
                 if self._stop.is_set() or time.monotonic() > self._deadline:
                     return
@@ -235,7 +241,8 @@ class Load:
     def missing(self) -> list[str]:
         """Acknowledged turns that are not stored as the client saw them: must be none."""
         lost = []
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        headers = {"authorization": f"Bearer {self.api_key}"}
+        with httpx.Client(base_url=self.url, timeout=60, headers=headers) as http:
             for turn in self.acknowledged:
                 stored = http.get(f"/v1/responses/{turn.id}")
                 payload = stored.json() if stored.status_code == 200 else {}

@@ -60,7 +60,7 @@ TOGGLES: dict[str, dict[str, Any]] = {
         "auth": {"existingSecret": "convstate-keys"},
         "secretEnv": [{"name": "CONVSTATE_EXTRA_TOKEN", "secretName": "extra", "secretKey": "token"}],
         "tests": {"apiKeySecret": "convstate-test-key"},
-        "extraConfig": {"AUTH": "keys"},
+        "extraConfig": {"AUTH": "api_key"},
     },
     "service-account-and-image": {
         "serviceAccount": {"create": False, "name": "shared"},
@@ -302,7 +302,7 @@ def test_examples_point_at_their_backends() -> None:
     llm_d = config("example-llm-d-affinity")
     assert llm_d["CONVSTATE_BACKEND_MODE"] == "affinity"
     assert "inference-gateway" in llm_d["CONVSTATE_BACKEND_URL"]
-    assert llm_d["CONVSTATE_AUTH"] == "keys"
+    assert llm_d["CONVSTATE_AUTH"] == "api_key"
     smoke = config("example-reference-smoke")
     assert smoke["CONVSTATE_BACKEND_URL"] == "http://convstate-refbackend:8100"
     services = {doc["metadata"]["name"] for doc in of_kind("example-reference-smoke", "Service")}

@@ -55,8 +55,8 @@ def replicas(database: str, backend: ServerThread) -> Iterator[ReplicaSet]:
         yield replica_set
 
 
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0, timeout=60)
+def client(url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 class Latency:
@@ -101,7 +101,7 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
 def test_a_chain_alternating_replicas_keeps_every_turn_and_its_cache_hits(
     replicas: ReplicaSet, backend: ServerThread
 ) -> None:
-    sdk = client(replicas.url)
+    sdk = client(replicas.url, replicas.api_key)
     previous, history, served, decisions, ids = None, [], [], [], []
     for turn in range(6):
         text = f"Turn {turn}: continue the plan."
@@ -125,7 +125,7 @@ def test_a_chain_alternating_replicas_keeps_every_turn_and_its_cache_hits(
     assert decisions == ["full; reason=no_parent"] + ["cache_ref; reason=hit"] * 5
     for replica in replicas.replicas:  # every replica reads the whole chain
         for index, response_id in enumerate(ids):
-            stored = client(replica.url).responses.retrieve(response_id)
+            stored = client(replica.url, replicas.api_key).responses.retrieve(response_id)
             assert stored.status == "completed"
             assert stored.previous_response_id == (ids[index - 1] if index else None)
 
@@ -133,7 +133,7 @@ def test_a_chain_alternating_replicas_keeps_every_turn_and_its_cache_hits(
 def test_a_background_response_created_on_one_replica_is_cancelled_through_another(
     replicas: ReplicaSet, backend: ServerThread
 ) -> None:
-    first, second, third = (client(replica.url) for replica in replicas.replicas)
+    first, second, third = (client(replica.url, replicas.api_key) for replica in replicas.replicas)
     with Latency(backend, 3000):
         queued = first.responses.create(model=MODEL, input="slow work", background=True)
         wait_for(lambda: second.responses.retrieve(queued.id).status == "in_progress", "the worker to start")
@@ -144,31 +144,41 @@ def test_a_background_response_created_on_one_replica_is_cancelled_through_anoth
     assert third.responses.retrieve(queued.id).output == []
 
 
-def _conversation_turn(url: str, conversation: str, text: str) -> httpx.Response:
+def _conversation_turn(url: str, api_key: str, conversation: str, text: str) -> httpx.Response:
     body = {"model": MODEL, "input": text, "conversation": conversation}
-    return httpx.post(f"{url}/v1/responses", json=body, timeout=60)
+    return httpx.post(f"{url}/v1/responses", json=body, timeout=60, headers=_auth(api_key))
+
+
+def _auth(api_key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"}
 
 
 def test_a_conversation_lock_holds_across_replicas(
     replicas: ReplicaSet, backend: ServerThread, database: str
 ) -> None:
     one, other = replicas.replicas[0].url, replicas.replicas[1].url
-    conversation = client(one).conversations.create().id
+    conversation = client(one, replicas.api_key).conversations.create().id
     results: dict[str, httpx.Response] = {}
     with Latency(backend, 2000):
         slow = threading.Thread(
-            target=lambda: results.update(first=_conversation_turn(one, conversation, "first"))
+            target=lambda: results.update(
+                first=_conversation_turn(one, replicas.api_key, conversation, "first")
+            )
         )
         slow.start()
         holder = "SELECT active_response_id FROM conversations WHERE id = $1"
         wait_for(lambda: sql(database, holder, conversation), "the first turn to take the lock")
-        racing = _conversation_turn(other, conversation, "racing")
+        racing = _conversation_turn(other, replicas.api_key, conversation, "racing")
         slow.join(timeout=30)
     assert results["first"].status_code == 200
     assert racing.status_code in (400, 409) and racing.json()["error"]["code"] == "conversation_locked"
-    after = _conversation_turn(other, conversation, "after")
+    after = _conversation_turn(other, replicas.api_key, conversation, "after")
     assert after.status_code == 200
-    listed = httpx.get(f"{one}/v1/conversations/{conversation}/items", params={"order": "asc"}).json()
+    listed = httpx.get(
+        f"{one}/v1/conversations/{conversation}/items",
+        params={"order": "asc"},
+        headers=_auth(replicas.api_key),
+    ).json()
     messages = [
         (item["role"], item["content"][0]["text"]) for item in listed["data"] if item["type"] == "message"
     ]
@@ -182,7 +192,7 @@ def test_a_conversation_lock_holds_across_replicas(
 def test_a_replica_killed_mid_turn_loses_nothing_acknowledged(
     replicas: ReplicaSet, backend: ServerThread
 ) -> None:
-    sdk = client(replicas.url)
+    sdk = client(replicas.url, replicas.api_key)
     acknowledged = []
     previous = None
     for turn in range(3):
@@ -194,7 +204,7 @@ def test_a_replica_killed_mid_turn_loses_nothing_acknowledged(
 
     def doomed_turn() -> None:
         try:
-            outcome["reply"] = client(victim.url).responses.create(
+            outcome["reply"] = client(victim.url, replicas.api_key).responses.create(
                 model=MODEL, input="never acknowledged", previous_response_id=previous
             )
         except openai.APIConnectionError as exc:
@@ -210,7 +220,7 @@ def test_a_replica_killed_mid_turn_loses_nothing_acknowledged(
     assert replicas.replace(2) == -signal.SIGKILL
     for response_id, text in acknowledged:
         for replica in replicas.replicas:
-            stored = client(replica.url).responses.retrieve(response_id)
+            stored = client(replica.url, replicas.api_key).responses.retrieve(response_id)
             assert (stored.status, stored.output_text) == ("completed", text)
     # The lineage continues where the acknowledged turns end, still on the cache path.
     raw = sdk.responses.with_raw_response.create(model=MODEL, input="step 3", previous_response_id=previous)
@@ -222,7 +232,7 @@ def test_a_rolling_restart_under_load_loses_nothing_acknowledged(
     replicas: ReplicaSet, backend: ServerThread
 ) -> None:
     before = list(replicas.front.upstreams)
-    with Latency(backend, 100), Load(replicas.url, conversations=4) as load:
+    with Latency(backend, 100), Load(replicas.url, conversations=4, api_key=replicas.api_key) as load:
         wait_for(lambda: len(load.acknowledged) >= 8, "load to start")
         statuses = replicas.rolling_restart()
         during = len(load.acknowledged)
@@ -245,7 +255,7 @@ def test_one_replica_can_run_several_worker_processes(database: str, backend: Se
             if entry.name.isdigit() and _parent(entry) == service.pid and "spawn_main" in _command(entry)
         ]
         assert len(children) >= 2, "uvicorn started fewer than two workers"
-        sdk = client(service.url)
+        sdk = client(service.url, service.api_key)
         previous = sdk.responses.create(model=MODEL, input="w0").id
         for turn in range(1, 4):
             previous = sdk.responses.create(model=MODEL, input=f"w{turn}", previous_response_id=previous).id
