@@ -192,15 +192,26 @@ class Service:
         return convstate_client.Client(self.url, self.admin_key)
 
 
+_SHARED: dict[str, Credentials] = {}
+
+
+def shared_tenant(database_url: str) -> Credentials:
+    """One tenant per database for the session: services started on the same database act as the same
+    tenant, like replicas of one deployment."""
+    if database_url not in _SHARED:
+        _SHARED[database_url] = new_tenant(database_url)
+    return _SHARED[database_url]
+
+
 def start_service(database_url: str, backend_url: str, **overrides: object) -> Service:
     settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
-    return Service(ServerThread(create_app(settings)).start(), settings, new_tenant(database_url))
+    return Service(ServerThread(create_app(settings)).start(), settings, shared_tenant(database_url))
 
 
 @pytest.fixture(scope="session")
 def credentials(migrated_urls: dict[str, str]) -> dict[str, Credentials]:
     """The session's tenant on each dialect, shared by the services the factory starts."""
-    return {dialect: new_tenant(url) for dialect, url in migrated_urls.items()}
+    return {dialect: shared_tenant(url) for dialect, url in migrated_urls.items()}
 
 
 @pytest.fixture(scope="session")

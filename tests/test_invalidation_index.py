@@ -9,6 +9,7 @@ import time
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.domain.fingerprint import PARTS as FINGERPRINT_PARTS
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.invalidation import InvalidationIndex, Rule, Scope, Subject, fingerprint_key, handle_state
 from service.store.db import create_engine
@@ -70,8 +71,7 @@ def test_combined_fingerprint_and_latest_cutoff() -> None:
     index.add(_rule(Scope.TENANT, "acme", at=5.0))
     index.add(_rule(Scope.TENANT, "acme", at=3.0))
     assert index.cutoff(_subject(fingerprint_parts=parts)) == 5.0
-    full = {name: name for name in ("key_format", "model", "tokenizer", "renderer", "chat_template", "lora")}
-    full |= {name: name for name in ("cache_salt", "block_size", "instructions", "tools", "reasoning")}
+    full = {name: name for name in FINGERPRINT_PARTS}
     combined = combined_fingerprint(full)
     assert combined is not None
     index.add(_rule(Scope.FINGERPRINT, fingerprint_key(None, combined), at=9.0))

@@ -103,7 +103,7 @@ def _salt_rotated(chain: Chain) -> None:
 
     chain.turn()
     asyncio.run(rotate())
-    chain.service.app.state.pipeline.tenants._salts.clear()
+    chain.service.app.state.pipeline.tenants.forget(chain.service.tenant)
     chain.turn("After the salt rotation.")
 
 
