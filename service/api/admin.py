@@ -49,12 +49,15 @@ async def create_tenant(body: schemas.CreateTenantBody, request: Request) -> sch
     return _tenant(created)
 
 
+def _found(tenant_id: str, tenant: StoredTenant | None) -> schemas.Tenant:
+    if tenant is None:
+        raise tenant_not_found(tenant_id)
+    return _tenant(tenant)
+
+
 @router.get("/tenants/{tenant_id}")
 async def get_tenant(tenant_id: str, request: Request) -> schemas.Tenant:
-    found = await request.app.state.tenants.get(tenant_id)
-    if found is None:
-        raise tenant_not_found(tenant_id)
-    return _tenant(found)
+    return _found(tenant_id, await request.app.state.tenants.get(tenant_id))
 
 
 @router.post("/tenants/{tenant_id}")
@@ -62,12 +65,11 @@ async def update_tenant(
     tenant_id: str, body: schemas.UpdateTenantBody, request: Request, caller: Admin
 ) -> schemas.Tenant:
     """Set the tenant's response retention (`null`: the service default); applies to new responses."""
-    updated = await request.app.state.tenants.set_retention(
+    tenants = request.app.state.tenants
+    updated = await tenants.set_retention(
         tenant_id, body.response_ttl_days, actor=caller.actor, now=time.time()
     )
-    if updated is None:
-        raise tenant_not_found(tenant_id)
-    return _tenant(updated)
+    return _found(tenant_id, updated)
 
 
 @router.post("/tenants/{tenant_id}/rotate_salt")
@@ -76,12 +78,9 @@ async def rotate_salt(
 ) -> schemas.Tenant:
     """A new cache salt: every handle of the tenant stops matching at once, on every replica within the
     max lag (`fingerprint_mismatch:cache_salt`)."""
-    rotated = await request.app.state.tenants.rotate_salt(
-        tenant_id, actor=caller.actor, reason=body.reason, now=time.time()
-    )
-    if rotated is None:
-        raise tenant_not_found(tenant_id)
-    return _tenant(rotated)
+    tenants = request.app.state.tenants
+    rotated = await tenants.rotate_salt(tenant_id, actor=caller.actor, reason=body.reason, now=time.time())
+    return _found(tenant_id, rotated)
 
 
 @router.get("/keys")
