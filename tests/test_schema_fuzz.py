@@ -5,6 +5,7 @@ headers and body the schema documents for the operation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,10 +20,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import Service
+from service.store.migrate import upgrade
+from tests.conftest import Service, start_service
 
 MODEL = "ref-chatml"
-# Per operation and generation mode: with 17 operations, a few hundred requests in all.
+# Per operation and generation mode: with 31 operations, several hundred requests in all.
 EXAMPLES = 25
 CHECKS = [
     not_a_server_error,
@@ -34,10 +36,20 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def served_schema(service_factory: Any) -> schemathesis.BaseSchema:
-    service: Service = service_factory("postgres", backend_mode="cache_ref")
-    loaded = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
-    loaded.config.update(base_url=service.url)
+def fuzzed(new_postgres_database: Any, reference_backend: Any) -> Iterator[Service]:
+    """A service on a database of its own: generated admin calls (an invalidation of everything, a
+    retention pass, new tenants) must not reach the other tests' data."""
+    url = new_postgres_database()
+    upgrade(url)
+    service = start_service(url, reference_backend.url, backend_mode="cache_ref")
+    yield service
+    service.server.stop()
+
+
+@pytest.fixture(scope="module")
+def served_schema(fuzzed: Service) -> schemathesis.BaseSchema:
+    loaded = schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json")
+    loaded.config.update(base_url=fuzzed.url)
     return loaded
 
 
@@ -55,9 +67,10 @@ def _operations(schema: schemathesis.BaseSchema, mode: schemathesis.GenerationMo
 
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
 def test_no_server_errors_and_every_error_in_the_envelope(
-    served_schema: schemathesis.BaseSchema, mode: schemathesis.GenerationMode
+    served_schema: schemathesis.BaseSchema, fuzzed: Service, mode: schemathesis.GenerationMode
 ) -> None:
     operations = _operations(served_schema, mode)
+    user, admin = ({"authorization": f"Bearer {key}"} for key in (fuzzed.api_key, fuzzed.admin_key))
     assert len(operations) >= 8
     for operation in operations:
 
@@ -73,7 +86,8 @@ def test_no_server_errors_and_every_error_in_the_envelope(
             if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
                 # A model the backend serves, so that generated turns reach it and get stored.
                 case.body["model"] = MODEL
-            response = case.call_and_validate(checks=CHECKS)
+            headers = admin if case.operation.path.startswith("/admin/") else user
+            response = case.call_and_validate(checks=CHECKS, headers=headers)
             if response.status_code >= 400:
                 body = response.json()
                 assert set(body) == {"error"}, body
@@ -90,9 +104,11 @@ def test_every_operation_documents_its_errors_in_the_envelope(service: Service) 
         for method, operation in operations.items():
             responses = operation["responses"]
             assert "422" not in responses, (method, path)
+            if path.startswith("/admin/"):
+                assert {"400", "401", "403", "500", "503"} <= set(responses), (method, path)
             if not path.startswith("/v1/"):
                 continue
-            expected = {"400", "500", "503"}
+            expected = {"400", "401", "500", "503"}
             if method == "post" and "/cancel" not in path:
                 expected.add("413")
             if "{" in path:

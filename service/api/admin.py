@@ -11,7 +11,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api import admin_schemas as schemas
+from service.api.body import CheckedRoute
 from service.api.deps import admin
+from service.api.errors import error_responses
 from service.domain.auth import Principal
 from service.domain.invalidation import Scope, Subject, fingerprint_key, handle_state
 from service.domain.stats import Summary, summarize
@@ -22,7 +24,14 @@ from service.store.keys import StoredKey, tenant_not_found
 from service.store.tenants import StoredTenant
 from service.workers.retention import retention_pass
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(admin)])
+router = APIRouter(
+    prefix="/admin/v1",
+    tags=["admin"],
+    dependencies=[Depends(admin)],
+    route_class=CheckedRoute,
+    responses=error_responses(400, 401, 403, 500, 503),
+)
+NOT_FOUND = error_responses(404)
 
 Admin = Annotated[Principal, Depends(admin)]
 
@@ -55,12 +64,12 @@ def _found(tenant_id: str, tenant: StoredTenant | None) -> schemas.Tenant:
     return _tenant(tenant)
 
 
-@router.get("/tenants/{tenant_id}")
+@router.get("/tenants/{tenant_id}", responses=NOT_FOUND)
 async def get_tenant(tenant_id: str, request: Request) -> schemas.Tenant:
     return _found(tenant_id, await request.app.state.tenants.get(tenant_id))
 
 
-@router.post("/tenants/{tenant_id}")
+@router.post("/tenants/{tenant_id}", responses=NOT_FOUND)
 async def update_tenant(
     tenant_id: str, body: schemas.UpdateTenantBody, request: Request, caller: Admin
 ) -> schemas.Tenant:
@@ -72,7 +81,7 @@ async def update_tenant(
     return _found(tenant_id, updated)
 
 
-@router.post("/tenants/{tenant_id}/rotate_salt")
+@router.post("/tenants/{tenant_id}/rotate_salt", responses=NOT_FOUND)
 async def rotate_salt(
     tenant_id: str, body: schemas.ReasonBody, request: Request, caller: Admin
 ) -> schemas.Tenant:
@@ -88,14 +97,14 @@ async def list_keys(request: Request, tenant: str | None = None) -> schemas.Keys
     return schemas.Keys(data=await request.app.state.keys.list(tenant))
 
 
-@router.post("/keys")
+@router.post("/keys", responses=NOT_FOUND)
 async def create_key(body: schemas.CreateKeyBody, request: Request) -> schemas.CreatedKey:
     """A new key; the secret is in this answer only."""
     created, secret = await request.app.state.keys.create(body.tenant, body.role, body.name, time.time())
     return schemas.CreatedKey(**asdict(created), key=secret)
 
 
-@router.post("/keys/{key_id}/revoke")
+@router.post("/keys/{key_id}/revoke", responses=NOT_FOUND)
 async def revoke_key(key_id: str, body: schemas.ReasonBody, request: Request, caller: Admin) -> StoredKey:
     """Refused on every replica within the max lag."""
     revoked: StoredKey | None = await request.app.state.keys.revoke(
@@ -162,7 +171,7 @@ def _turn(request: Request, turn: InspectedTurn, now: float) -> schemas.Turn:
     )
 
 
-@router.get("/responses/{response_id}/lineage")
+@router.get("/responses/{response_id}/lineage", responses=NOT_FOUND)
 async def inspect_lineage(response_id: str, request: Request) -> schemas.Inspection:
     """The response and its ancestors (through previous_response_id), oldest first, turn by turn."""
     turns = await request.app.state.inspect.lineage(response_id)
@@ -210,7 +219,7 @@ async def _rule_target(
     return body.key, None, None
 
 
-@router.post("/invalidations")
+@router.post("/invalidations", responses=NOT_FOUND)
 async def invalidate(body: schemas.InvalidateBody, request: Request, caller: Admin) -> StoredInvalidation:
     """One row whatever the scope covers; every replica decides `full; reason=invalidated` for the
     covered records within the max lag. A response scope covers the response and its descendants."""

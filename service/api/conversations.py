@@ -27,7 +27,7 @@ router = APIRouter(
     prefix="/v1/conversations",
     tags=["conversations"],
     route_class=CheckedRoute,
-    responses=error_responses(400, 500, 503),
+    responses=error_responses(400, 401, 500, 503),
 )
 
 Tenant = Annotated[str, Depends(current_tenant)]

@@ -117,6 +117,8 @@ class ErrorBody(BaseModel):
 
 _ERRORS = {
     400: "Invalid request: the envelope's `param` names the field",
+    401: "No API key, or an unknown or revoked one (`Authorization: Bearer <key>`)",
+    403: "The key's role may not use this endpoint: the admin API needs an admin key",
     404: "No such object for this tenant",
     409: "The object's state does not allow the operation",
     413: "The request body is larger than CONVSTATE_MAX_REQUEST_BYTES",
