@@ -203,9 +203,16 @@ def shared_tenant(database_url: str) -> Credentials:
     return _SHARED[database_url]
 
 
-def start_service(database_url: str, backend_url: str, **overrides: object) -> Service:
+# For a service whose database cannot be reached: keys nobody could have made.
+UNPROVISIONED = Credentials("nobody", "sk-cs-unprovisioned-user", "sk-cs-unprovisioned-admin")
+
+
+def start_service(
+    database_url: str, backend_url: str, credentials: Credentials | None = None, **overrides: object
+) -> Service:
     settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
-    return Service(ServerThread(create_app(settings)).start(), settings, shared_tenant(database_url))
+    credentials = credentials or shared_tenant(database_url)
+    return Service(ServerThread(create_app(settings)).start(), settings, credentials)
 
 
 @pytest.fixture(scope="session")

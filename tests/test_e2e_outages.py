@@ -12,15 +12,18 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from service.errors import ServiceUnavailable
 from service.serving import ServerThread, free_port
 from service.store.migrate import upgrade
 from service.store.responses import ResponseStore
-from tests.conftest import Service, start_service
+from tests.conftest import UNPROVISIONED, Service, start_service
 
 MODEL = "ref-chatml"
 
@@ -54,7 +57,7 @@ def _unavailable(reply: httpx.Response) -> dict[str, Any]:
 def no_database(reference_backend: ServerThread) -> Iterator[Service]:
     """The service pointed at a Postgres port nothing listens on."""
     service = start_service(
-        f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", reference_backend.url
+        f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", reference_backend.url, UNPROVISIONED
     )
     yield service
     service.server.stop()
@@ -87,13 +90,17 @@ def test_the_sdk_sees_the_503_and_readiness_fails(no_database: Service) -> None:
     assert no_database.http().get("/readyz").status_code == 503
 
 
-def test_websocket_turn_on_a_dead_database_is_an_error_event(no_database: Service) -> None:
-    client = openai.OpenAI(base_url=f"{no_database.url}/v1", api_key="test", max_retries=0)
-    with client.responses.connect() as connection:
-        connection.send({"type": "response.create", "model": MODEL, "input": "x"})
-        error = next(iter(connection))
-        assert error.type == "error" and error.status == 503
-        assert error.error.code == "database_unavailable"
+def test_websocket_on_a_dead_database_is_refused_with_a_503(no_database: Service) -> None:
+    """The key is checked in the handshake, and checking it needs the database."""
+    url = no_database.url.replace("http://", "ws://") + "/v1/responses"
+    with (
+        pytest.raises(InvalidStatus) as refused,
+        connect(url, additional_headers={"authorization": "Bearer sk-cs-x"}, open_timeout=10),
+    ):
+        pass
+    reply = refused.value.response
+    assert reply.status_code == 503 and reply.headers["retry-after"]
+    assert orjson.loads(reply.body or b"{}")["error"]["code"] == "database_unavailable"
 
 
 def test_connections_dropped_by_the_database_are_a_503_then_recover(

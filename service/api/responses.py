@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from service.api.body import CheckedRoute, parse_json
 from service.api.deps import authenticate, current_tenant, pipeline, response_store
-from service.api.errors import error_response, error_responses, validation_message, validation_param
+from service.api.errors import convstate_error_response, error_responses, validation_message, validation_param
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
 from service.api.schemas import CompactBody, ConversationRef, CreateResponseBody, ListQuery
@@ -153,9 +153,7 @@ async def responses_socket(websocket: WebSocket) -> None:
         tenant = (await authenticate(websocket)).tenant
     except ConvstateError as exc:
         # Refused in the handshake, with the same status and envelope as an HTTP request.
-        await websocket.send_denial_response(
-            error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
-        )
+        await websocket.send_denial_response(convstate_error_response(exc))
         return
     await websocket.accept()
     while True:

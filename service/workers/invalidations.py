@@ -89,11 +89,16 @@ class InvalidationWatcher:
             self._last_id = max(self._last_id, row.id)
 
     async def sync(self) -> None:
-        """Read the feed once (at start-up, before the first request)."""
-        async with self._engine.connect() as conn:
-            started = time.time()
-            self._apply(await read_after(conn, self._last_id))
-            self._synced_at = started
+        """Read the feed once, at start-up, so the first requests find the view fresh. A database that
+        cannot be reached does not stop the start: the view stays stale (turns go full, keys are looked
+        up, and those lookups answer 503) until `run` reads the feed."""
+        try:
+            async with self._engine.connect() as conn:
+                started = time.time()
+                self._apply(await read_after(conn, self._last_id))
+                self._synced_at = started
+        except Exception:
+            log.exception("invalidation feed unreadable at start-up")
 
     async def run(self) -> None:
         """Until cancelled: listen where the database can notify, poll always; reconnect after errors."""
