@@ -78,7 +78,7 @@ async def test_a_cancel_that_loses_to_completion_says_so(
 ) -> None:
     """The response completes while the cancel waits on its row: the cancel must report the true final
     state (409, completed), never 200 with a status it did not set."""
-    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key="test", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{service.url}/v1", api_key=service.api_key, max_retries=0)
     backend_admin.post("/admin/latency", json={"ms": 3000}).raise_for_status()
     try:
         queued = await client.responses.create(model="ref-chatml", input="race me", background=True)

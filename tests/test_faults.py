@@ -120,8 +120,9 @@ def _turn_goes_through(url: str, conversation_id: str, since: float) -> float:
 
 
 def _serve(database_url: str, backend_url: str, **settings: object) -> Process:
-    """`convstate serve` in its own process, ready."""
-    return start_service(database_url, backend_url, "cache_ref", **settings)
+    """`convstate serve` in its own process, ready. Without API keys (on loopback): these faults are about
+    turns and locks, and a client of a killed process has no key cache to lose."""
+    return start_service(database_url, backend_url, "cache_ref", auth="none", **settings)
 
 
 class Stopping:

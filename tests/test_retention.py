@@ -19,10 +19,10 @@ from service.store.db import create_engine
 from service.store.models import Conversation, Item, PrefixRecord, Response
 from service.store.responses import ResponseStore, TurnWrite
 from service.store.retention import RetentionStore
+from service.store.unit import unit_of_work
 from service.workers.retention import retention_pass
 from tests.conftest import Service, new_tenant
-from tests.factories import stored_response
-from tests.test_store import _prefix
+from tests.factories import prefix_write, stored_response
 
 MODEL = "ref-chatml"
 SECONDS = 1 / 86400
@@ -93,7 +93,8 @@ async def test_a_live_descendant_keeps_its_expired_ancestors(engine: AsyncEngine
     alone = stored_response(tenant)
     for response, expires_at in ((old, now - 5), (young, now + 60), (alone, now - 5)):
         items = normalize_input(f"in {response.id}")
-        await store.write_turn(TurnWrite(response, expires_at, items, [], _prefix("pc")))
+        async with unit_of_work(engine) as uow:
+            await store.write_turn(uow, TurnWrite(response, expires_at, items, [], prefix_write("pc")))
     assert await store.get(tenant, old.id) is None  # expired: gone from reads
     assert await store.get(tenant, young.id) is not None
     assert await retention_pass(retention, batch=1) >= 1
@@ -111,18 +112,9 @@ async def test_expired_conversation_turns_leave_their_items_to_the_conversation(
     assert turn is not None
     response = stored_response(tenant, id="resp_" + uuid.uuid4().hex, conversation_id=conversation.id)
     items = normalize_input("a turn")
-    await store.write_turn(
-        TurnWrite(
-            response,
-            now - 1,
-            items,
-            [],
-            _prefix("pc"),
-            also=lambda conn: conversations.finish_turn(
-                conn, tenant, conversation.id, "resp_x", [items[0]["id"]]
-            ),
-        )
-    )
+    async with unit_of_work(engine) as uow:
+        await store.write_turn(uow, TurnWrite(response, now - 1, items, [], prefix_write("pc")))
+        await conversations.finish_turn(uow, tenant, conversation.id, "resp_x", [items[0]["id"]])
     assert await retention_pass(RetentionStore(engine), batch=10) >= 1
     history = await conversations.history(tenant, conversation.id)
     assert [item["id"] for _, segment in history for item in segment][-1] == items[0]["id"]
