@@ -207,11 +207,15 @@ def shared_tenant(database_url: str) -> Credentials:
 UNPROVISIONED = Credentials("nobody", "sk-cs-unprovisioned-user", "sk-cs-unprovisioned-admin")
 
 
-def start_service(
-    database_url: str, backend_url: str, credentials: Credentials | None = None, **overrides: object
+def start_service(database_url: str, backend_url: str, **overrides: object) -> Service:
+    """The service on loopback, as the database's shared tenant."""
+    return start_service_as(shared_tenant(database_url), database_url, backend_url, **overrides)
+
+
+def start_service_as(
+    credentials: Credentials, database_url: str, backend_url: str, **overrides: object
 ) -> Service:
     settings = Settings(database_url=database_url, backend_url=backend_url, **overrides)  # type: ignore[arg-type]
-    credentials = credentials or shared_tenant(database_url)
     return Service(ServerThread(create_app(settings)).start(), settings, credentials)
 
 

@@ -23,7 +23,7 @@ from service.errors import ServiceUnavailable
 from service.serving import ServerThread, free_port
 from service.store.migrate import upgrade
 from service.store.responses import ResponseStore
-from tests.conftest import UNPROVISIONED, Service, start_service
+from tests.conftest import UNPROVISIONED, Service, start_service, start_service_as
 
 MODEL = "ref-chatml"
 
@@ -56,8 +56,8 @@ def _unavailable(reply: httpx.Response) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def no_database(reference_backend: ServerThread) -> Iterator[Service]:
     """The service pointed at a Postgres port nothing listens on."""
-    service = start_service(
-        f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", reference_backend.url, UNPROVISIONED
+    service = start_service_as(
+        UNPROVISIONED, f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none", reference_backend.url
     )
     yield service
     service.server.stop()
