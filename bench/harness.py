@@ -424,8 +424,9 @@ class Process:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        tail = self.tail()  # before stop(), which closes the log
         self.stop()
-        raise TimeoutError(f"{self.name} not ready in {timeout}s: {self.tail()}")
+        raise TimeoutError(f"{self.name} not ready in {timeout}s: {tail}")
 
     def tail(self, lines: int = 20) -> str:
         self._log_handle.flush()
