@@ -126,7 +126,8 @@ async def test_watcher_follows_the_feed(engine: AsyncEngine) -> None:
         assert watcher.fresh()
     finally:
         running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
+        async with asyncio.timeout(10):  # a watcher that ignores its cancel fails here, never hangs
+            await asyncio.gather(running, return_exceptions=True)
         await feed.dispose()
 
 

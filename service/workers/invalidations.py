@@ -112,8 +112,11 @@ class InvalidationWatcher:
                         started = time.time()
                         self._apply(await read_after(conn, self._last_id))
                         self._synced_at = started
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+                        # that lands as its timeout fires, and the watcher would then never stop.
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), timeout=poll)
+                            async with asyncio.timeout(poll):
+                                await self._wake.wait()
             except Exception:
                 log.exception("invalidation feed unreadable; decisions go full until it is back")
                 await asyncio.sleep(poll)
