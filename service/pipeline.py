@@ -67,6 +67,8 @@ ECHOED_SETTINGS = (
     "parallel_tool_calls",
     "temperature",
     "top_p",
+    "presence_penalty",
+    "frequency_penalty",
     "max_output_tokens",
     "metadata",
     "text",
@@ -75,6 +77,7 @@ ECHOED_SETTINGS = (
     "user",
     "safety_identifier",
     "prompt_cache_key",
+    "prompt_cache_retention",
     "service_tier",
     "top_logprobs",
     "max_tool_calls",
@@ -564,9 +567,7 @@ class Pipeline:
             elif isinstance(exc, Exception):
                 log.error("streamed turn %s failed", turn.response_id, exc_info=exc)
             failed = await self.fail(turn, exc, _partial(builder))
-            code = exc.code if isinstance(exc, ConvstateError) else "server_error"
-            param = exc.param if isinstance(exc, ConvstateError) else None
-            emit({"type": "error", "code": code, "message": _client_message(exc), "param": param})
+            emit(_error_event(exc))
             emit({"type": "response.failed", "response": failed})
             if not isinstance(exc, Exception):
                 raise
@@ -667,6 +668,19 @@ def _partial(builder: OutputBuilder) -> list[Item]:
         return builder.finish("incomplete")
     except Exception:
         return []
+
+
+def _error_event(exc: BaseException) -> Event:
+    """The stream's `error` event: OpenAI puts code, message and param at the top, the Open Responses
+    specification in `error`; both are sent, so both kinds of client read it."""
+    ours = exc if isinstance(exc, ConvstateError) else None
+    error = {
+        "type": ours.type if ours else "server_error",
+        "code": (ours.code if ours else None) or "server_error",
+        "message": _client_message(exc),
+        "param": ours.param if ours else None,
+    }
+    return {"type": "error", **{key: error[key] for key in ("code", "message", "param")}, "error": error}
 
 
 def _client_message(exc: BaseException) -> str:

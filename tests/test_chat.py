@@ -16,6 +16,8 @@ def test_every_setting_maps() -> None:
         {
             "temperature": 0.2,
             "top_p": 0.9,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
             "max_output_tokens": 64,
             "tools": [TOOL],
             "tool_choice": {"type": "function", "name": "f"},
@@ -31,6 +33,8 @@ def test_every_setting_maps() -> None:
     assert options == {
         "temperature": 0.2,
         "top_p": 0.9,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
         "max_tokens": 64,
         "tools": [{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}},

@@ -249,7 +249,7 @@ def _user(text: str) -> dict[str, Any]:
         ("POST", "", {"metadata": {"k" * 65: "v"}}, None, "metadata", "invalid_value"),
         ("POST", "", {"metadata": {"k": "v" * 513}}, None, "metadata", "invalid_value"),
         ("POST", "", {"metadata": {"k": 1}}, None, "metadata.k", "invalid_value"),
-        ("POST", "", {"bogus": 1}, None, "bogus", "invalid_value"),
+        ("POST", "", {"bogus": 1}, None, "bogus", "unknown_parameter"),
         ("POST", "", {"items": [{"role": "robot", "content": "x"}]}, None, "items[0].role", None),
         ("POST", "", {"items": [_user("x"), {"type": "bogus"}]}, None, "items[1].type", None),
         ("POST", "", {"items": [{"role": "user", "content": []}]}, None, "items[0].content", None),
@@ -260,11 +260,11 @@ def _user(text: str) -> dict[str, Any]:
         ("POST", "/{id}/items", {"items": [_user("x")] * 21}, None, "items", "invalid_value"),
         ("POST", "/{id}/items", {"items": [{"type": "function_call"}]}, None, "items[0].call_id", None),
         ("POST", "/{id}/items", {"items": [_user("x")]}, {"include": "nope"}, "include", "invalid_value"),
-        ("GET", "/{id}/items", None, {"limit": 0}, "limit", "invalid_value"),
-        ("GET", "/{id}/items", None, {"limit": 101}, "limit", "invalid_value"),
+        ("GET", "/{id}/items", None, {"limit": 0}, "limit", "integer_below_min_value"),
+        ("GET", "/{id}/items", None, {"limit": 101}, "limit", "integer_above_max_value"),
         ("GET", "/{id}/items", None, {"order": "sideways"}, "order", "invalid_value"),
         ("GET", "/{id}/items", None, {"include[]": "nope"}, "include[]", "invalid_value"),
-        ("GET", "/{id}/items", None, {"bogus": "1"}, "bogus", "invalid_value"),
+        ("GET", "/{id}/items", None, {"bogus": "1"}, "bogus", "unknown_parameter"),
     ],
 )
 def test_bad_requests_name_the_field(

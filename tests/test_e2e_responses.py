@@ -99,12 +99,15 @@ def test_retrieve_delete_and_echoed_fields(service: Service) -> None:
         metadata={"k": "v"},
         temperature=0.5,
         top_p=0.9,
+        extra_body={"presence_penalty": 0.25, "frequency_penalty": -0.5},
         prompt_cache_key="pck",
         safety_identifier="user-1",
     )
     fetched = client.responses.retrieve(created.id)
     assert fetched.model_dump() == created.model_dump()
     assert (fetched.metadata, fetched.temperature, fetched.top_p) == ({"k": "v"}, 0.5, 0.9)
+    echoed = service.http().get(f"/v1/responses/{created.id}").json()
+    assert (echoed["presence_penalty"], echoed["frequency_penalty"]) == (0.25, -0.5)
     assert (fetched.prompt_cache_key, fetched.safety_identifier) == ("pck", "user-1")
     deleted = service.http().delete(f"/v1/responses/{created.id}").json()
     assert deleted == {"id": created.id, "object": "response.deleted", "deleted": True}
@@ -152,7 +155,19 @@ def test_store_false_cannot_be_retrieved_or_continued(service: Service) -> None:
             "previous_response_not_found",
         ),
         ({"model": MODEL}, 400, "input", "invalid_value"),
-        ({"model": MODEL, "input": "x", "temperature": 5}, 400, "temperature", "invalid_value"),
+        ({"model": MODEL, "input": "x", "temperature": 5}, 400, "temperature", "decimal_above_max_value"),
+        (
+            {"model": MODEL, "input": "x", "presence_penalty": -3},
+            400,
+            "presence_penalty",
+            "decimal_below_min_value",
+        ),
+        (
+            {"model": MODEL, "input": "x", "max_output_tokens": 15},
+            400,
+            "max_output_tokens",
+            "integer_below_min_value",
+        ),
         (
             {"model": MODEL, "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}},
             400,
@@ -160,7 +175,9 @@ def test_store_false_cannot_be_retrieved_or_continued(service: Service) -> None:
             "invalid_value",
         ),
         ({"model": MODEL, "input": "x", "metadata": {"k": "v" * 513}}, 400, "metadata", "invalid_value"),
-        ({"model": MODEL, "input": "x", "bogus": 1}, 400, "bogus", "invalid_value"),
+        ({"model": MODEL, "input": "x", "bogus": 1}, 400, "bogus", "unknown_parameter"),
+        ({"model": MODEL, "input": "x", "text": {"bogus": 1}}, 400, "text.bogus", "unknown_parameter"),
+        ({"model": MODEL, "input": "x", "tool_choice": "sometimes"}, 400, "tool_choice", "invalid_value"),
         ({"model": MODEL, "input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role", None),
         ({"model": "no-such-model", "input": "x"}, 400, "model", "model_not_found"),
     ],

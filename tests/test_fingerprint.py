@@ -45,6 +45,8 @@ TOOL: dict[str, Any] = {
 EVERY_SETTING: dict[str, Any] = {
     "temperature": 0.2,
     "top_p": 0.9,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
     "max_output_tokens": 64,
     "tools": [TOOL],
     "tool_choice": "required",
@@ -104,7 +106,16 @@ def test_every_field_on_the_wire_reaches_the_fingerprint_or_is_declared_sampling
     sampled = {field for field in body if field in SAMPLING_FIELDS}
     # The declared list is a claim (checked against the reference backend's render in the e2e tests):
     # a new entry must be added here on purpose.
-    assert sampled == {"temperature", "top_p", "max_tokens", "logprobs", "top_logprobs", "user"}
+    assert sampled == {
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "max_tokens",
+        "logprobs",
+        "top_logprobs",
+        "user",
+    }
     before = combined_fingerprint(_parts(body))
     for field in body.keys() - SAMPLING_FIELDS:
         after = combined_fingerprint(_parts({**body, field: _changed(body[field])}))

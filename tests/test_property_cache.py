@@ -324,7 +324,7 @@ def run_conversation(
         service = canary if turn.canary else plain
         early_child = None
         if turn.early_child and not conversation:
-            early_child = {"model": model, "input": "A child sent too early.", "max_output_tokens": 8}
+            early_child = {"model": model, "input": "A child sent too early.", "max_output_tokens": 16}
         response, headers = _send(service, body, turn.delivery, early_child)
         assert response["status"] in ("completed", "incomplete"), response
         expected = ([{"role": "system", "content": turn.instructions}] if turn.instructions else []) + history

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from service.api.body import CheckedRoute
 from service.api.deps import conversations, current_tenant
@@ -13,6 +13,7 @@ from service.api.errors import error_responses
 from service.api.json import JSONBody
 from service.api.objects import conversation_object, list_object
 from service.api.schemas import (
+    CONVERSATION_ID_PATTERN,
     AddConversationItemsBody,
     ConversationItemsQuery,
     CreateConversationBody,
@@ -32,6 +33,7 @@ router = APIRouter(
 
 Tenant = Annotated[str, Depends(current_tenant)]
 Store = Annotated[ConversationStore, Depends(conversations)]
+ConversationId = Annotated[str, Path(pattern=CONVERSATION_ID_PATTERN)]
 # Accepted and validated; nothing they would add (logprobs, encrypted reasoning, ...) is stored.
 Include = Annotated[IncludeQuery, Query()]
 
@@ -60,7 +62,7 @@ async def create_conversation(
 
 
 @router.get("/{conversation_id}", responses=error_responses(404))
-async def get_conversation(conversation_id: str, tenant: Tenant, store: Store) -> JSONBody:
+async def get_conversation(conversation_id: ConversationId, tenant: Tenant, store: Store) -> JSONBody:
     conversation = await store.get(tenant, conversation_id)
     if conversation is None:
         raise _not_found(conversation_id)
@@ -69,7 +71,7 @@ async def get_conversation(conversation_id: str, tenant: Tenant, store: Store) -
 
 @router.post("/{conversation_id}", responses=error_responses(404, 413))
 async def update_conversation(
-    conversation_id: str, body: UpdateConversationBody, tenant: Tenant, store: Store
+    conversation_id: ConversationId, body: UpdateConversationBody, tenant: Tenant, store: Store
 ) -> JSONBody:
     conversation = await store.update_metadata(tenant, conversation_id, body.metadata or {})
     if conversation is None:
@@ -78,7 +80,7 @@ async def update_conversation(
 
 
 @router.delete("/{conversation_id}", responses=error_responses(404))
-async def delete_conversation(conversation_id: str, tenant: Tenant, store: Store) -> JSONBody:
+async def delete_conversation(conversation_id: ConversationId, tenant: Tenant, store: Store) -> JSONBody:
     if not await store.delete(tenant, conversation_id, time.time()):
         raise _not_found(conversation_id)
     return JSONBody({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
@@ -86,7 +88,11 @@ async def delete_conversation(conversation_id: str, tenant: Tenant, store: Store
 
 @router.post("/{conversation_id}/items", responses=error_responses(404, 413))
 async def add_items(
-    conversation_id: str, body: AddConversationItemsBody, tenant: Tenant, store: Store, _include: Include
+    conversation_id: ConversationId,
+    body: AddConversationItemsBody,
+    tenant: Tenant,
+    store: Store,
+    _include: Include,
 ) -> JSONBody:
     items = _items(body.items)
     if not await store.add_items(tenant, conversation_id, items, time.time()):
@@ -96,7 +102,10 @@ async def add_items(
 
 @router.get("/{conversation_id}/items", responses=error_responses(404))
 async def list_items(
-    conversation_id: str, tenant: Tenant, store: Store, query: Annotated[ConversationItemsQuery, Query()]
+    conversation_id: ConversationId,
+    tenant: Tenant,
+    store: Store,
+    query: Annotated[ConversationItemsQuery, Query()],
 ) -> JSONBody:
     page = await store.list_items(
         tenant, conversation_id, after=query.after, limit=query.limit, descending=query.order == "desc"
@@ -109,7 +118,7 @@ async def list_items(
 
 @router.get("/{conversation_id}/items/{item_id}", responses=error_responses(404))
 async def get_item(
-    conversation_id: str, item_id: str, tenant: Tenant, store: Store, _include: Include
+    conversation_id: ConversationId, item_id: str, tenant: Tenant, store: Store, _include: Include
 ) -> JSONBody:
     item = await store.get_item(tenant, conversation_id, item_id)
     if item is None:
@@ -118,7 +127,9 @@ async def get_item(
 
 
 @router.delete("/{conversation_id}/items/{item_id}", responses=error_responses(404))
-async def delete_item(conversation_id: str, item_id: str, tenant: Tenant, store: Store) -> JSONBody:
+async def delete_item(
+    conversation_id: ConversationId, item_id: str, tenant: Tenant, store: Store
+) -> JSONBody:
     conversation = await store.delete_item(tenant, conversation_id, item_id, time.time())
     if conversation is None:
         raise _not_found(conversation_id)

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.body import dotted
 from service.api.json import JSONBody
-from service.errors import ConvstateError
+from service.errors import ConvstateError, InvalidRequest
 
 log = logging.getLogger("convstate.api")
 
@@ -50,21 +50,37 @@ def _located(error: Any) -> tuple[str | int, ...]:
     )
 
 
-def _reported(exc: RequestValidationError | ValidationError) -> tuple[str | None, str]:
-    """(param, message) of the problem to report: of a union's failed members, the one that got
-    furthest into the value (for {"type": "function", "name": 5}, the name, not "not a string")."""
+# OpenAI's codes for a number out of its range, by pydantic's error type; integer or decimal as the
+# bound is (float fields declare float bounds).
+_RANGE_CODES = {
+    "greater_than_equal": ("below_min_value", ">="),
+    "greater_than": ("below_min_value", ">"),
+    "less_than_equal": ("above_max_value", "<="),
+    "less_than": ("above_max_value", "<"),
+}
+
+
+def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
+    """The problem to report, as OpenAI words it. Of a union's failed members, the one that got furthest
+    into the value (for {"type": "function", "name": 5}, the name, not "not a string")."""
     error = max(exc.errors(), key=lambda error: len(_located(error)))
-    return dotted(_located(error)), str(error.get("msg", "Invalid request"))
-
-
-def validation_param(exc: RequestValidationError | ValidationError) -> str | None:
-    return _reported(exc)[0]
-
-
-def validation_message(exc: RequestValidationError | ValidationError) -> str:
-    """The problem, naming the field: "Invalid value for 'temperature': ..."."""
-    param, message = _reported(exc)
-    return f"Invalid value for '{param}': {message}" if param else message
+    param = dotted(_located(error))
+    kind = str(error.get("type"))
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    if kind in _RANGE_CODES and len(bounds := list((error.get("ctx") or {}).values())) == 1:
+        what, relation = _RANGE_CODES[kind]
+        code = ("decimal_" if isinstance(bounds[0], float) else "integer_") + what
+        return InvalidRequest(
+            f"Invalid '{param}': {code.replace('_', ' ')}. Expected a value {relation} {bounds[0]}, "
+            f"but got {error.get('input')} instead.",
+            param=param,
+            code=code,
+        )
+    message = str(error.get("msg", "Invalid request"))
+    return InvalidRequest(
+        f"Invalid value for '{param}': {message}" if param else message, param=param, code="invalid_value"
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -74,9 +90,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONBody:
-        return error_response(
-            400, validation_message(exc), "invalid_request_error", validation_param(exc), "invalid_value"
-        )
+        return convstate_error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONBody:

@@ -39,6 +39,7 @@ def response_object(response: StoredResponse) -> dict[str, Any]:
         "parallel_tool_calls": settings.get("parallel_tool_calls", True) is not False,
         "previous_response_id": response.previous_response_id,
         "prompt_cache_key": settings.get("prompt_cache_key"),
+        "prompt_cache_retention": settings.get("prompt_cache_retention"),
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "safety_identifier": settings.get("safety_identifier"),
         "service_tier": settings.get("service_tier") or "default",
@@ -46,9 +47,15 @@ def response_object(response: StoredResponse) -> dict[str, Any]:
         "temperature": settings.get("temperature") if settings.get("temperature") is not None else 1.0,
         "text": _text_config(settings.get("text")),
         "tool_choice": settings.get("tool_choice") or "auto",
-        "tools": settings.get("tools") or [],
+        # `description`, `parameters` and `strict` are required keys of an echoed tool, null when unset.
+        "tools": [
+            {"description": None, "parameters": None, "strict": None, **tool}
+            for tool in settings.get("tools") or []
+        ],
         "top_logprobs": settings.get("top_logprobs") or 0,
         "top_p": settings.get("top_p") if settings.get("top_p") is not None else 1.0,
+        "presence_penalty": settings.get("presence_penalty") or 0.0,
+        "frequency_penalty": settings.get("frequency_penalty") or 0.0,
         "truncation": settings.get("truncation") or "disabled",
         "usage": response.usage,
         "user": settings.get("user"),

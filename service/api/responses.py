@@ -14,10 +14,16 @@ from pydantic import ValidationError
 
 from service.api.body import CheckedRoute, parse_json
 from service.api.deps import authenticate, current_tenant, pipeline, response_store
-from service.api.errors import convstate_error_response, error_responses, validation_message, validation_param
+from service.api.errors import convstate_error_response, error_responses, validation_error
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
-from service.api.schemas import CompactBody, ConversationRef, CreateResponseBody, ListQuery
+from service.api.schemas import (
+    UNSUPPORTED_FIELDS,
+    CompactBody,
+    ConversationRef,
+    CreateResponseBody,
+    ListQuery,
+)
 from service.domain.items import normalize_input
 from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
@@ -38,6 +44,11 @@ def _not_found(response_id: str) -> NotFound:
 
 
 def turn_request(body: CreateResponseBody, request_id: str | None, max_items: int) -> TurnRequest:
+    for name in UNSUPPORTED_FIELDS:
+        if getattr(body, name) is not None:
+            raise InvalidRequest(
+                f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter"
+            )
     if body.background and not body.store:
         raise InvalidRequest("background responses require store=true.", param="background")
     if body.background and body.stream:
@@ -136,7 +147,8 @@ def _socket_error(exc: ConvstateError, stream_id: str | None) -> dict[str, Any]:
     event: dict[str, Any] = {
         "type": "error",
         "status": exc.status,
-        "error": {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param},
+        # The specification requires a string code; an error without its own code is named by its type.
+        "error": {"type": exc.type, "code": exc.code or exc.type, "message": exc.message, "param": exc.param},
     }
     if stream_id is not None:
         event["stream_id"] = stream_id
@@ -171,7 +183,7 @@ async def responses_socket(websocket: WebSocket) -> None:
             try:
                 body = CreateResponseBody.model_validate(fields)
             except ValidationError as exc:
-                raise InvalidRequest(validation_message(exc), param=validation_param(exc)) from None
+                raise validation_error(exc) from None
             request_id = f"req_{uuid.uuid4().hex}"
             stream = await turns.stream(tenant, turn_request(body, request_id, settings.max_input_items))
             async for outgoing in stream.events():

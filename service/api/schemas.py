@@ -12,6 +12,7 @@ METADATA_MAX_VALUE = 512
 # The upper bound of every count a client sends (max_output_tokens, max_tool_calls): far above any
 # context window, and within the 32-bit integers backends keep them in.
 MAX_COUNT = 2**31 - 1
+MIN_OUTPUT_TOKENS = 16
 
 
 class _Strict(BaseModel):
@@ -64,8 +65,27 @@ def validate_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+# What a conversation id looks like: anything else is a malformed value (400), not a missing one (404).
+CONVERSATION_ID_PATTERN = r"^conv_[A-Za-z0-9]+$"
+ConversationId = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)]
+
+
 class ConversationRef(_Strict):
-    id: str
+    id: ConversationId
+
+
+# Request fields of OpenAI's API that need what this service does not have (stored prompt templates,
+# moderation, server-side compaction settings, image generation, OpenAI's access programs, cache and
+# background tuning of OpenAI's fleet): refused by name rather than silently ignored.
+UNSUPPORTED_FIELDS = (
+    "prompt",
+    "prompt_cache_options",
+    "context_management",
+    "moderation",
+    "background_options",
+    "access_programs",
+    "image",
+)
 
 
 class CreateResponseBody(_Strict):
@@ -75,9 +95,12 @@ class CreateResponseBody(_Strict):
     previous_response_id: str | None = None
     store: bool = True
     metadata: dict[str, str] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    # OpenAI's minimum: fewer tokens cannot hold a reasoning model's first output.
+    max_output_tokens: Annotated[int, Field(ge=MIN_OUTPUT_TOKENS, le=MAX_COUNT)] | None = None
     user: str | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None
     prompt_cache_key: str | None = None
@@ -94,7 +117,17 @@ class CreateResponseBody(_Strict):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     background: bool = False
-    conversation: str | ConversationRef | None = None
+    conversation: ConversationId | ConversationRef | None = None
+    # Accepted and echoed: this service keeps its prefix handles as long as the backend does.
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    # Fields of OpenAI's API this service refuses with 400 `unsupported_parameter` (UNSUPPORTED_FIELDS).
+    prompt: Any = None
+    prompt_cache_options: Any = None
+    context_management: Any = None
+    moderation: Any = None
+    background_options: Any = None
+    access_programs: Any = None
+    image: Any = None
 
     _metadata = field_validator("metadata")(validate_metadata)
 

@@ -58,6 +58,8 @@ def chat_options(settings: dict[str, Any]) -> dict[str, Any]:
     options = {
         "temperature": settings.get("temperature"),
         "top_p": settings.get("top_p"),
+        "presence_penalty": settings.get("presence_penalty"),
+        "frequency_penalty": settings.get("frequency_penalty"),
         "max_tokens": settings.get("max_output_tokens"),
         "tools": _tools(tools) if tools else None,
         "tool_choice": _tool_choice(settings.get("tool_choice")) if tools else None,

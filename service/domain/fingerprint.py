@@ -48,6 +48,8 @@ SAMPLING_FIELDS = frozenset(
     {
         "temperature",
         "top_p",
+        "presence_penalty",
+        "frequency_penalty",
         "max_tokens",
         "logprobs",
         "top_logprobs",

@@ -218,7 +218,10 @@ def parse_chat_request(body: Mapping[str, Any], profiles: Mapping[str, str]) -> 
     model = resolve_model(body, profiles)
     ctx, messages = render_inputs(body, model, profiles[model])
     tools = list(ctx.tools)
-    sampling = {key: _opt(body, key, (int, float), "a number") for key in ("temperature", "top_p")}
+    sampling = {
+        key: _opt(body, key, (int, float), "a number")
+        for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+    }
     seed = _opt(body, "seed", int, "an integer")
     if (_opt(body, "n", int, "an integer") or 1) != 1:
         raise bad_request("Only n=1 is supported by this server", param="n")
