@@ -38,7 +38,9 @@ def convstate_error_response(exc: ConvstateError) -> JSONBody:
 
 # Pydantic names the member of a union a value failed in its location ("tool_choice", "NamedToolChoice",
 # "name"); the client's field is "tool_choice.name". Request fields are lowercase, so these never clash.
-_UNION_MEMBER = re.compile(r"[A-Z]\w*|str|int|float|bool|none|(list|dict|literal|function-\w+)\[.*\]")
+_UNION_MEMBER = re.compile(
+    r"[A-Z]\w*|str|int|float|bool|none|constrained-\w+|(list|dict|literal|function-\w+)\[.*\]"
+)
 
 
 def _located(error: Any) -> tuple[str | int, ...]:
