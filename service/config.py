@@ -74,6 +74,10 @@ class Settings(BaseSettings):
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)
+    # Browser origins (scheme://host[:port], comma-separated, or *) whose pages may open the Responses
+    # WebSocket; empty: only pages served from the host the socket is opened on. Clients that send no
+    # Origin (SDKs, servers) are not browsers and are not checked.
+    websocket_allowed_origins: str = ""
 
     log_level: str = "info"
 
@@ -110,6 +114,22 @@ class Settings(BaseSettings):
                 "CONVSTATE_AUTH_NONE_REMOTE=true to serve without keys anyway"
             )
         return value
+
+    @field_validator("websocket_allowed_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in filter(None, (part.strip() for part in value.split(","))):
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"an origin is scheme://host[:port] or *, got {origin!r}")
+        return value
+
+    @cached_property
+    def websocket_origins(self) -> frozenset[str]:
+        return frozenset(
+            part.strip().rstrip("/").lower()
+            for part in self.websocket_allowed_origins.split(",")
+            if part.strip()
+        )
 
     @cached_property
     def database(self) -> URL:

@@ -18,6 +18,7 @@ from service.config import AuthMode, Settings
         ("CONVSTATE_DATABASE_URL", "mysql://somewhere/db"),
         ("CONVSTATE_BACKEND_URL", "http://vllm:8000/v1"),
         ("CONVSTATE_PORT", "99999"),
+        ("CONVSTATE_WEBSOCKET_ALLOWED_ORIGINS", "app.example"),
     ],
 )
 def test_bad_setting_is_one_clear_line(variable: str, value: str) -> None:

@@ -13,6 +13,9 @@ import httpx
 import openai
 import pytest
 from openai.types.responses import response_create_params
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from service.api.schemas import UNSUPPORTED_FIELDS
 from tests.conftest import Service
@@ -108,13 +111,15 @@ def test_unknown_fields_name_themselves(service: Service) -> None:
 
 
 def test_penalties_are_accepted_and_echoed(service: Service) -> None:
+    # The SDK's create() has no penalty arguments (its Response type no penalty fields): extra_body.
     client = service.openai()
-    created = client.responses.create(
+    raw = client.responses.with_raw_response.create(
         model=MODEL, input="x", extra_body={"presence_penalty": 0.5, "frequency_penalty": -1.0}
     )
-    assert (created.presence_penalty, created.frequency_penalty) == (0.5, -1.0)
-    plain = client.responses.create(model=MODEL, input="x")
-    assert (plain.presence_penalty, plain.frequency_penalty) == (0.0, 0.0)
+    created = raw.http_response.json()
+    assert (created["presence_penalty"], created["frequency_penalty"]) == (0.5, -1.0)
+    plain = service.http().post("/v1/responses", json={"model": MODEL, "input": "x"}).json()
+    assert (plain["presence_penalty"], plain["frequency_penalty"]) == (0.0, 0.0)
 
 
 def test_echoed_tools_keep_strict(service: Service) -> None:
@@ -193,3 +198,23 @@ def test_the_compatibility_table_matches() -> None:
     assert set(table) == set(SDK_VALUES) | {"presence_penalty", "frequency_penalty"}
     for field, status in table.items():
         assert status == ("not supported" if field in UNSUPPORTED_FIELDS else "supported"), field
+
+
+def _socket_status(service: Service, origin: str | None) -> int:
+    """101 if the upgrade is accepted, else the HTTP status it was answered with."""
+    url = service.url.replace("http://", "ws://") + "/v1/responses"
+    try:
+        with connect(url, origin=Origin(origin) if origin else None):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def test_websocket_origins(service: Service, service_factory: Any) -> None:
+    same_host = service.url
+    assert _socket_status(service, None) == 101  # an SDK or a server: no Origin
+    assert _socket_status(service, same_host) == 101
+    assert _socket_status(service, "http://elsewhere.example") == 403
+    listed: Service = service_factory("postgres", websocket_allowed_origins="https://app.example")
+    assert _socket_status(listed, "https://app.example") == 101
+    assert _socket_status(listed, listed.url) == 403

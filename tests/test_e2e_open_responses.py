@@ -28,11 +28,6 @@ SPEC_EVENT_NAMES = {
     "response.reasoning_text.delta": "response.reasoning.delta",
     "response.reasoning_text.done": "response.reasoning.done",
 }
-_DEFINITIONS = {
-    json.dumps(definition["properties"]["type"]): name
-    for name, definition in SCHEMA["$defs"].items()
-    if name.endswith("StreamingEvent")
-}
 LOOKUP = {
     "type": "function",
     "name": "lookup",
@@ -56,7 +51,7 @@ def _event_definition(kind: str) -> str:
             continue
         ref = definition["properties"]["type"].get("$ref", "")
         if SCHEMA["$defs"].get(ref.rsplit("/", 1)[-1], {}).get("enum") == [spec_kind]:
-            return name
+            return str(name)
     raise AssertionError(f"the specification has no event {kind!r}")
 
 

@@ -155,12 +155,27 @@ def _socket_error(exc: ConvstateError, stream_id: str | None) -> dict[str, Any]:
     return event
 
 
+def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str]) -> bool:
+    """A browser page may open the socket if its origin is listed (or * is), or, with no list, if it
+    was served from the host the socket is opened on. No Origin: not a browser, nothing to check."""
+    if origin is None:
+        return True
+    origin = origin.rstrip("/").lower()
+    if allowed:
+        return "*" in allowed or origin in allowed
+    return host is not None and origin.split("://", 1)[-1] == host.lower()
+
+
 @router.websocket("")
 async def responses_socket(websocket: WebSocket) -> None:
     """The Responses WebSocket mode: `response.create` frames in, the streaming events of each response
     out, one response at a time on a connection."""
     turns: Pipeline = websocket.app.state.pipeline
     settings = websocket.app.state.settings
+    headers = websocket.headers
+    if not origin_allowed(headers.get("origin"), headers.get("host"), settings.websocket_origins):
+        await websocket.close(code=1008)  # before accept: the upgrade is answered 403
+        return
     try:
         tenant = (await authenticate(websocket)).tenant
     except ConvstateError as exc:
