@@ -218,3 +218,12 @@ def test_websocket_origins(service: Service, service_factory: Any) -> None:
     listed: Service = service_factory("postgres", websocket_allowed_origins="https://app.example")
     assert _socket_status(listed, "https://app.example") == 101
     assert _socket_status(listed, listed.url) == 403
+
+
+def test_streaming_a_stored_response_is_refused_not_silent(service: Service) -> None:
+    client = service.openai()
+    created = client.responses.create(model=MODEL, input="x")
+    with pytest.raises(openai.BadRequestError) as raised:
+        list(client.responses.retrieve(created.id, stream=True))
+    assert (raised.value.code, raised.value.param) == ("unsupported_value", "stream")
+    assert client.responses.retrieve(created.id).id == created.id

@@ -213,8 +213,18 @@ async def responses_socket(websocket: WebSocket) -> None:
 
 @router.get("/{response_id}", responses=error_responses(404))
 async def get_response(
-    response_id: str, tenant: Tenant, store: Annotated[ResponseStore, Depends(response_store)]
+    response_id: str,
+    tenant: Tenant,
+    store: Annotated[ResponseStore, Depends(response_store)],
+    stream: bool = False,
 ) -> JSONBody:
+    if stream:
+        # Refused loudly: answered as JSON, the SDK's retrieve(stream=True) would yield no events at all.
+        raise InvalidRequest(
+            "Streaming a stored response is not supported; retrieve it without 'stream'.",
+            param="stream",
+            code="unsupported_value",
+        )
     stored = await store.get(tenant, response_id)
     if stored is None:
         raise _not_found(response_id)
