@@ -227,3 +227,50 @@ def test_streaming_a_stored_response_is_refused_not_silent(service: Service) -> 
         list(client.responses.retrieve(created.id, stream=True))
     assert (raised.value.code, raised.value.param) == ("unsupported_value", "stream")
     assert client.responses.retrieve(created.id).id == created.id
+
+
+def _statements(reply: httpx.Response) -> int:
+    match = re.search(r'db;dur=[0-9.]+;desc="(\d+) statements"', reply.headers["server-timing"])
+    assert match, reply.headers["server-timing"]
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_input_items_list_the_history_used(service_factory: Any, dialect: str) -> None:
+    service: Service = service_factory(dialect)
+    http = service.http()
+    first = http.post("/v1/responses", json={"model": MODEL, "input": "one"}).json()
+    second = http.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "input": [{"role": "user", "content": "two"}],
+            "previous_response_id": first["id"],
+        },
+    ).json()
+    listed = http.get(f"/v1/responses/{second['id']}/input_items", params={"order": "asc"}).json()
+    ids = [item["id"] for item in listed["data"]]
+    stored_first = http.get(f"/v1/responses/{first['id']}/input_items").json()["data"]
+    assert ids[:1] == [stored_first[0]["id"]]
+    assert ids[1:] == [first["output"][0]["id"], ids[2]] and listed["data"][2]["content"][0]["text"] == "two"
+    # The SDK pages through it, newest first by default, following `after`.
+    client = service.openai()
+    assert [item.id for item in client.responses.input_items.list(second["id"], limit=1)] == ids[::-1]
+    page = http.get(f"/v1/responses/{second['id']}/input_items", params={"limit": 1, "after": ids[1]}).json()
+    assert [item["id"] for item in page["data"]] == ids[:1] and page["has_more"] is False
+
+
+def test_input_items_cost_does_not_grow_with_depth(service: Service) -> None:
+    http = service.http()
+    previous = None
+    costs = {}
+    for depth in range(1, 201):
+        body: dict[str, Any] = {"model": MODEL, "input": f"turn {depth}", "max_output_tokens": 16}
+        if previous:
+            body["previous_response_id"] = previous
+        previous = http.post("/v1/responses", json=body).json()["id"]
+        if depth in (2, 200):
+            page = http.get(f"/v1/responses/{previous}/input_items", params={"limit": 5})
+            assert len(page.json()["data"]) == 3 if depth == 2 else page.json()["has_more"]
+            costs[depth] = _statements(page)
+    assert costs[2] == costs[200] == 1, costs

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, insert, literal_column, select, update
+from sqlalchemy import BigInteger, Select, and_, bindparam, cast, insert, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.observe import db_call
@@ -398,23 +398,36 @@ class ResponseStore:
     async def input_items(
         self, tenant: str, response_id: str, *, after: str | None, limit: int, descending: bool
     ) -> tuple[bool, list[ItemPayload]] | None:
-        """(has_more, page) of the response's own input items, or None if the response is unknown."""
+        """(has_more, page) of the items used to generate the response, as OpenAI lists them: its
+        ancestors' inputs and outputs, then its own input; None if the response is unknown. One
+        statement whatever the depth: the lineage walk reads ids only, payloads are read for the page."""
         exists: Select[Any] = select(literal_column("1")).where(
             _live_response(tenant, response_id, time.time()), Response.store.is_(True)
         )
-        order = Item.position.desc() if descending else Item.position.asc()
-        query = select(Item.id, Item.position, Item.payload).where(
-            Item.response_id == response_id, Item.segment == INPUT_SEGMENT, exists.exists()
+        lineage = (
+            select(Response.id, Response.previous_response_id, Response.depth)
+            .where(_live_response(tenant, response_id), Response.store.is_(True))
+            .cte("lineage", recursive=True)
         )
+        lineage = lineage.union_all(
+            select(Response.id, Response.previous_response_id, Response.depth).join(
+                lineage, Response.id == lineage.c.previous_response_id
+            )
+        )
+        # One sortable key per item: history order is (depth, input before output, position).
+        key = (cast(lineage.c.depth, BigInteger) * 2 + Item.segment) * literal_column(
+            "2147483648"  # positions within a segment stay below 2**31
+        ) + Item.position
+        used = or_(Item.response_id != response_id, Item.segment == INPUT_SEGMENT)
+        query = select(Item.payload).join(lineage, Item.response_id == lineage.c.id).where(used)
         if after is not None:
             cursor = (
-                select(Item.position)
-                .where(Item.id == after, Item.response_id == response_id, Item.segment == INPUT_SEGMENT)
-                .scalar_subquery()
-            )
-            query = query.where(Item.position < cursor if descending else Item.position > cursor)
+                select(key).join(lineage, Item.response_id == lineage.c.id).where(Item.id == after, used)
+            ).scalar_subquery()
+            query = query.where(key < cursor if descending else key > cursor)
+        query = query.order_by(key.desc() if descending else key.asc()).limit(limit + 1)
         async with self._reads.connect() as conn:
-            rows = (await conn.execute(query.order_by(order).limit(limit + 1))).all()
+            rows = (await conn.execute(query)).all()
             if not rows and not (await conn.execute(exists)).first():
                 return None
         return len(rows) > limit, [row.payload for row in rows[:limit]]
