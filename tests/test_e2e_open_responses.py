@@ -140,7 +140,10 @@ def test_background_objects_conform(open_service: Service) -> None:
         time.sleep(0.05)
     conform("ResponseResource", fetched)
     cancelled = http.post("/v1/responses", json={"model": MODEL, "input": "stop", "background": True}).json()
-    conform("ResponseResource", http.post(f"/v1/responses/{cancelled['id']}/cancel").json())
+    reply = http.post(f"/v1/responses/{cancelled['id']}/cancel")
+    # The turn may finish first under load: then the cancel is refused and there is no object to check.
+    if reply.status_code != 409:
+        conform("ResponseResource", reply.json())
 
 
 def _frames(socket: Any) -> Iterator[dict[str, Any]]:
