@@ -401,12 +401,11 @@ class ResponseStore:
         """(has_more, page) of the items used to generate the response, as OpenAI lists them: its
         ancestors' inputs and outputs, then its own input; None if the response is unknown. One
         statement whatever the depth: the lineage walk reads ids only, payloads are read for the page."""
-        exists: Select[Any] = select(literal_column("1")).where(
-            _live_response(tenant, response_id, time.time()), Response.store.is_(True)
-        )
+        live = and_(_live_response(tenant, response_id, time.time()), Response.store.is_(True))
+        exists: Select[Any] = select(literal_column("1")).where(live)
         lineage = (
             select(Response.id, Response.previous_response_id, Response.depth)
-            .where(_live_response(tenant, response_id), Response.store.is_(True))
+            .where(live)
             .cte("lineage", recursive=True)
         )
         lineage = lineage.union_all(
