@@ -204,7 +204,11 @@ def _socket_status(service: Service, origin: str | None) -> int:
     """101 if the upgrade is accepted, else the HTTP status it was answered with."""
     url = service.url.replace("http://", "ws://") + "/v1/responses"
     try:
-        with connect(url, origin=Origin(origin) if origin else None):
+        with connect(
+            url,
+            origin=Origin(origin) if origin else None,
+            additional_headers={"authorization": f"Bearer {service.api_key}"},
+        ):
             return 101
     except InvalidStatus as refused:
         return refused.response.status_code

@@ -156,7 +156,7 @@ def _frames(socket: Any) -> Iterator[dict[str, Any]]:
 
 def test_websocket_events_and_errors_conform(open_service: Service) -> None:
     url = open_service.url.replace("http://", "ws://") + "/v1/responses"
-    with connect(url) as socket:
+    with connect(url, additional_headers={"authorization": f"Bearer {open_service.api_key}"}) as socket:
         socket.send(json.dumps({"type": "response.create", "model": MODEL, "input": "over the socket"}))
         events = list(_frames(socket))
         for event in events:
