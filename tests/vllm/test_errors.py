@@ -41,13 +41,13 @@ def test_a_prompt_over_the_context_window_is_a_400(vllm_service: Any, vllm: Vllm
 def test_truncation_auto_drops_the_oldest_history(vllm_service: Any, vllm: Vllm, mode: str) -> None:
     client = vllm_service(mode).openai()
     first = client.responses.create(
-        model=vllm.model, input=LONG + "Reply with one word.", max_output_tokens=8
+        model=vllm.model, input=LONG + "Reply with one word.", max_output_tokens=16
     )
     second: dict[str, Any] = {
         "model": vllm.model,
         "input": LONG + "Reply with two words.",
         "previous_response_id": first.id,
-        "max_output_tokens": 8,
+        "max_output_tokens": 16,
     }
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(**second)

@@ -166,7 +166,7 @@ def test_usage_maps_vllms_figures(vllm_service: Any, vllm: Vllm, recorder: Recor
     prefix = "Here is a long shared preamble about the history of lighthouses and their keepers. " * 40
     reported: list[dict[str, Any]] = []
     for question in ("Summarize it in one word.", "Summarize it in two words."):
-        response = client.responses.create(model=vllm.model, input=prefix + question, max_output_tokens=8)
+        response = client.responses.create(model=vllm.model, input=prefix + question, max_output_tokens=16)
         vllm_usage = _last(recorder).usage
         assert response.usage is not None and vllm_usage is not None
         details = vllm_usage.get("prompt_tokens_details") or {}
