@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.backends.client import BackendClient
@@ -20,6 +21,7 @@ from service.config import Settings
 from service.domain.fingerprint import SAMPLING_FIELDS
 from service.domain.items import history_messages
 from service.serving import ServerThread
+from service.store.models import Response
 from service.store.responses import ResponseStore
 from tests.conftest import Service, start_service
 from tests.vllm.recorder import Exchange, Recorder
@@ -112,7 +114,9 @@ async def canary_render(
     was sent with, less the cache reference and sampling, over the stored history) through vLLM's
     /tokenize chat form: through the turn's reply without a generation prompt (what the canary checks a
     handle against), or up to its reply with one (what the turn was generated from)."""
-    segments = await ResponseStore(engine).history("default", response_id)
+    async with engine.connect() as conn:
+        tenant = (await conn.execute(select(Response.tenant).where(Response.id == response_id))).scalar_one()
+    segments = await ResponseStore(engine).history(tenant, response_id)
     if not through_reply and segments and segments[-1][0]:
         segments = segments[:-1]
     body = {
