@@ -1,0 +1,265 @@
+"""The prompt cache of one API-server process: discovery, the ordered checks of a cache reference, the
+prompt of a continued turn, and the handle registered after a reply.
+
+A continued turn renders the whole conversation (the handle's messages, then the new ones) through the
+chat template, checks that the text starts with the handle's text and that the cut there is proven by
+the append rule, and tokenizes only the text after the cut: its prompt is the handle's token ids plus
+those. A registered handle ends after the reply as the template renders it in history when that end is
+a proven cut; otherwise before the generation prompt; otherwise there is no handle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from convstate_vllm.append import NotAppendable
+from convstate_vllm.digest import text_digest
+from convstate_vllm.handles import Message, Prefix, Registry, extend
+from convstate_vllm.protocol import CacheRequest, Miss
+from convstate_vllm.render import ChatRenderer
+
+log = logging.getLogger("vllm.plugins.convstate")
+
+PROFILE = "verified-append"
+# A template may re-render the last assistant message once another message follows it (dropping its
+# reasoning, say). For replies with reasoning the handle's end is checked against such a follower.
+_PROBE = {"role": "user", "content": "."}
+_MAX_CUTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    parts: Mapping[str, Any]
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class Turn:
+    """The prompt the plugin built for one chat request."""
+
+    model: str
+    fingerprint: str
+    params: Any  # vLLM's ChatParams for the request
+    context: str
+    base: Prefix | None  # the handle's prefix this turn continues
+    new_messages: list[Message]
+    messages: list[Message]  # base's messages, then the new ones: what the template renders
+    text: str  # the render, generation prompt included
+    ids: list[int]  # its token ids, handed to the engine
+
+
+def reply_message(content: str | None, reasoning: str | None, tool_calls: list[dict[str, Any]]) -> Message:
+    """The reply as the next request's history carries it: convstate's form of a response's output
+    (text, or null with only tool calls; reasoning as reasoning_content; the calls)."""
+    message: Message = {"role": "assistant", "content": content or (None if tool_calls else "")}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {
+                    "name": (call.get("function") or {}).get("name") or "",
+                    "arguments": (call.get("function") or {}).get("arguments") or "",
+                },
+            }
+            for call in tool_calls
+        ]
+    return message
+
+
+def common_prefix_length(a: str, b: str, start: int) -> int:
+    """len of the common prefix of a and b, given that a[:start] == b[:start]."""
+    low, high = start, min(len(a), len(b))
+    if a[low:high] == b[low:high]:
+        return high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+class PromptCache:
+    def __init__(
+        self,
+        renderer: ChatRenderer,
+        models: Mapping[str, ModelIdentity],
+        default_model: str,
+        registry: Registry,
+    ) -> None:
+        self.renderer = renderer
+        self.models = dict(models)
+        self.default_model = default_model
+        self.registry = registry
+
+    def model_of(self, request: Any) -> str:
+        return str(request.model or self.default_model)
+
+    def card(self, model: str) -> dict[str, Any] | None:
+        """The discovery object of a served model; None where the plugin cannot continue prompts."""
+        identity = self.models.get(model)
+        if identity is None or self.renderer.unsupported is not None:
+            return None
+        return {
+            "epoch": self.registry.epoch,
+            "fingerprint": identity.fingerprint,
+            "fingerprint_parts": dict(identity.parts),
+            "profile": PROFILE,
+            "handle_ttl_seconds": self.registry.ttl,
+        }
+
+    # --- before generation ----------------------------------------------------------------------------
+
+    async def continue_from(self, request: Any, cache: CacheRequest) -> Turn:
+        """The prompt of a request with a cache reference, after the protocol's checks in its order;
+        a failed check raises its Miss."""
+        assert cache.ref is not None
+        registry, renderer = self.registry, self.renderer
+        model = self.model_of(request)
+        handle = registry.get(cache.ref)
+        if handle is None or handle.cache_salt != request.cache_salt:
+            raise Miss("unknown_ref", "prompt_cache.ref is not known to this server")
+        if handle.expires_at <= registry.now():
+            registry.remove(handle.ref)
+            raise Miss("expired", "prompt_cache.ref has expired")
+        identity = self.models.get(model)
+        if (
+            identity is None
+            or cache.fingerprint != identity.fingerprint
+            or handle.fingerprint != identity.fingerprint
+        ):
+            raise Miss("fingerprint_mismatch", "prompt_cache.fingerprint differs from the model's")
+        base = handle.prefix
+        if cache.tokens != base.count or cache.prefix_hash != base.digest:
+            raise Miss("prefix_mismatch", "prompt_cache.tokens/prefix_hash differ from the handle's")
+        params = renderer.params(request)
+        context = renderer.context(model, request.cache_salt, params, request)
+        if context != handle.context:
+            raise Miss(
+                "prefix_mismatch", "the model, salt, tools or template settings differ from the handle's"
+            )
+        reason = renderer.unsupported or renderer.unsupported_request(request)
+        if reason is not None:
+            raise Miss("not_appendable", reason)
+        new = list(request.messages)
+        messages = [*base.all_messages(), *new]
+        try:
+            text = await renderer.text(messages, params, generation_prompt=True)
+        except Exception as exc:  # the full resend gets vLLM's own error for it
+            raise Miss("not_appendable", f"the conversation does not render ({type(exc).__name__})") from None
+        if text_digest(text[: base.text_length]) != base.text_digest:
+            raise Miss("not_appendable", "the template renders the cached prefix differently here")
+        try:
+            renderer.boundaries.check(text, base.text_length)
+        except NotAppendable as exc:
+            raise Miss("not_appendable", str(exc)) from None
+        ids = [*base.token_ids(), *await renderer.encode(text[base.text_length :], request)]
+        renderer.check_length(ids, request)
+        return Turn(model, identity.fingerprint, params, context, base, new, messages, text, ids)
+
+    async def render_full(self, request: Any) -> Turn | None:
+        """The prompt of a request without a reference that asks for a handle, rendered and tokenized as
+        vLLM would; None where the plugin steps aside (vLLM then renders it and no handle is made)."""
+        model = self.model_of(request)
+        identity = self.models.get(model)
+        renderer = self.renderer
+        if identity is None or (renderer.unsupported or renderer.unsupported_request(request)) is not None:
+            return None
+        messages = list(request.messages)
+        params = renderer.params(request)
+        try:
+            text = await renderer.text(messages, params, generation_prompt=True)
+            ids = await renderer.encode(text, request)
+        except Exception:  # vLLM's own render raises the same error in its own words
+            return None
+        context = renderer.context(model, request.cache_salt, params, request)
+        return Turn(model, identity.fingerprint, params, context, None, messages, messages, text, ids)
+
+    # --- after generation -----------------------------------------------------------------------------
+
+    async def register(self, turn: Turn, request: Any, reply: Message) -> dict[str, Any] | None:
+        """A handle for the turn, as the reply's `prompt_cache` object; None when no end of the turn is
+        a proven cut."""
+        renderer = self.renderer
+        low = turn.base.text_length if turn.base else 0
+        after = await renderer.text([*turn.messages, reply], turn.params, generation_prompt=False)
+        cut = None
+        if after[:low] == turn.text[:low]:
+            cut = self._shared_cut(turn.text, after, low)
+        if cut is not None and reply.get("reasoning_content"):
+            follower = await renderer.text(
+                [*turn.messages, reply, _PROBE], turn.params, generation_prompt=False
+            )
+            if not follower.startswith(after):
+                cut = None
+        if cut is not None:
+            head = await self._head(turn, cut, request)
+            ids = [*head, *await renderer.encode(after[cut:], request)]
+            prefix = self._link(turn, [*turn.new_messages, reply], ids, after)
+            tokens, covers = prefix.count, True
+        else:
+            before = await renderer.text(turn.messages, turn.params, generation_prompt=False)
+            if len(before) < low or not turn.text.startswith(before):
+                return None
+            try:
+                renderer.boundaries.check(turn.text, len(before))
+            except NotAppendable:
+                return None
+            prefix = self._link(turn, turn.new_messages, await self._head(turn, len(before), request), before)
+            reply_tokens = (
+                await renderer.encode(after[len(before) :], request) if after.startswith(before) else []
+            )
+            tokens, covers = prefix.count + len(reply_tokens), False
+        handle = self.registry.add(
+            model=turn.model,
+            cache_salt=request.cache_salt,
+            context=turn.context,
+            fingerprint=turn.fingerprint,
+            prefix=prefix,
+        )
+        return {
+            "ref": handle.ref,
+            "epoch": self.registry.epoch,
+            "tokens": tokens,
+            "safe_boundary": covers,
+            "safe_tokens": prefix.count,
+            "prefix_hash": prefix.digest,
+            "covers_output": covers,
+            "expires_at": handle.expires_at,
+            "fingerprint": turn.fingerprint,
+            "reused_tokens": turn.base.count if turn.base else 0,
+        }
+
+    def _shared_cut(self, text: str, after: str, low: int) -> int | None:
+        """The largest position up to which `text` (the prompt) and `after` (the history with the reply)
+        agree and at which both can be cut."""
+        boundaries = self.renderer.boundaries
+        highest = common_prefix_length(text, after, low)
+        for _ in range(_MAX_CUTS):
+            cut = boundaries.last_cut(text, low, highest)
+            if cut is None:
+                return None
+            try:
+                boundaries.check(after, cut)
+            except NotAppendable:
+                highest = cut - 1
+                continue
+            return cut
+        return None
+
+    async def _head(self, turn: Turn, cut: int, request: Any) -> list[int]:
+        """The ids of turn.text[:cut]: a proven cut, so the prompt's ids less those of the rest."""
+        rest = await self.renderer.encode(turn.text[cut:], request) if cut < len(turn.text) else []
+        return turn.ids[: len(turn.ids) - len(rest)]
+
+    @staticmethod
+    def _link(turn: Turn, messages: list[Message], ids: list[int], text: str) -> Prefix:
+        base_count = turn.base.count if turn.base else 0
+        return extend(turn.base, messages, ids[base_count:], len(text), text_digest(text))

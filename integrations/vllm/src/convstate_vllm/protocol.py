@@ -1,0 +1,65 @@
+"""The wire form of the extension: the request's `prompt_cache` object, the typed misses, and the
+`prompt_cache` object of a reply (convstate's docs/backend-protocol.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# In the order the backend checks them; each is an HTTP 409 of type prompt_cache_miss.
+MISS_CODES = ("unknown_ref", "expired", "fingerprint_mismatch", "prefix_mismatch", "not_appendable")
+
+
+class BadPromptCache(ValueError):
+    """A malformed `prompt_cache` object: a 400 before anything else happens."""
+
+
+class Miss(Exception):
+    """A cache reference the backend will not continue from. Nothing changed on the backend; the caller
+    resends the turn with its whole history."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in MISS_CODES
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        # `code` is a string here, unlike vLLM's integer codes; `type` tells the two apart.
+        return {
+            "error": {
+                "message": self.message,
+                "type": "prompt_cache_miss",
+                "param": "prompt_cache",
+                "code": self.code,
+            }
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRequest:
+    ref: str | None
+    tokens: int | None
+    prefix_hash: str | None
+    fingerprint: str | None
+    register: bool
+
+
+def _field(raw: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise BadPromptCache(f"`prompt_cache.{key}` must be {what}")
+    return value
+
+
+def parse_cache_request(raw: Any) -> CacheRequest:
+    if not isinstance(raw, dict):
+        raise BadPromptCache("`prompt_cache` must be an object")
+    ref = _field(raw, "ref", str, "a string")
+    tokens = _field(raw, "tokens", int, "an integer")
+    prefix_hash = _field(raw, "prefix_hash", str, "a string")
+    fingerprint = _field(raw, "fingerprint", str, "a string")
+    register = _field(raw, "register", bool, "a boolean")
+    if ref is not None and (tokens is None or prefix_hash is None or fingerprint is None):
+        raise BadPromptCache("`prompt_cache` with a `ref` needs `tokens`, `prefix_hash` and `fingerprint`")
+    return CacheRequest(ref, tokens, prefix_hash, fingerprint, bool(register))
