@@ -1,13 +1,16 @@
-"""The real vLLM the `vllm` tests run against, and the service in front of it.
+"""The real vLLM the `vllm` tests run against (with the convstate-vllm plugin), and the service in front
+of it.
 
 `make test-vllm` (tests/vllm/lane.sh) starts vLLM and names it in CONVSTATE_TEST_VLLM_URL,
-CONVSTATE_TEST_VLLM_API_KEY and CONVSTATE_TEST_VLLM_MODEL. Without a vLLM answering there these tests
-fail; they never skip."""
+CONVSTATE_TEST_VLLM_API_KEY and CONVSTATE_TEST_VLLM_MODEL, and how to restart it in
+CONVSTATE_TEST_VLLM_RESTART. Without a vLLM answering there these tests fail; they never skip."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shlex
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +24,18 @@ from service.config import Settings
 from service.domain.fingerprint import SAMPLING_FIELDS
 from service.domain.items import history_messages
 from service.serving import ServerThread
+from service.store.conversations import ConversationStore
 from service.store.models import Response
 from service.store.responses import ResponseStore
 from tests.conftest import Service, start_service
 from tests.vllm.recorder import Exchange, Recorder
+
+RESTART = "restart_vllm"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart vLLM run last: every other test keeps its handles."""
+    items.sort(key=lambda item: RESTART in getattr(item, "fixturenames", ()))
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,25 @@ def vllm() -> Vllm:
             cards = http.get("/v1/models").raise_for_status().json()["data"]
     except httpx.HTTPError as exc:
         pytest.fail(f"vLLM at {server.url} does not answer /v1/models: {exc!r}")
-    if server.model not in [card["id"] for card in cards]:
+    served = {card["id"]: card for card in cards}
+    if server.model not in served:
         pytest.fail(f"vLLM at {server.url} does not serve {server.model}")
+    if "prompt_cache" not in served[server.model]:
+        pytest.fail(f"vLLM at {server.url} runs without the convstate plugin (VLLM_PLUGINS=convstate)")
     return server
+
+
+@pytest.fixture(scope="session")
+def restart_vllm(vllm: Vllm) -> Callable[[], None]:
+    """Stop the lane's vLLM and start it again on the same address (a new epoch); minutes on 2 cores."""
+    command = os.environ.get("CONVSTATE_TEST_VLLM_RESTART")
+    if not command:
+        pytest.fail("CONVSTATE_TEST_VLLM_RESTART is unset: run `make test-vllm`")
+
+    def restart() -> None:
+        subprocess.run(shlex.split(command), check=True, timeout=1200)
+
+    return restart
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +100,8 @@ def every_turn_renders_as_generated(vllm: Vllm, recorder: Recorder) -> Iterator[
     yield
     with vllm.http() as http:
         for exchange in recorder.exchanges[first:]:
-            if exchange.status != 200 or exchange.prompt_token_ids is None:
+            # A continued turn's body holds only its new messages: its tests render the stored history.
+            if exchange.status != 200 or exchange.prompt_token_ids is None or _continued(exchange):
                 continue
             body = {
                 key: value
@@ -82,6 +110,10 @@ def every_turn_renders_as_generated(vllm: Vllm, recorder: Recorder) -> Iterator[
             }
             rendered = http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
             assert rendered == exchange.prompt_token_ids, f"render differs from generation: {exchange.body}"
+
+
+def _continued(exchange: Exchange) -> bool:
+    return bool((exchange.body.get("prompt_cache") or {}).get("ref"))
 
 
 @pytest.fixture(scope="session")
@@ -109,14 +141,19 @@ async def canary_render(
     instructions: str | None,
     *,
     through_reply: bool,
+    conversation_id: str | None = None,
 ) -> list[int]:
     """A stored turn's history rendered as the canary renders it (TurnPlan.render_body: the body the turn
     was sent with, less the cache reference and sampling, over the stored history) through vLLM's
     /tokenize chat form: through the turn's reply without a generation prompt (what the canary checks a
-    handle against), or up to its reply with one (what the turn was generated from)."""
+    handle against), or up to its reply with one (what the turn was generated from). A conversation's
+    turn must be its latest."""
     async with engine.connect() as conn:
         tenant = (await conn.execute(select(Response.tenant).where(Response.id == response_id))).scalar_one()
-    segments = await ResponseStore(engine).history(tenant, response_id)
+    if conversation_id is None:
+        segments = await ResponseStore(engine).history(tenant, response_id)
+    else:
+        segments = await ConversationStore(engine).history(tenant, conversation_id)
     if not through_reply and segments and segments[-1][0]:
         segments = segments[:-1]
     body = {

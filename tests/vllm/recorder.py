@@ -1,10 +1,13 @@
 """A loopback proxy between the service and vLLM that asks every chat completion for its token ids
 (`return_token_ids`) and keeps what the service sent and what vLLM reported for it, so a test can hold
-the service's renders and usage against vLLM's own figures for the same turn."""
+the service's renders and usage against vLLM's own figures for the same turn.
+
+For fault injection it can also change the next chat completion once: `tamper` rewrites the body on its
+way to vLLM, `skew` rewrites vLLM's (non-streamed) reply on its way back."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +21,15 @@ from starlette.routing import Route
 CHAT = "/v1/chat/completions"
 _FORWARDED = ("authorization", "content-type", "x-request-id")
 
+Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
 
 @dataclass
 class Exchange:
     """One chat completion as the service sent it and as vLLM answered it."""
 
-    body: dict[str, Any]
+    body: dict[str, Any]  # as the service sent it
+    sent: bytes = b""  # as vLLM received it
     status: int = 0
     prompt_token_ids: list[int] | None = None
     usage: dict[str, Any] | None = None
@@ -35,6 +41,8 @@ class Recorder:
     target: str
     url: str = ""  # where the proxy listens, once started
     exchanges: list[Exchange] = field(default_factory=list)
+    tamper: Rewrite | None = None
+    skew: Rewrite | None = None
 
     def app(self) -> Starlette:
         client = httpx.AsyncClient(base_url=self.target, timeout=300)
@@ -48,7 +56,9 @@ class Recorder:
             if request.url.path == CHAT and request.method == "POST":
                 exchange = Exchange(orjson.loads(body))
                 self.exchanges.append(exchange)
-                body = orjson.dumps({**exchange.body, "return_token_ids": True})
+                tamper, self.tamper = self.tamper, None
+                sent = tamper(dict(exchange.body)) if tamper else exchange.body
+                body = exchange.sent = orjson.dumps({**sent, "return_token_ids": True})
             headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
             upstream = await client.send(
                 client.build_request(request.method, request.url.path, content=body, headers=headers),
@@ -60,18 +70,20 @@ class Recorder:
                 await upstream.aclose()
                 return Response(content, upstream.status_code, headers=kept)
             exchange.status = upstream.status_code
-            return StreamingResponse(_relay(upstream, exchange), upstream.status_code, headers=kept)
+            skew, self.skew = (self.skew, None) if upstream.status_code == 200 else (None, self.skew)
+            relay = _relay(upstream, exchange, skew)
+            return StreamingResponse(relay, upstream.status_code, headers=kept)
 
         return handle
 
 
-async def _relay(upstream: httpx.Response, exchange: Exchange) -> AsyncIterator[bytes]:
-    """Pass the reply through unchanged, noting its token ids, usage or error on the way."""
+async def _relay(upstream: httpx.Response, exchange: Exchange, skew: Rewrite | None) -> AsyncIterator[bytes]:
+    """Pass the reply through (changed by `skew`, if any), noting its token ids, usage or error."""
     try:
         if not upstream.headers.get("content-type", "").startswith("text/event-stream"):
             content = await upstream.aread()
             _note(exchange, orjson.loads(content))
-            yield content
+            yield orjson.dumps(skew(orjson.loads(content))) if skew else content
             return
         async for line in upstream.aiter_lines():
             data = line.removeprefix("data:").strip()

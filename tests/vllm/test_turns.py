@@ -21,10 +21,11 @@ SHORT = 24  # output tokens per turn: enough to answer, cheap on two cores
 
 
 def _decisions(mode: str, turns: int) -> list[str]:
-    """Upstream vLLM issues no handle, so after the first turn every mode but `full` says so."""
+    """The plugin issues a handle for every turn, so after the first one the handle is used (sent in
+    `cache_ref`, routed on in `affinity`)."""
     if mode == "full":
         return ["full; reason=mode_full"] * turns
-    return ["full; reason=no_parent"] + ["full; reason=no_handle"] * (turns - 1)
+    return ["full; reason=no_parent"] + [f"{mode}; reason=hit"] * (turns - 1)
 
 
 def _last(recorder: Recorder) -> Exchange:
