@@ -6,6 +6,7 @@
 #                     and the plugin overlay
 #   lane.sh run       install, run the plugin's own tests, start vLLM, run the `vllm` tests with the
 #                     project's .venv, stop vLLM
+#   lane.sh bench     install, then bench/vllm_render.py: render + tokenize per turn, full against the plugin
 #   lane.sh restart   (from a test) stop the lane's vLLM and start it again on the same port
 #
 # The environment lives outside the work tree (about 6.5 GB, shared by every checkout) under
@@ -176,13 +177,22 @@ main() {
       install_plugin
       run "$@"
       ;;
+    bench)
+      # Render + tokenize per turn against depth, full against the plugin (bench/vllm_render.py).
+      shift || true
+      install_env
+      build_model
+      install_plugin
+      CONVSTATE_VLLM_MODEL_DIR="$MODEL" HF_HUB_OFFLINE=1 "$OPY" -m bench.vllm_render measure "$@"
+      .venv/bin/python -m bench.vllm_render plot
+      ;;
     restart)
       # Called by a test while `run` waits on pytest: the settings come from run's exported variables.
       stop_vllm
       start_vllm
       ;;
     *)
-      echo "usage: $0 [install|run|restart]" >&2
+      echo "usage: $0 [install|run|bench|restart]" >&2
       exit 2
       ;;
   esac

@@ -19,7 +19,7 @@ from convstate_vllm.append import NotAppendable
 from convstate_vllm.digest import text_digest
 from convstate_vllm.handles import Message, Prefix, Registry, extend
 from convstate_vllm.protocol import CacheRequest, Miss
-from convstate_vllm.render import ChatRenderer
+from convstate_vllm.render import ChatRenderer, plain
 
 log = logging.getLogger("vllm.plugins.convstate")
 
@@ -121,6 +121,7 @@ class PromptCache:
         """The prompt of a request with a cache reference, after the protocol's checks in its order;
         a failed check raises its Miss."""
         assert cache.ref is not None
+        request.messages = plain(request.messages)
         registry, renderer = self.registry, self.renderer
         model = self.model_of(request)
         handle = registry.get(cache.ref)
@@ -170,6 +171,7 @@ class PromptCache:
         model = self.model_of(request)
         identity = self.models.get(model)
         renderer = self.renderer
+        request.messages = plain(request.messages)
         if identity is None or (renderer.unsupported or renderer.unsupported_request(request)) is not None:
             return None
         messages = list(request.messages)

@@ -38,7 +38,6 @@ from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from convstate_vllm.cache import PromptCache, Turn, reply_message
 from convstate_vllm.digest import token_digest
 from convstate_vllm.protocol import BadPromptCache, CacheRequest, Miss, parse_cache_request
-from convstate_vllm.render import plain
 
 log = logging.getLogger("vllm.plugins.convstate")
 
@@ -101,7 +100,6 @@ def _miss(miss: Miss) -> JSONResponse:
 async def _with_prompt_cache(
     request: ChatCompletionRequest, raw_request: Request, cache: PromptCache, cache_request: CacheRequest
 ) -> Response:
-    request.messages = plain(request.messages)
     turn: Turn | None = None
     if cache_request.ref is not None:
         try:
