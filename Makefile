@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-vllm lint install
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml integrations/vllm/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	# The admin client: the `convstate admin` command uses it, and the tests drive a live service with it.
 	$(BIN)/pip install --quiet -e clients/python
+	# The vLLM plugin (its own distribution), without vLLM: its digest is tested against the service's
+	# here; the rest of it runs in the vLLM lane.
+	$(BIN)/pip install --quiet -e integrations/vllm
 	touch $(STAMP)
 
 install: $(STAMP)
