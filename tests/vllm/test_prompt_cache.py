@@ -230,6 +230,11 @@ def _with_an_image(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "messages": [*earlier, {**last, "content": [{"type": "text", "text": "hi"}, IMAGE]}]}
 
 
+def _lasting(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply whose handle the service will believe valid for an hour (its clock against vLLM's)."""
+    return {**reply, "prompt_cache": {**reply["prompt_cache"], "expires_at": time.time() + 3600}}
+
+
 def test_every_typed_miss_recovers_inside_the_request(
     vllm_service: Any, vllm: Vllm, recorder: Recorder
 ) -> None:
@@ -260,10 +265,7 @@ def test_every_typed_miss_recovers_inside_the_request(
         assert hit.headers["x-convstate-decision"] == HIT
         previous = hit.parse().id
     # Expiry: the service is told the handle lives an hour, vLLM keeps it for its 30 s.
-    recorder.skew = lambda reply: {
-        **reply,
-        "prompt_cache": {**reply["prompt_cache"], "expires_at": time.time() + 3600},
-    }
+    recorder.skew = _lasting
     registered = client.responses.create(
         model=vllm.model, input="Remember this.", previous_response_id=previous, max_output_tokens=4
     )
@@ -319,6 +321,9 @@ def test_a_vllm_restart_refuses_every_earlier_handle(
     last = {}
     for name, client in (("fresh", fresh), ("stale", stale)):
         first = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=4)
+        # The restart outlasts the lane's 30 s handles: the service is told this one lives an hour, so
+        # that only the epoch can stop it.
+        recorder.skew = _lasting
         raw = client.responses.with_raw_response.create(
             model=vllm.model, input="Again.", previous_response_id=first.id, max_output_tokens=4
         )
