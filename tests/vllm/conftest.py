@@ -31,6 +31,19 @@ from tests.conftest import Service, start_service
 from tests.vllm.recorder import Exchange, Recorder
 
 RESTART = "restart_vllm"
+# The tool the lane's tool-calling turns offer (Responses form).
+WEATHER: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,7 +24,7 @@ from service.backends.client import BackendClient, BackendMiss
 from service.config import Settings
 from service.domain.prefix import token_digest
 from tests.conftest import Service
-from tests.vllm.conftest import Vllm, canary_render
+from tests.vllm.conftest import WEATHER, Vllm, canary_render
 from tests.vllm.recorder import Exchange, Recorder
 
 pytestmark = pytest.mark.vllm
@@ -33,18 +33,6 @@ SHORT = 16
 INSTRUCTIONS = "You are terse."
 # Equal lengths: a hit turn's body differs from the next one's only in these and the handle.
 QUESTIONS = [f"Question {n}: name one colour of the sea at dusk, in one word." for n in range(1, 7)]
-WEATHER: Any = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
 HIT = "cache_ref; reason=hit"
 CANARY = "cache_ref; reason=canary"
 
@@ -87,12 +75,21 @@ async def _generated_from_render(
     assert token_digest(rendered) == token_digest(exchange.prompt_token_ids)
 
 
-async def test_a_chain_hits_renders_like_vllm_and_answers_like_full_mode(
-    vllm_service: Any, vllm: Vllm, recorder: Recorder, pg_engine: AsyncEngine
-) -> None:
+Compared = tuple[Service, Service, dict[str, float]]
+
+
+@pytest.fixture
+def compared(vllm_service: Any) -> Compared:
+    """The service in `cache_ref` mode with the canary on every hit, the service in `full` mode to compare
+    its answers with, and the canary's counts before the test."""
     cached: Service = vllm_service("cache_ref", canary_fraction=1.0)
-    plain: Service = vllm_service("full")
-    before = _canary_counts(cached)
+    return cached, vllm_service("full"), _canary_counts(cached)
+
+
+async def test_a_chain_hits_renders_like_vllm_and_answers_like_full_mode(
+    compared: Compared, vllm: Vllm, recorder: Recorder, pg_engine: AsyncEngine
+) -> None:
+    cached, plain, before = compared
     previous: dict[str, str | None] = {"cache_ref": None, "full": None}
     decisions, sent, answers = [], [], []
     for question in QUESTIONS:
@@ -132,11 +129,9 @@ async def test_a_chain_hits_renders_like_vllm_and_answers_like_full_mode(
 
 
 async def test_a_conversation_of_tool_calls_and_results(
-    vllm_service: Any, vllm: Vllm, recorder: Recorder, pg_engine: AsyncEngine
+    compared: Compared, vllm: Vllm, recorder: Recorder, pg_engine: AsyncEngine
 ) -> None:
-    cached: Service = vllm_service("cache_ref", canary_fraction=1.0)
-    plain: Service = vllm_service("full")
-    before = _canary_counts(cached)
+    cached, plain, before = compared
     # A forced call, its result (answered with another forced call), then text turns; changing
     # tool_choice changes the tools part of the fingerprint, so that turn takes the full path.
     named = {"type": "function", "name": "get_weather"}

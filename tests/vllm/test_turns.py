@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import Service
-from tests.vllm.conftest import Vllm, canary_render
+from tests.vllm.conftest import WEATHER, Vllm, canary_render
 from tests.vllm.recorder import Exchange, Recorder
 
 pytestmark = pytest.mark.vllm
@@ -112,20 +112,6 @@ def test_streaming(vllm_service: Any, vllm: Vllm, recorder: Recorder, mode: str)
     assert text and text == final.output_text == client.responses.retrieve(final.id).output_text
     assert _last(recorder).usage is not None
     assert final.usage is not None and final.usage.output_tokens == _last(recorder).usage["completion_tokens"]  # type: ignore[index]
-
-
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
 
 
 @pytest.mark.parametrize(("mode", "stream"), [("full", False), ("affinity", False), ("full", True)])
