@@ -242,12 +242,15 @@ def test_every_typed_miss_recovers_inside_the_request(
         ("prefix_mismatch", lambda: setattr(recorder, "tamper", _tampered("prefix_hash", "0" * 32))),
         ("not_appendable", lambda: setattr(recorder, "tamper", _with_an_image)),
     ]
-    previous = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=4).id
+    previous = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=SHORT).id
     for code, provoke in misses:
         provoke()
         since = len(recorder.exchanges)
         raw = client.responses.with_raw_response.create(
-            model=vllm.model, input=f"Provoke {code}.", previous_response_id=previous, max_output_tokens=4
+            model=vllm.model,
+            input=f"Provoke {code}.",
+            previous_response_id=previous,
+            max_output_tokens=SHORT,
         )
         assert raw.headers["x-convstate-decision"] == f"full; reason=backend_miss:{code}"
         exchanges = _chat_exchanges(recorder, since)
@@ -255,14 +258,14 @@ def test_every_typed_miss_recovers_inside_the_request(
         assert exchanges[0].error is not None and exchanges[0].error["code"] == code
         assert raw.parse().status in ("completed", "incomplete")
         hit = client.responses.with_raw_response.create(
-            model=vllm.model, input="Go on.", previous_response_id=raw.parse().id, max_output_tokens=4
+            model=vllm.model, input="Go on.", previous_response_id=raw.parse().id, max_output_tokens=SHORT
         )
         assert hit.headers["x-convstate-decision"] == HIT
         previous = hit.parse().id
     # Expiry: the service is told the handle lives an hour, vLLM keeps it for its 30 s.
     recorder.skew = _lasting
     registered = client.responses.create(
-        model=vllm.model, input="Remember this.", previous_response_id=previous, max_output_tokens=4
+        model=vllm.model, input="Remember this.", previous_response_id=previous, max_output_tokens=SHORT
     )
     ttl = float(
         httpx.get(f"{vllm.url}/v1/models", headers={"authorization": f"Bearer {vllm.api_key}"}).json()[
@@ -271,7 +274,7 @@ def test_every_typed_miss_recovers_inside_the_request(
     )
     time.sleep(ttl + 1)
     raw = client.responses.with_raw_response.create(
-        model=vllm.model, input="Still there?", previous_response_id=registered.id, max_output_tokens=4
+        model=vllm.model, input="Still there?", previous_response_id=registered.id, max_output_tokens=SHORT
     )
     assert raw.headers["x-convstate-decision"] == "full; reason=backend_miss:expired"
 
@@ -315,12 +318,12 @@ def test_a_vllm_restart_refuses_every_earlier_handle(
     stale = vllm_service("cache_ref", backend_info_ttl=3600.0).openai()
     last = {}
     for name, client in (("fresh", fresh), ("stale", stale)):
-        first = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=4)
+        first = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=SHORT)
         # The restart outlasts the lane's 30 s handles: the service is told this one lives an hour, so
         # that only the epoch can stop it.
         recorder.skew = _lasting
         raw = client.responses.with_raw_response.create(
-            model=vllm.model, input="Again.", previous_response_id=first.id, max_output_tokens=4
+            model=vllm.model, input="Again.", previous_response_id=first.id, max_output_tokens=SHORT
         )
         assert raw.headers["x-convstate-decision"] == HIT
         last[name] = raw.parse().id
@@ -331,10 +334,16 @@ def test_a_vllm_restart_refuses_every_earlier_handle(
     }
     for name, client in (("fresh", fresh), ("stale", stale)):
         raw = client.responses.with_raw_response.create(
-            model=vllm.model, input="After the restart.", previous_response_id=last[name], max_output_tokens=4
+            model=vllm.model,
+            input="After the restart.",
+            previous_response_id=last[name],
+            max_output_tokens=SHORT,
         )
         assert raw.headers["x-convstate-decision"] == expected[name]
         hit = client.responses.with_raw_response.create(
-            model=vllm.model, input="And again.", previous_response_id=raw.parse().id, max_output_tokens=4
+            model=vllm.model,
+            input="And again.",
+            previous_response_id=raw.parse().id,
+            max_output_tokens=SHORT,
         )
         assert hit.headers["x-convstate-decision"] == HIT
