@@ -13,7 +13,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY migrations ./migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The admin client: `convstate admin ...` inside the container uses it.
+COPY clients/python ./clients/python
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . ./clients/python
 
 FROM ${PYTHON_IMAGE} AS runtime
 # The service writes nothing to its root filesystem: no bytecode at run time (it is compiled at install),
@@ -34,7 +36,7 @@ RUN groupadd --system --gid 10001 convstate \
       --shell /usr/sbin/nologin convstate
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/convstate \
- && pip --python /opt/convstate/bin/python install --no-cache-dir --no-index --find-links=/wheels convstate
+ && pip --python /opt/convstate/bin/python install --no-cache-dir --no-index --find-links=/wheels convstate convstate-client
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000

@@ -57,6 +57,8 @@ def test_wheels_are_built_in_one_stage_and_installed_without_compilers_in_the_ne
     assert any("pip wheel" in command.value[0] for command in instructions(build, "RUN"))
     installs = [command for command in instructions(final, "RUN") if "install" in command.value[0]]
     assert installs and all("--no-index" in command.value[0] for command in installs)
+    # The admin client ships too: `convstate admin` works inside the container.
+    assert any("convstate-client" in command.value[0] for command in installs)
     # The wheels come in through a build mount, so they are not left in a layer of the image.
     assert any(
         flag.startswith("--mount=type=bind,from=build") for command in installs for flag in command.flags

@@ -57,7 +57,6 @@ TOGGLES: dict[str, dict[str, Any]] = {
     },
     "reference-backend": {"referenceBackend": {"enabled": True, "config": {"HANDLE_TTL_SECONDS": 60}}},
     "secrets": {
-        "auth": {"existingSecret": "convstate-keys"},
         "secretEnv": [{"name": "CONVSTATE_EXTRA_TOKEN", "secretName": "extra", "secretKey": "token"}],
         "tests": {"apiKeySecret": "convstate-test-key"},
         "extraConfig": {"AUTH": "api_key"},
@@ -210,8 +209,6 @@ def test_no_secret_value_is_rendered(case: str) -> None:
         assert not SECRET_LOOKING.search(text), name
     values = CASES[case]
     from_secrets = {"CONVSTATE_DATABASE_URL"} | {entry["name"] for entry in values.get("secretEnv", [])}
-    if values.get("auth", {}).get("existingSecret"):
-        from_secrets.add(values.get("auth", {}).get("envName", "CONVSTATE_API_KEYS"))
     for where, spec in pod_specs(case):
         for container in spec["containers"]:
             for entry in container.get("env", []):

@@ -86,16 +86,10 @@ app.kubernetes.io/part-of: convstate
       key: {{ .Values.database.secretKey }}
 {{- end }}
 
-{{/* Everything the server reads from Secrets: the database URL, API keys and extra entries. */}}
+{{/* Everything the server reads from Secrets: the database URL and extra entries. (API keys live hashed
+in the database, created with `convstate keys create`; no key material is mounted.) */}}
 {{- define "convstate.secretEnv" -}}
 {{ include "convstate.databaseEnv" . }}
-{{- if .Values.auth.existingSecret }}
-- name: {{ .Values.auth.envName }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.auth.existingSecret }}
-      key: {{ .Values.auth.secretKey }}
-{{- end }}
 {{- range .Values.secretEnv }}
 - name: {{ .name }}
   valueFrom:
