@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from service.backends.client import _model_info
+from service.domain import plan as planning
 from service.domain.chat import chat_options
 from service.domain.fingerprint import (
     PARTS,
@@ -20,6 +21,7 @@ from service.domain.fingerprint import (
     part_hash,
     turn_parts,
 )
+from service.domain.policy import BackendMode, ParentPrefix
 from service.domain.prefix import TokenDigest, pack_tokens, token_digest
 
 BACKEND = BackendModelInfo(
@@ -182,3 +184,45 @@ def test_media_is_pinned_only_when_carried_by_value() -> None:
     assert media_pinned(image("data:image/png;base64,AAAA"))
     assert not media_pinned(image("https://images.example/cat.png"))
     assert _parts({}, messages=image("http://127.0.0.1/a.png"))["media"] is None
+
+
+def test_the_cache_body_is_fingerprinted_as_the_plan_decided() -> None:
+    """The shortcut in TurnPlan.sent_parts holds: hashing the cache body gives the plan's parts."""
+    prefix = ParentPrefix(
+        valid=True,
+        fingerprint_parts=None,
+        handle_ref="pc_1",
+        backend_fingerprint="f",
+        handle_epoch="e",
+        handle_expires_at=2e9,
+        safe_tokens=10,
+        prefix_hash="ab",
+        covers_output=False,
+        created_at=0.0,
+        conversation_version=None,
+    )
+    render = planning.RenderInputs(
+        "m",
+        "Be brief.",
+        [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        chat_options({"tools": [TOOL]}),
+        "salt",
+    )
+    inputs = planning.TurnInputs(
+        render=render,
+        mode=BackendMode.CACHE_REF,
+        store=True,
+        backend=BACKEND,
+        parent=None,
+        has_parent=True,
+        conversation_version=None,
+        now=1.0,
+    )
+    parts = planning.plan_turn(inputs).parts
+    output = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "yo"}]}]
+    parent = planning.ParentState(
+        "resp_1", "completed", output, dataclasses.replace(prefix, fingerprint_parts=parts)
+    )
+    turn = planning.plan_turn(dataclasses.replace(inputs, parent=parent))
+    assert turn.cache_body is not None and turn.decision.reason == "hit"
+    assert planning._parts(BACKEND, render, turn.cache_body["messages"]) == turn.sent_parts(turn.cache_body)

@@ -94,7 +94,11 @@ class TurnPlan:
         return body
 
     def sent_parts(self, body: Mapping[str, Any]) -> dict[str, str | None]:
-        """The fingerprint of `body`, which this plan built: the record's parts."""
+        """The fingerprint of `body`, which this plan built: the record's parts. The cache body adds to the
+        input only the parent's assistant output, which holds no media, so its parts are the plan's own
+        (no second hashing on the hot path); a full body is hashed over all it sends."""
+        if body is self.cache_body:
+            return self.parts
         return _parts(self.backend, self.render, body["messages"])
 
 
