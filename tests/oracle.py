@@ -41,7 +41,7 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": None}
     for item in output:
         if item["type"] == "reasoning":
-            message["reasoning_content"] = "".join(part["text"] for part in item["content"])
+            message["reasoning"] = "".join(part["text"] for part in item["content"])
         elif item["type"] == "message":
             message["content"] = "".join(part["text"] for part in item["content"])
         elif item["type"] == "function_call":

@@ -30,7 +30,7 @@ def test_output_segment_becomes_one_assistant_message() -> None:
         {
             "role": "assistant",
             "content": "text",
-            "reasoning_content": "thinking",
+            "reasoning": "thinking",
             "tool_calls": [
                 {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
                 {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": '{"a":1}'}},

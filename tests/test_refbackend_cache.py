@@ -49,8 +49,8 @@ def reply_message(data: dict[str, Any]) -> dict[str, Any]:
     """The assistant message as a caller stores it and sends it back in the history."""
     message = data["choices"][0]["message"]
     out: dict[str, Any] = {"role": "assistant", "content": message["content"]}
-    if message["reasoning_content"]:
-        out["reasoning_content"] = message["reasoning_content"]
+    if message["reasoning"]:
+        out["reasoning"] = message["reasoning"]
     if message["tool_calls"]:
         out["tool_calls"] = message["tool_calls"]
     return out

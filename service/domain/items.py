@@ -287,7 +287,7 @@ def output_message(items: Iterable[Item]) -> ChatMessage | None:
         return None
     message: ChatMessage = {"role": "assistant", "content": "".join(texts) if texts else None}
     if reasoning:
-        message["reasoning_content"] = "".join(reasoning)
+        message["reasoning"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = calls
     return message
@@ -321,9 +321,9 @@ def segment_messages(items: Sequence[Item], *, output: bool = False) -> list[Cha
         if kind == "reasoning":
             current = assistant
             force = current is not None and (
-                "reasoning_content" in current or current["content"] is not None or "tool_calls" in current
+                "reasoning" in current or current["content"] is not None or "tool_calls" in current
             )
-            open_assistant(force)["reasoning_content"] = reasoning_text(item)
+            open_assistant(force)["reasoning"] = reasoning_text(item)
         elif kind == "message" and item["role"] == "assistant":
             force = assistant is not None and (assistant["content"] is not None or "tool_calls" in assistant)
             open_assistant(force)["content"] = assistant_text(item)

@@ -174,7 +174,10 @@ def parse_message(raw: object, index: int) -> Message:
         raise RenderError(f"{where}.role must be one of {sorted(ROLES)}")
     text = content_text(raw.get("content"), where)
     if role == "assistant":
-        reasoning = raw.get("reasoning_content", raw.get("reasoning"))
+        # As vLLM: `reasoning`, else the deprecated `reasoning_content`.
+        reasoning = raw.get("reasoning")
+        if reasoning is None:
+            reasoning = raw.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
             raise RenderError(f"{where}.reasoning_content must be a string")
         return Message(role, text, reasoning or None, _tool_calls(raw.get("tool_calls"), where))

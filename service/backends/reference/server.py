@@ -477,7 +477,7 @@ class Backend:
     def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         model = resolve_model(body, self.profiles)
         if "messages" in body:
-            ctx, messages = render_inputs(body, model, self.profiles[model])
+            ctx, messages = render_inputs(_without_reasoning_content(body), model, self.profiles[model])
             text = render_full(ctx, messages).text
             if body.get("add_generation_prompt", True) is not False:
                 text += GENERATION_PROMPT
@@ -535,6 +535,22 @@ class Backend:
             "handles": self.handles.live(time.time()),
             "epoch": self.epoch,
         }
+
+
+def _without_reasoning_content(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's chat completions and render requests rename a history message's deprecated
+    `reasoning_content` to `reasoning`; its /tokenize request does not, so there that field is dropped
+    and only `reasoning` reaches the template. The reference backend does the same."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return body
+    return {
+        **body,
+        "messages": [
+            {k: v for k, v in m.items() if k != "reasoning_content"} if isinstance(m, dict) else m
+            for m in messages
+        ],
+    }
 
 
 def _fingerprint(parts: Mapping[str, Any]) -> str:

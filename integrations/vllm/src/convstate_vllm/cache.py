@@ -53,10 +53,10 @@ class Turn:
 
 def reply_message(content: str | None, reasoning: str | None, tool_calls: list[dict[str, Any]]) -> Message:
     """The reply as the next request's history carries it: convstate's form of a response's output
-    (text, or null with only tool calls; reasoning as reasoning_content; the calls)."""
+    (text, or null with only tool calls; reasoning as `reasoning`; the calls)."""
     message: Message = {"role": "assistant", "content": content or (None if tool_calls else "")}
     if reasoning:
-        message["reasoning_content"] = reasoning
+        message["reasoning"] = reasoning
     if tool_calls:
         message["tool_calls"] = [
             {
@@ -195,7 +195,7 @@ class PromptCache:
         cut = None
         if after[:low] == turn.text[:low]:
             cut = self._shared_cut(turn.text, after, low)
-        if cut is not None and reply.get("reasoning_content"):
+        if cut is not None and reply.get("reasoning"):
             follower = await renderer.text(
                 [*turn.messages, reply, _PROBE], turn.params, generation_prompt=False
             )
