@@ -135,7 +135,9 @@ def _wait_terminal(service: Service, response_id: str) -> dict[str, Any]:
 def test_a_stream_is_stored_from_response_created_on_and_survives_its_client_leaving(
     cache_service: Service, backend_admin: httpx.Client
 ) -> None:
-    backend_admin.post("/admin/stream", json={"chunk_delay_ms": 20}).raise_for_status()
+    # The reply is a handful of chunks: slow enough that the stream is still running when the client has
+    # read its first events and left, even on a loaded machine (at 20 ms it could end first).
+    backend_admin.post("/admin/stream", json={"chunk_delay_ms": 400}).raise_for_status()
     try:
         with (
             cache_service.http() as http,
