@@ -1,45 +1,37 @@
-"""Tenant isolation seen in vLLM's KV cache: each tenant's cache_salt keeps its prefix-cache blocks its
-own, so a long prefix repeated within a tenant is served from the cache and never across tenants.
-
-The service has no API-key-to-tenant seam yet (every caller is the default tenant), so this drives the
-service's backend client with the salts TenantStore gives two tenants, one layer below the HTTP API."""
+"""Tenant isolation seen in vLLM's KV cache, end to end: two tenants' API keys on one service, each
+tenant's cache_salt keeping its prefix-cache blocks its own, so a long prefix repeated within a tenant is
+served from the cache and never across tenants."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.backends.client import BackendClient
-from service.config import Settings
-from service.store.tenants import TenantStore
+from tests.conftest import Service, new_tenant
 from tests.vllm.conftest import Vllm
 
 pytestmark = pytest.mark.vllm
 
 
-async def test_kv_cache_reuse_stays_within_a_tenant(vllm: Vllm, pg_engine: AsyncEngine) -> None:
-    tenants = TenantStore(pg_engine)
-    salt_a = await tenants.cache_salt(f"tenant-a-{uuid.uuid4().hex}")
-    salt_b = await tenants.cache_salt(f"tenant-b-{uuid.uuid4().hex}")
-    assert salt_a != salt_b
-    client = BackendClient(Settings(backend_url=vllm.url, backend_api_key=vllm.api_key))
+def test_kv_cache_reuse_stays_within_a_tenant(
+    vllm: Vllm, vllm_service: Any, migrated_urls: dict[str, str]
+) -> None:
+    service: Service = vllm_service("full")
+    tenant_a = new_tenant(migrated_urls["postgres"])
+    tenant_b = new_tenant(migrated_urls["postgres"])
     preamble = f"Shared preamble {uuid.uuid4().hex}: a long manual on tending orchard trees. " * 30
 
-    async def cached_tokens(salt: str, question: str) -> int:
-        body = {
-            "model": vllm.model,
-            "messages": [{"role": "system", "content": preamble}, {"role": "user", "content": question}],
-            "cache_salt": salt,
-            "max_tokens": 4,
-        }
-        return (await client.chat(body)).cached_tokens
+    def cached_tokens(api_key: str, question: str) -> int:
+        response = service.openai(api_key).responses.create(
+            model=vllm.model, instructions=preamble, input=question, max_output_tokens=16
+        )
+        assert response.status in ("completed", "incomplete") and response.usage is not None
+        return response.usage.input_tokens_details.cached_tokens
 
-    try:
-        assert await cached_tokens(salt_a, "When to prune?") == 0
-        assert await cached_tokens(salt_a, "When to water?") > 0
-        assert await cached_tokens(salt_b, "When to prune?") == 0
-        assert await cached_tokens(salt_b, "When to water?") > 0
-    finally:
-        await client.aclose()
+    assert cached_tokens(tenant_a.user_key, "When to prune?") == 0
+    assert cached_tokens(tenant_a.user_key, "When to water?") > 0
+    # The same preamble under the other tenant's key: its salt makes every block a miss.
+    assert cached_tokens(tenant_b.user_key, "When to prune?") == 0
+    assert cached_tokens(tenant_b.user_key, "When to water?") > 0
