@@ -49,7 +49,7 @@ from service.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from service.store.conversations import ConversationStore
+from service.store.conversations import ConversationStore, ConversationTurn
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.unit import unit_of_work
@@ -135,6 +135,8 @@ class PreparedTurn:
     response_id: str
     created_at: float
     conversation_version: int | None = None
+    # The conversation's length when the turn took its lock: the history it renders is what lies before.
+    conversation_start: int | None = None
     # Its row was inserted before it ran (streamed and background turns): finishing moves it on.
     opened: bool = False
 
@@ -309,7 +311,7 @@ class Pipeline:
         now = time.time()
         response_id = ids.new_id(ids.RESPONSE)
         if request.conversation_id is None:
-            return await self._load_and_plan(tenant, request, response_id, now, None, None)
+            return await self._load_and_plan(tenant, request, response_id, now, None)
         conversation = await self.conversations.begin_turn(
             tenant, request.conversation_id, response_id, self.settings.turn_lease_seconds, now
         )
@@ -319,9 +321,7 @@ class Pipeline:
             )
         try:
             return await self._holding(
-                self._load_and_plan(
-                    tenant, request, response_id, now, conversation.head_response_id, conversation.version
-                ),
+                self._load_and_plan(tenant, request, response_id, now, conversation),
                 tenant,
                 response_id,
                 request.conversation_id,
@@ -346,12 +346,12 @@ class Pipeline:
         request: TurnRequest,
         response_id: str,
         now: float,
-        head_response_id: str | None,
-        conversation_version: int | None,
+        conversation: ConversationTurn | None,
     ) -> PreparedTurn:
         parent: ParentTurn | None = None
-        if head_response_id is not None:
-            parent = await self.responses.load_parent(tenant, head_response_id)
+        conversation_version = conversation.version if conversation else None
+        if conversation is not None and conversation.head_response_id is not None:
+            parent = await self.responses.load_parent(tenant, conversation.head_response_id)
         elif request.previous_response_id is not None:
             parent = await self.responses.load_parent(tenant, request.previous_response_id)
             if parent is None:
@@ -388,6 +388,7 @@ class Pipeline:
             response_id=response_id,
             created_at=now,
             conversation_version=conversation_version,
+            conversation_start=conversation.next_position if conversation else None,
         )
 
     # --- forward ------------------------------------------------------------------------------------
@@ -458,6 +459,7 @@ class Pipeline:
             created_at=turn.created_at,
             completed_at=None if status in ("queued", "in_progress") else time.time(),
             lineage_root=turn.parent.response.lineage_root if turn.parent else turn.response_id,
+            conversation_start=turn.conversation_start,
             output=output,
         )
 

@@ -278,3 +278,56 @@ def test_input_items_cost_does_not_grow_with_depth(service: Service) -> None:
             assert len(page.json()["data"]) == 3 if depth == 2 else page.json()["has_more"]
             costs[depth] = _statements(page)
     assert costs[2] == costs[200] == 1, costs
+
+
+def _ids(http: httpx.Client, response_id: str, **params: Any) -> list[str]:
+    page = http.get(f"/v1/responses/{response_id}/input_items", params={"order": "asc", **params})
+    assert page.status_code == 200, page.text
+    return [item["id"] for item in page.json()["data"]]
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_input_items_of_a_conversation_turn_list_the_conversation_before_it(
+    service_factory: Any, dialect: str
+) -> None:
+    service: Service = service_factory(dialect)
+    http = service.http()
+    start = {"type": "message", "role": "user", "content": "zero"}
+    conversation = http.post("/v1/conversations", json={"items": [start]}).json()["id"]
+    first = http.post("/v1/responses", json={"model": MODEL, "input": "one", "conversation": conversation})
+    added = http.post(
+        f"/v1/conversations/{conversation}/items", json={"items": [{"role": "user", "content": "aside"}]}
+    ).json()["data"][0]["id"]
+    second = http.post("/v1/responses", json={"model": MODEL, "input": "two", "conversation": conversation})
+    before = [
+        item["id"] for item in http.get(f"/v1/conversations/{conversation}/items?order=asc").json()["data"]
+    ]
+    assert len(before) == 6  # zero, one, first's output, aside, two, second's output
+    # Items added after a turn are not part of what generated it.
+    http.post(
+        f"/v1/conversations/{conversation}/items", json={"items": [{"role": "user", "content": "later"}]}
+    )
+    assert _ids(http, first.json()["id"]) == before[:2]
+    assert _ids(http, second.json()["id"]) == before[:5] and before[3] == added
+    # Paged across the conversation's part and the turn's own input, in either order.
+    assert _ids(http, second.json()["id"], after=before[3]) == before[4:5]
+    assert _ids(http, second.json()["id"], limit=2, after=before[1]) == before[2:4]
+    newest = http.get(f"/v1/responses/{second.json()['id']}/input_items", params={"after": before[4]}).json()
+    assert [item["id"] for item in newest["data"]] == before[3::-1] and not newest["has_more"]
+
+
+def test_input_items_of_a_conversation_turn_cost_one_statement_whatever_its_length(service: Service) -> None:
+    http = service.http()
+    costs = {}
+    for length in (2, 200):
+        conversation = http.post("/v1/conversations").json()["id"]
+        for batch in range(0, length, 20):
+            items = [{"role": "user", "content": f"item {n}"} for n in range(batch, min(batch + 20, length))]
+            http.post(f"/v1/conversations/{conversation}/items", json={"items": items}).raise_for_status()
+        turn = http.post("/v1/responses", json={"model": MODEL, "input": "now", "conversation": conversation})
+        page = http.get(
+            f"/v1/responses/{turn.json()['id']}/input_items", params={"limit": 5}
+        ).raise_for_status()
+        assert len(page.json()["data"]) == min(length + 1, 5) and page.json()["has_more"] is (length == 200)
+        costs[length] = _statements(page)
+    assert costs[2] == costs[200] == 1, costs

@@ -113,3 +113,50 @@ def test_0005_gives_existing_responses_their_lineage_root(
     downgrade(url, "0004")
     upgrade(url)
     assert asyncio.run(_revision(url)) == head_revision()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_0006_places_existing_conversation_turns(
+    dialect: str, new_postgres_database: Any, tmp_path: Any
+) -> None:
+    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    upgrade(url, "0005")
+    response = (
+        "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
+        " cancel_requested, created_at, expires_at, conversation_id) VALUES"
+        " (:id, 't', 'm', :status, 0, '{}', true, false, false, 0, 1, 'conv_1')"
+    )
+    item = (
+        "INSERT INTO items (id, tenant, response_id, segment, position, type, payload, created_at,"
+        " conversation_id, conversation_position) VALUES (:id, 't', :response, 0, 0, 'message', '{}', 0,"
+        " :conversation, :place)"
+    )
+
+    async def seed() -> None:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                conversation = "INSERT INTO conversations (id, tenant, metadata, created_at)"
+                await conn.execute(text(f"{conversation} VALUES ('conv_1', 't', '{{}}', 0)"))
+                await conn.execute(
+                    text(response),
+                    [{"id": "resp_a", "status": "completed"}, {"id": "resp_f", "status": "failed"}],
+                )
+                await conn.execute(
+                    text(item),
+                    [
+                        {"id": "msg_0", "response": None, "conversation": "conv_1", "place": 0},
+                        {"id": "msg_1", "response": "resp_a", "conversation": "conv_1", "place": 1},
+                        {"id": "msg_2", "response": "resp_a", "conversation": "conv_1", "place": 2},
+                        {"id": "msg_3", "response": "resp_f", "conversation": None, "place": None},
+                    ],
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    upgrade(url)
+    assert asyncio.run(_all(url, "SELECT id, conversation_start FROM responses ORDER BY id")) == [
+        ("resp_a", 1),
+        ("resp_f", None),  # never appended: cannot be placed
+    ]

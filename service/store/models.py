@@ -85,6 +85,8 @@ class Response(Base):
     status: Mapped[str] = mapped_column(String(16))
     previous_response_id: Mapped[str | None] = mapped_column(Id, ForeignKey("responses.id"))
     conversation_id: Mapped[str | None] = mapped_column(Id, ForeignKey("conversations.id"))
+    # The conversation's length when this turn began: its history is the conversation's items before it.
+    conversation_start: Mapped[int | None] = mapped_column(BigInteger)
     # Number of ancestors: orders a lineage without walking it.
     depth: Mapped[int] = mapped_column(Integer)
     # The lineage's first response: "a response and its descendants" is (root, depth >= d), no walk.

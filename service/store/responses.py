@@ -15,7 +15,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, and_, bindparam, cast, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    and_,
+    bindparam,
+    cast,
+    insert,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.observe import db_call
@@ -45,6 +58,8 @@ class StoredResponse:
     created_at: float
     completed_at: float | None
     lineage_root: str | None
+    # In a conversation: the conversation's length when the turn began (its history is the items before).
+    conversation_start: int | None = None
     output: list[ItemPayload] = field(default_factory=list)
 
 
@@ -129,6 +144,7 @@ _RESPONSE_COLUMNS = (
     Response.created_at,
     Response.completed_at,
     Response.lineage_root,
+    Response.conversation_start,
 )
 _PREFIX_COLUMNS = (
     PrefixRecord.status,
@@ -398,9 +414,10 @@ class ResponseStore:
     async def input_items(
         self, tenant: str, response_id: str, *, after: str | None, limit: int, descending: bool
     ) -> tuple[bool, list[ItemPayload]] | None:
-        """(has_more, page) of the items used to generate the response, as OpenAI lists them: its
-        ancestors' inputs and outputs, then its own input; None if the response is unknown. One
-        statement whatever the depth: the lineage walk reads ids only, payloads are read for the page."""
+        """(has_more, page) of the items used to generate the response, as OpenAI lists them: in a
+        conversation, its items before the turn; else its ancestors' inputs and outputs; then its own
+        input. None if the response is unknown. One statement whatever the depth: the lineage walk reads
+        ids only, payloads are read for the page."""
         live = and_(_live_response(tenant, response_id, time.time()), Response.store.is_(True))
         exists: Select[Any] = select(literal_column("1")).where(live)
         lineage = (
@@ -413,20 +430,48 @@ class ResponseStore:
                 lineage, Response.id == lineage.c.previous_response_id
             )
         )
-        # One sortable key per item: history order is (depth, input before output, position).
-        key = (cast(lineage.c.depth, BigInteger) * 2 + Item.segment) * literal_column(
+        # History order is (part, key): the conversation's items before the turn by their position, then
+        # the lineage's by (depth, input before output, position).
+        lineage_key = (cast(lineage.c.depth, BigInteger) * 2 + Item.segment) * literal_column(
             "2147483648"  # positions within a segment stay below 2**31
         ) + Item.position
-        used = or_(Item.response_id != response_id, Item.segment == INPUT_SEGMENT)
-        query = select(Item.payload).join(lineage, Item.response_id == lineage.c.id).where(used)
+        earlier = (
+            select(
+                Item.id,
+                Item.payload,
+                literal_column("0").label("part"),
+                Item.conversation_position.label("key"),
+            )
+            .join(
+                Response,
+                and_(
+                    Item.conversation_id == Response.conversation_id,
+                    Item.conversation_position < Response.conversation_start,
+                ),
+            )
+            .where(live, Item.tenant == tenant)
+        )
+        own = (
+            select(Item.id, Item.payload, literal_column("1"), lineage_key)
+            .join(lineage, Item.response_id == lineage.c.id)
+            .where(or_(Item.response_id != response_id, Item.segment == INPUT_SEGMENT))
+        )
+        used = union_all(earlier, own).cte("used")
+        place = tuple_(used.c.part, used.c.key)
+        query = select(used.c.payload)
         if after is not None:
-            cursor = (
-                select(key).join(lineage, Item.response_id == lineage.c.id).where(Item.id == after, used)
-            ).scalar_subquery()
-            query = query.where(key < cursor if descending else key > cursor)
-        query = query.order_by(key.desc() if descending else key.asc()).limit(limit + 1)
+            cursor = tuple_(
+                *(
+                    select(column).where(used.c.id == after).scalar_subquery()
+                    for column in (used.c.part, used.c.key)
+                )
+            )
+            query = query.where(place < cursor if descending else place > cursor)
+        query = query.order_by(
+            *(column.desc() if descending else column for column in (used.c.part, used.c.key))
+        )
         async with self._reads.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query.limit(limit + 1))).all()
             if not rows and not (await conn.execute(exists)).first():
                 return None
         return len(rows) > limit, [row.payload for row in rows[:limit]]
