@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # WebSocket; empty: only pages served from the host the socket is opened on. Clients that send no
     # Origin (SDKs, servers) are not browsers and are not checked.
     websocket_allowed_origins: str = ""
+    # `store: false` responses a WebSocket connection keeps, so `previous_response_id` continues them on
+    # that connection (oldest out first; 0: none).
+    websocket_cached_responses: int = Field(16, ge=0, le=1024)
 
     log_level: str = "info"
 

@@ -85,6 +85,15 @@ ECHOED_SETTINGS = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class UnstoredTurn:
+    """A `store: false` response its caller keeps (a WebSocket connection does) so that later turns can
+    continue it: the response, and the whole history a continuation renders, its output last."""
+
+    response: StoredResponse
+    history: tuple[Segment, ...]
+
+
 @dataclass(slots=True)
 class TurnRequest:
     """A validated POST /v1/responses, with input already normalized to stored items."""
@@ -98,6 +107,8 @@ class TurnRequest:
     background: bool = False
     request_id: str | None = None
     conversation_id: str | None = None
+    # The `previous_response_id`, when the caller kept it unstored: continued without the database.
+    unstored_parent: UnstoredTurn | None = None
 
 
 @dataclass(slots=True)
@@ -139,6 +150,8 @@ class PreparedTurn:
     conversation_start: int | None = None
     # Its row was inserted before it ran (streamed and background turns): finishing moves it on.
     opened: bool = False
+    # The history before this turn, once loaded (the full path).
+    history: Sequence[Segment] | None = None
 
     @property
     def decision(self) -> Decision:
@@ -171,9 +184,17 @@ class TurnStream:
     The turn runs in its own task, so a client that goes away mid-stream does not stop it: the turn is
     completed and stored either way."""
 
-    def __init__(self, decision: Decision, events: asyncio.Queue[Event | None]) -> None:
+    def __init__(self, decision: Decision) -> None:
         self.decision = decision
-        self._events = events
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        # Set once a `store: false` turn has completed: what a later turn needs to continue it.
+        self.unstored: UnstoredTurn | None = None
+
+    def put(self, event: Event) -> None:
+        self._events.put_nowait(event)
+
+    def end(self) -> None:
+        self._events.put_nowait(None)
 
     async def events(self) -> AsyncIterator[Event]:
         while (event := await self._events.get()) is not None:
@@ -266,9 +287,9 @@ class Pipeline:
                 except BaseException:
                     await chat.aclose()
                     raise
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.tasks.spawn(self._produce(turn, chat, sent, queue))
-        return TurnStream(sent.decision, queue)
+        stream = TurnStream(sent.decision)
+        self.tasks.spawn(self._produce(turn, chat, sent, stream))
+        return stream
 
     async def compact(self, tenant: str, request: TurnRequest) -> Compaction:
         """Summarize a history with the backend. Nothing is stored: the caller continues from the
@@ -352,6 +373,14 @@ class Pipeline:
         conversation_version = conversation.version if conversation else None
         if conversation is not None and conversation.head_response_id is not None:
             parent = await self.responses.load_parent(tenant, conversation.head_response_id)
+        elif request.unstored_parent is not None:
+            if request.store:
+                raise InvalidRequest(
+                    f"Previous response with id '{request.previous_response_id}' was not stored "
+                    "(store=false), so a response continuing it cannot be stored: send store=false.",
+                    param="store",
+                )
+            parent = ParentTurn(request.unstored_parent.response, None)
         elif request.previous_response_id is not None:
             parent = await self.responses.load_parent(tenant, request.previous_response_id)
             if parent is None:
@@ -429,11 +458,16 @@ class Pipeline:
                 dropped = min(2 * dropped, len(history))
 
     async def _history(self, turn: PreparedTurn) -> Sequence[Segment]:
-        """The stored history before this turn: one query, from the conversation or the lineage."""
-        parent, conversation_id = turn.parent, turn.request.conversation_id
-        if conversation_id is not None:
-            return await self.conversations.history(turn.tenant, conversation_id)
-        return await self.responses.history(turn.tenant, parent.response.id) if parent else []
+        """The history before this turn: one query, from the conversation or the lineage (none for an
+        unstored parent, which comes with its history)."""
+        parent, request = turn.parent, turn.request
+        if request.unstored_parent is not None:
+            turn.history = request.unstored_parent.history
+        elif request.conversation_id is not None:
+            turn.history = await self.conversations.history(turn.tenant, request.conversation_id)
+        else:
+            turn.history = await self.responses.history(turn.tenant, parent.response.id) if parent else []
+        return turn.history
 
     # --- persist ------------------------------------------------------------------------------------
 
@@ -543,14 +577,12 @@ class Pipeline:
         await self.release(turn)
         return failed
 
-    async def _produce(
-        self, turn: PreparedTurn, chat: ChatStream, sent: Sent, queue: asyncio.Queue[Event | None]
-    ) -> None:
+    async def _produce(self, turn: PreparedTurn, chat: ChatStream, sent: Sent, stream: TurnStream) -> None:
         sequence = 0
 
         def emit(event: Event) -> None:
             nonlocal sequence
-            queue.put_nowait({**event, "sequence_number": sequence})
+            stream.put({**event, "sequence_number": sequence})
             sequence += 1
 
         builder = OutputBuilder()
@@ -562,6 +594,10 @@ class Pipeline:
             for event in builder.drain():
                 emit(event)
             result = await self._complete(turn, reply, sent, output)
+            if not turn.request.store and turn.history is not None:
+                stream.unstored = UnstoredTurn(
+                    result.response, (*turn.history, (False, turn.request.input), (True, output))
+                )
             emit({"type": f"response.{result.response.status}", "response": result.response})
         except BaseException as exc:
             if isinstance(exc, ConvstateError):
@@ -575,7 +611,7 @@ class Pipeline:
                 raise
         finally:
             await chat.aclose()
-            queue.put_nowait(None)
+            stream.end()
 
     # --- what a running turn holds ------------------------------------------------------------------
 

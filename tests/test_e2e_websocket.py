@@ -59,3 +59,49 @@ def test_sequential_responses_on_one_socket(service_factory: Any) -> None:
         assert {getattr(event, "stream_id", None) for event in third} == {"s3"}
     fetched = client.responses.retrieve(second[-1].response.id)
     assert fetched.output_text == second[-1].response.output_text
+
+
+def _create(connection: Any, **fields: Any) -> Any:
+    """Send one response.create; its terminal event (or error)."""
+    connection.send({"type": "response.create", "model": "ref-chatml", **fields})
+    return _until_terminal(connection)[-1]
+
+
+def test_a_connection_continues_its_unstored_responses(service: Service, backend_admin: Any) -> None:
+    client = service.openai()
+    with client.responses.connect() as connection, client.responses.connect() as other:
+        first = _create(connection, input="Remember the word heron.", store=False).response
+        second = _create(connection, input="Which word?", store=False, previous_response_id=first.id)
+        assert second.type == "response.completed", second
+        # The whole history went to the backend, from the connection's memory: nothing was stored.
+        history_tokens = first.usage.input_tokens + first.usage.output_tokens
+        assert second.response.usage.input_tokens > history_tokens
+        third = _create(connection, input="Again?", store=False, previous_response_id=second.response.id)
+        assert third.response.usage.input_tokens > second.response.usage.input_tokens
+        # Another connection does not know it, and a stored response cannot continue it.
+        missing = _create(other, input="Which word?", store=False, previous_response_id=first.id)
+        assert (missing.type, missing.error.code) == ("error", "previous_response_not_found")
+        stored = _create(connection, input="x", previous_response_id=first.id)
+        assert (stored.type, stored.error.param) == ("error", "store")
+        # A failed continuation forgets what it continued.
+        backend_admin.post("/admin/fail", json={"count": 1, "status": 400}).raise_for_status()
+        failed = _create(connection, input="x", store=False, previous_response_id=third.response.id)
+        assert failed.type == "error", failed
+        again = _create(connection, input="x", store=False, previous_response_id=third.response.id)
+        assert (again.type, again.error.code) == ("error", "previous_response_not_found")
+
+
+def test_a_connection_keeps_a_bounded_number_of_responses(service_factory: Any) -> None:
+    service: Service = service_factory("postgres", websocket_cached_responses=2)
+    with service.openai().responses.connect() as connection:
+        ids = [_create(connection, input=f"turn {n}", store=False).response.id for n in range(3)]
+        # The oldest went out; of the rest, the least recently used goes when a new one comes.
+        assert _create(connection, input="x", store=False, previous_response_id=ids[1]).type == (
+            "response.completed"
+        )
+        for gone in (ids[0], ids[2]):
+            dropped = _create(connection, input="x", store=False, previous_response_id=gone)
+            assert (dropped.type, dropped.error.code) == ("error", "previous_response_not_found")
+        assert _create(connection, input="y", store=False, previous_response_id=ids[1]).type == (
+            "response.completed"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -26,7 +27,7 @@ from service.api.schemas import (
 )
 from service.domain.items import normalize_input
 from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
-from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest
+from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest, UnstoredTurn
 from service.store.responses import ResponseStore, StoredResponse
 
 router = APIRouter(
@@ -43,7 +44,12 @@ def _not_found(response_id: str) -> NotFound:
     return NotFound(f"No response found with id '{response_id}'.", param="response_id")
 
 
-def turn_request(body: CreateResponseBody, request_id: str | None, max_items: int) -> TurnRequest:
+def turn_request(
+    body: CreateResponseBody,
+    request_id: str | None,
+    max_items: int,
+    unstored_parent: UnstoredTurn | None = None,
+) -> TurnRequest:
     for name in UNSUPPORTED_FIELDS:
         if getattr(body, name) is not None:
             raise InvalidRequest(
@@ -84,6 +90,7 @@ def turn_request(body: CreateResponseBody, request_id: str | None, max_items: in
         background=body.background,
         request_id=request_id,
         conversation_id=conversation,
+        unstored_parent=unstored_parent,
     )
 
 
@@ -166,6 +173,32 @@ def origin_allowed(origin: str | None, host: str | None, allowed: frozenset[str]
     return host is not None and origin.split("://", 1)[-1] == host.lower()
 
 
+class ConnectionResponses:
+    """The `store: false` responses of one WebSocket connection, most recently used last, at most
+    `size`: as with OpenAI, `previous_response_id` continues them on this connection only. Their
+    histories share the items they have in common."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: OrderedDict[str, UnstoredTurn] = OrderedDict()
+
+    def get(self, response_id: str | None) -> UnstoredTurn | None:
+        kept = self._kept.get(response_id) if response_id is not None else None
+        if kept is not None:
+            self._kept.move_to_end(kept.response.id)
+        return kept
+
+    def keep(self, turn: UnstoredTurn) -> None:
+        self._kept[turn.response.id] = turn
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
+
+    def forget(self, response_id: str | None) -> None:
+        """A continuation of it failed: its state is not offered again."""
+        if response_id is not None:
+            self._kept.pop(response_id, None)
+
+
 @router.websocket("")
 async def responses_socket(websocket: WebSocket) -> None:
     """The Responses WebSocket mode: `response.create` frames in, the streaming events of each response
@@ -183,12 +216,14 @@ async def responses_socket(websocket: WebSocket) -> None:
         await websocket.send_denial_response(convstate_error_response(exc))
         return
     await websocket.accept()
+    kept = ConnectionResponses(settings.websocket_cached_responses)
     while True:
         try:
             frame = await websocket.receive_text()
         except WebSocketDisconnect:
             return
         stream_id: str | None = None
+        previous: str | None = None
         try:
             event = parse_json(frame)
             if not isinstance(event, dict) or event.get("type") != "response.create":
@@ -200,12 +235,19 @@ async def responses_socket(websocket: WebSocket) -> None:
             except ValidationError as exc:
                 raise validation_error(exc) from None
             request_id = f"req_{uuid.uuid4().hex}"
-            stream = await turns.stream(tenant, turn_request(body, request_id, settings.max_input_items))
+            previous = body.previous_response_id
+            request = turn_request(body, request_id, settings.max_input_items, kept.get(previous))
+            stream = await turns.stream(tenant, request)
             async for outgoing in stream.events():
+                if outgoing["type"] == "response.failed":
+                    kept.forget(previous)
                 if stream_id is not None:
                     outgoing = {**outgoing, "stream_id": stream_id}
                 await websocket.send_bytes(sse_payload(outgoing))
+            if stream.unstored is not None:
+                kept.keep(stream.unstored)
         except ConvstateError as exc:
+            kept.forget(previous)
             await websocket.send_bytes(orjson.dumps(_socket_error(exc, stream_id)))
         except WebSocketDisconnect:
             return
