@@ -16,6 +16,7 @@ from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
 from service.logs import configure_logging
 from service.pipeline import Pipeline
+from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
 from service.store.inspect import InspectStore
@@ -24,6 +25,7 @@ from service.store.keys import KeyStore
 from service.store.responses import ResponseStore
 from service.store.retention import RetentionStore
 from service.store.tenants import TenantStore
+from service.workers.artifacts import ArtifactQueue, ArtifactWriter
 from service.workers.invalidations import InvalidationWatcher
 from service.workers.reaper import reap_forever
 from service.workers.retention import retain_forever
@@ -55,6 +57,9 @@ def create_app(settings: Settings) -> FastAPI:
         await watcher.sync()
         turns = Pipeline(settings, ResponseStore(engine), conversations, tenants, backend, watcher)
         retention = RetentionStore(engine)
+        artifacts = ArtifactStore(engine)
+        queue = ArtifactQueue(settings.artifact_queue_size)
+        writer = ArtifactWriter(queue, artifacts, settings.artifact_batch)
         app.state.engine = engine
         app.state.pipeline = turns
         app.state.conversations = conversations
@@ -64,13 +69,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.invalidations = InvalidationStore(engine)
         app.state.inspect = InspectStore(engine)
         app.state.retention = retention
+        app.state.artifacts = artifacts
         loop = asyncio.get_running_loop()
         workers = [
             loop.create_task(reap_forever(turns.responses, conversations, settings.reaper_interval)),
             loop.create_task(watcher.run()),
             loop.create_task(
-                retain_forever(retention, settings.retention_interval, settings.retention_batch)
+                retain_forever(retention, artifacts, settings.retention_interval, settings.retention_batch)
             ),
+            loop.create_task(writer.run()),
         ]
         try:
             yield
@@ -80,6 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            # The last turns' artifacts, written before the pool goes.
+            await writer.flush()
             await backend.aclose()
             await engine.dispose()
             await feed_engine.dispose()

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="time in-flight turns get on SIGTERM")
     retention_interval: float = Field(300.0, gt=0, description="seconds between retention passes")
     retention_batch: int = Field(500, ge=1, le=100_000)
+    # Token artifacts (raw prompt and output ids per turn, the cold path): kept this long (never longer
+    # than their response), queued in process for the writer up to this many turns (then dropped and
+    # counted), written this many per transaction.
+    artifact_ttl_days: float = Field(7.0, gt=0)
+    artifact_queue_size: int = Field(10_000, ge=1)
+    artifact_batch: int = Field(100, ge=1, le=10_000)
 
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)

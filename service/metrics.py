@@ -28,3 +28,18 @@ cached_tokens = Counter(
 )
 canary_checks = Counter("convstate_canary_checks_total", "Canary full renders compared", ["result"])
 db_pool_checked_out = Gauge("convstate_db_pool_checked_out", "Database connections in use")
+artifact_queue_depth = Gauge("convstate_artifact_queue_depth", "Turns waiting for the artifact writer")
+artifact_drops = Counter(
+    "convstate_artifact_drops_total", "Token artifacts not stored", ["reason"]
+)  # queue_full, write_failed
+artifacts_written = Counter("convstate_artifacts_written_total", "Token artifacts stored")
+append_safety = Counter(
+    "convstate_append_safety_observations_total",
+    "Turns whose parent's prompt + output ids were (safe) or were not (unsafe) a prefix of their prompt",
+    ["model", "template", "result"],
+)
+append_safety_contradictions = Counter(
+    "convstate_append_safety_contradictions_total",
+    "Prefix records invalidated because observed ids contradicted their safe-boundary claim",
+    ["model"],
+)

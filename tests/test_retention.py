@@ -97,7 +97,7 @@ async def test_a_live_descendant_keeps_its_expired_ancestors(engine: AsyncEngine
             await store.write_turn(uow, TurnWrite(response, expires_at, items, [], prefix_write("pc")))
     assert await store.get(tenant, old.id) is None  # expired: gone from reads
     assert await store.get(tenant, young.id) is not None
-    assert await retention_pass(retention, batch=1) >= 1
+    assert await retention_pass(retention.purge, batch=1) >= 1
     assert [segment for segment in await store.history(tenant, young.id)]  # the ancestor's items remain
     async with engine.connect() as conn:
         left = set((await conn.execute(select(Response.id).where(Response.tenant == tenant))).scalars())
@@ -115,7 +115,7 @@ async def test_expired_conversation_turns_leave_their_items_to_the_conversation(
     async with unit_of_work(engine) as uow:
         await store.write_turn(uow, TurnWrite(response, now - 1, items, [], prefix_write("pc")))
         await conversations.finish_turn(uow, tenant, conversation.id, "resp_x", [items[0]["id"]])
-    assert await retention_pass(RetentionStore(engine), batch=10) >= 1
+    assert await retention_pass(RetentionStore(engine).purge, batch=10) >= 1
     history = await conversations.history(tenant, conversation.id)
     assert [item["id"] for _, segment in history for item in segment][-1] == items[0]["id"]
     async with engine.connect() as conn:

@@ -268,5 +268,8 @@ async def stats(
 @router.post("/retention/run")
 async def run_retention(request: Request) -> schemas.RetentionRun:
     """A retention pass now, instead of waiting for the worker's next one."""
-    deleted = await retention_pass(request.app.state.retention, request.app.state.settings.retention_batch)
-    return schemas.RetentionRun(deleted_responses=deleted)
+    batch = request.app.state.settings.retention_batch
+    return schemas.RetentionRun(
+        deleted_responses=await retention_pass(request.app.state.retention.purge, batch),
+        deleted_artifacts=await retention_pass(request.app.state.artifacts.purge, batch),
+    )

@@ -143,3 +143,4 @@ class Stats(BaseModel):
 
 class RetentionRun(BaseModel):
     deleted_responses: int
+    deleted_artifacts: int

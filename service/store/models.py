@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -20,6 +21,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
+# A JSON column whose Python None is SQL NULL (JsonType stores it as JSON null), so IS NULL finds it.
+NullableJson = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 Id = String(64)
 
 
@@ -178,9 +181,50 @@ class PrefixRecord(Base):
     handle_epoch: Mapped[str | None] = mapped_column(String(64))
     handle_expires_at: Mapped[float | None] = mapped_column(Double)
     conversation_version: Mapped[int | None] = mapped_column(BigInteger)
+    # llm-d's session token from this turn's reply (the replica that holds its KV), sent back with the
+    # next turn of the lineage while this record is valid.
+    session_token: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[float] = mapped_column(Double)
 
     __table_args__ = (Index("ix_prefix_records_tenant_model", "tenant", "model"),)
+
+
+class TokenArtifact(Base):
+    """The cold path: the exact token ids a turn was generated from and generated, packed (uint32, little
+    endian) and compressed, written off the request path by the artifact writer and kept for a shorter
+    retention than responses. Read by reseed, the admin diagnostics and the append-safety statistics."""
+
+    __tablename__ = "token_artifacts"
+
+    response_id: Mapped[str] = mapped_column(
+        Id, ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant: Mapped[str] = mapped_column(Id)
+    model: Mapped[str] = mapped_column(String(256))
+    # The chat_template fingerprint part: append-safety is a property of the template.
+    template: Mapped[str | None] = mapped_column(String(64))
+    parent_id: Mapped[str | None] = mapped_column(Id)
+    # The combined fingerprint the ids were produced under (the prefix record's).
+    fingerprint: Mapped[str | None] = mapped_column(String(32))
+    decision: Mapped[str] = mapped_column(String(128))
+    prompt_count: Mapped[int] = mapped_column(Integer)
+    output_count: Mapped[int] = mapped_column(Integer)
+    prompt_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    output_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    # Observed append-safety: are the parent's prompt + output ids an exact prefix of this prompt? NULL
+    # when not comparable (no parent artifact, or another fingerprint). `divergence`: the first index
+    # where they differ.
+    append_safe: Mapped[bool | None] = mapped_column(Boolean)
+    divergence: Mapped[int | None] = mapped_column(Integer)
+    # Set when the observation contradicted the parent record's claim of a safe boundary.
+    diagnostic: Mapped[dict[str, Any] | None] = mapped_column(NullableJson)
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_token_artifacts_expires_at", "expires_at"),
+        Index("ix_token_artifacts_model", "model", "template"),
+    )
 
 
 class Invalidation(Base):

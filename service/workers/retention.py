@@ -1,11 +1,14 @@
-"""Deletes expired responses (with their items and prefix records) in bounded batches."""
+"""Deletes expired rows in bounded batches: responses (with their items and prefix records), and token
+artifacts, which expire sooner."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from service.store.artifacts import ArtifactStore
 from service.store.retention import RetentionStore
 
 log = logging.getLogger("convstate.retention")
@@ -13,26 +16,32 @@ log = logging.getLogger("convstate.retention")
 # A pass stops after this many batches even if more rows expired; the next pass continues.
 MAX_BATCHES_PER_PASS = 100
 
+# A store's purge: delete up to `batch` rows expired at `now`, return how many went.
+Purge = Callable[[float, int], Awaitable[int]]
 
-async def retention_pass(store: RetentionStore, batch: int) -> int:
-    """Delete what has expired, one short transaction per batch; how many responses went."""
+
+async def retention_pass(purge: Purge, batch: int) -> int:
+    """Delete what has expired, one short transaction per batch; how many rows went."""
     now = time.time()
     deleted = 0
     for _ in range(MAX_BATCHES_PER_PASS):
-        count = await store.purge(now, batch)
+        count = await purge(now, batch)
         deleted += count
         if count < batch:
             break
     return deleted
 
 
-async def retain_forever(store: RetentionStore, interval: float, batch: int) -> None:
+async def retain_forever(
+    responses: RetentionStore, artifacts: ArtifactStore, interval: float, batch: int
+) -> None:
     """At start-up and then every `interval` seconds, until cancelled."""
     while True:
-        try:
-            deleted = await retention_pass(store, batch)
-            if deleted:
-                log.info("deleted %d expired responses", deleted)
-        except Exception:
-            log.exception("retention pass failed; retrying in %.0fs", interval)
+        for what, purge in (("responses", responses.purge), ("token artifacts", artifacts.purge)):
+            try:
+                deleted = await retention_pass(purge, batch)
+                if deleted:
+                    log.info("deleted %d expired %s", deleted, what)
+            except Exception:
+                log.exception("retention pass over %s failed; retrying in %.0fs", what, interval)
         await asyncio.sleep(interval)

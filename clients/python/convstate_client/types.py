@@ -114,3 +114,4 @@ class Stats(TypedDict):
 
 class RetentionRun(TypedDict):
     deleted_responses: int
+    deleted_artifacts: int

@@ -1,0 +1,147 @@
+"""Token artifacts: the packed form of a turn's token ids, and the append-safety observed from them.
+
+Pure. The pipeline hands a committed turn's ids (`TurnTokens`) to the artifact writer; the writer packs
+them (little-endian uint32, as `domain.prefix` hashes them, then zlib) and compares them with the
+parent's: a turn is *append-safe* when its parent's prompt ids followed by the parent's output ids are an
+exact prefix of its own prompt ids, i.e. the backend could have continued from the KV it already computed
+for the parent. Templates that rewrite history (reasoning dropped from earlier turns, system messages
+merged into the first block) break that, at the index `divergence`.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.domain.prefix import pack_tokens
+
+# zlib's fastest level: token ids compress about 2x at level 1 and barely better above it.
+COMPRESSION_LEVEL = 1
+# Ids shown on each side of a divergence in a diagnostic.
+DIAGNOSTIC_WINDOW = 8
+# The prefix record's status reason when an observation contradicts its safe-boundary claim.
+CONTRADICTED = "append_unsafe_observed"
+
+
+def pack(token_ids: Sequence[int]) -> bytes:
+    return zlib.compress(pack_tokens(token_ids), COMPRESSION_LEVEL)
+
+
+def unpack(blob: bytes) -> list[int]:
+    ids = array("I")
+    ids.frombytes(zlib.decompress(blob))
+    if sys.byteorder != "little":  # pragma: no cover
+        ids.byteswap()
+    return ids.tolist()
+
+
+@dataclass(frozen=True, slots=True)
+class TurnTokens:
+    """A committed turn's token ids as the backend reported them (`return_token_ids`), for the writer."""
+
+    response_id: str
+    tenant: str
+    model: str
+    parent_id: str | None
+    # The prefix record's combined fingerprint; None when a part is unknown (never comparable).
+    fingerprint: str | None
+    template: str | None
+    decision: str
+    # The turn continued its parent's record (a cache-path or affinity hit): it relied on the parent's
+    # claim of a safe boundary.
+    relied_on_parent: bool
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppendObservation:
+    append_safe: bool
+    divergence: int | None  # the first index where the parent's ids and this prompt differ
+
+
+def observe_append(
+    parent_prompt: Sequence[int], parent_output: Sequence[int], prompt: Sequence[int]
+) -> AppendObservation:
+    expected = [*parent_prompt, *parent_output]
+    if list(prompt[: len(expected)]) == expected:
+        return AppendObservation(True, None)
+    for index, (want, got) in enumerate(zip(expected, prompt, strict=False)):
+        if want != got:
+            return AppendObservation(False, index)
+    return AppendObservation(False, len(prompt))  # the prompt ends inside the parent's ids
+
+
+@dataclass(frozen=True, slots=True)
+class ParentClaim:
+    """What the writer knows of a turn's parent: its record's fingerprint and safe-boundary claim, and its
+    token ids when its artifact exists."""
+
+    fingerprint: str | None
+    claimed_safe: bool
+    tokens: tuple[Sequence[int], Sequence[int]] | None  # (prompt, output)
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    observation: AppendObservation | None  # None: not comparable
+    diagnostic: dict[str, Any] | None  # set when the parent's record must be invalidated
+
+
+def observe_turn(turn: TurnTokens, parent: ParentClaim | None) -> Observed:
+    """The observation for one turn against its parent. Comparable only under the same known fingerprint
+    (another template, tools or instructions render another prompt by design). A contradiction is a
+    parent record that claimed a safe boundary, a child that relied on it, and ids that say otherwise."""
+    if (
+        parent is None
+        or parent.tokens is None
+        or parent.fingerprint is None
+        or parent.fingerprint != turn.fingerprint
+    ):
+        return Observed(None, None)
+    parent_prompt, parent_output = parent.tokens
+    observation = observe_append(parent_prompt, parent_output, turn.prompt_ids)
+    if observation.append_safe or not (parent.claimed_safe and turn.relied_on_parent):
+        return Observed(observation, None)
+    expected = [*parent_prompt, *parent_output]
+    at = observation.divergence or 0
+    window = slice(max(at - DIAGNOSTIC_WINDOW, 0), at + DIAGNOSTIC_WINDOW)
+    diagnostic = {
+        "kind": CONTRADICTED,
+        "parent_id": turn.parent_id,
+        "divergence": at,
+        "parent_tokens": len(expected),
+        "window_start": window.start,
+        "expected": expected[window],
+        "observed": list(turn.prompt_ids[window]),
+    }
+    return Observed(observation, diagnostic)
+
+
+def artifact_row(turn: TurnTokens, observed: Observed) -> Mapping[str, Any]:
+    """The token_artifacts row of a turn (packing and compressing: run it off the event loop)."""
+    observation = observed.observation
+    return {
+        "response_id": turn.response_id,
+        "tenant": turn.tenant,
+        "model": turn.model,
+        "template": turn.template,
+        "parent_id": turn.parent_id,
+        "fingerprint": turn.fingerprint,
+        "decision": turn.decision,
+        "prompt_count": len(turn.prompt_ids),
+        "output_count": len(turn.output_ids),
+        "prompt_ids": pack(turn.prompt_ids),
+        "output_ids": pack(turn.output_ids),
+        "append_safe": observation.append_safe if observation else None,
+        "divergence": observation.divergence if observation else None,
+        "diagnostic": observed.diagnostic,
+        "created_at": turn.created_at,
+        "expires_at": turn.expires_at,
+    }

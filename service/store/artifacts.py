@@ -1,0 +1,150 @@
+"""Token artifacts: the cold-path table of a turn's raw token ids.
+
+Only the artifact writer (service/workers/artifacts.py), reseed on a backend miss, the admin API and
+retention touch it; a turn that hits its parent's handle never does. The writer stores a batch in one
+transaction: which of its responses still exist, then one multi-row insert, then the parent records its
+observations contradicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.domain.artifacts import CONTRADICTED
+from service.observe import db_call
+from service.store.db import autocommit
+from service.store.models import PrefixRecord, Response, TokenArtifact
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRow:
+    """A parent's record (fingerprint, safe-boundary claim) and its packed ids if its artifact exists."""
+
+    fingerprint: str | None
+    claimed_safe: bool
+    prompt_ids: bytes | None
+    output_ids: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredArtifact:
+    response_id: str
+    tenant: str
+    model: str
+    template: str | None
+    parent_id: str | None
+    fingerprint: str | None
+    decision: str
+    prompt_count: int
+    output_count: int
+    prompt_ids: bytes
+    output_ids: bytes
+    append_safe: bool | None
+    divergence: int | None
+    diagnostic: dict[str, Any] | None
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AppendSafetyCount:
+    model: str
+    template: str | None
+    observed: int
+    safe: int
+    contradicted: int
+
+
+_ARTIFACT_COLUMNS = tuple(getattr(TokenArtifact, name) for name in StoredArtifact.__slots__)
+_INSERT = insert(TokenArtifact)
+
+
+class ArtifactStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._reads = autocommit(engine)
+
+    @db_call
+    async def parents(self, response_ids: Collection[str]) -> dict[str, ParentRow]:
+        """The prefix records of these responses, with their artifacts' ids where written: one query."""
+        if not response_ids:
+            return {}
+        query = (
+            select(
+                PrefixRecord.response_id,
+                PrefixRecord.fingerprint,
+                PrefixRecord.safe_boundary,
+                TokenArtifact.prompt_ids,
+                TokenArtifact.output_ids,
+            )
+            .outerjoin(TokenArtifact, TokenArtifact.response_id == PrefixRecord.response_id)
+            .where(PrefixRecord.response_id.in_(list(response_ids)))
+        )
+        async with self._reads.connect() as conn:
+            rows = await conn.execute(query)
+            return {row[0]: ParentRow(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+
+    @db_call
+    async def write(self, rows: Sequence[Mapping[str, Any]], contradicted: Collection[str]) -> int:
+        """Insert the artifacts of responses that still exist (one deleted meanwhile is skipped) and
+        invalidate the records in `contradicted`, in one transaction; how many artifacts were written."""
+        async with self.engine.begin() as conn:
+            wanted = [row["response_id"] for row in rows]
+            existing = set((await conn.execute(select(Response.id).where(Response.id.in_(wanted)))).scalars())
+            kept = [row for row in rows if row["response_id"] in existing]
+            if kept:
+                await conn.execute(_INSERT, kept)
+            if contradicted:
+                await conn.execute(
+                    update(PrefixRecord)
+                    .where(PrefixRecord.response_id.in_(list(contradicted)), PrefixRecord.status == "valid")
+                    .values(status="invalidated", invalid_reason=CONTRADICTED)
+                )
+        return len(kept)
+
+    @db_call
+    async def get(self, response_id: str, tenant: str | None = None) -> StoredArtifact | None:
+        """A turn's artifact; with `tenant`, only that tenant's."""
+        query = select(*_ARTIFACT_COLUMNS).where(TokenArtifact.response_id == response_id)
+        if tenant is not None:
+            query = query.where(TokenArtifact.tenant == tenant)
+        async with self._reads.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return StoredArtifact(*row) if row else None
+
+    @db_call
+    async def append_safety(self, model: str | None = None) -> list[AppendSafetyCount]:
+        """Observed append-safety by model and template: turns compared, safe, contradicting a claim."""
+        observed = TokenArtifact.append_safe.is_not(None)
+        query = (
+            select(
+                TokenArtifact.model,
+                TokenArtifact.template,
+                func.count(),
+                func.coalesce(func.sum(case((TokenArtifact.append_safe.is_(True), 1), else_=0)), 0),
+                func.coalesce(func.sum(case((TokenArtifact.diagnostic.is_not(None), 1), else_=0)), 0),
+            )
+            .where(observed)
+            .group_by(TokenArtifact.model, TokenArtifact.template)
+            .order_by(TokenArtifact.model, TokenArtifact.template)
+        )
+        if model is not None:
+            query = query.where(TokenArtifact.model == model)
+        async with self._reads.connect() as conn:
+            rows = await conn.execute(query)
+            return [AppendSafetyCount(row[0], row[1], *(int(value) for value in row[2:])) for row in rows]
+
+    @db_call
+    async def purge(self, now: float, batch: int) -> int:
+        """Delete up to `batch` expired artifacts; how many went."""
+        doomed = select(TokenArtifact.response_id).where(TokenArtifact.expires_at < now).limit(batch)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(TokenArtifact).where(TokenArtifact.response_id.in_(doomed.scalar_subquery()))
+            )
+        return int(result.rowcount or 0)

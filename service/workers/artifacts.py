@@ -1,0 +1,117 @@
+"""The artifact writer: committed turns' token ids into `token_artifacts`, off the request path.
+
+The pipeline offers each committed turn's ids to a bounded in-process queue and moves on: when the queue
+is full the artifact is dropped and counted, never waited for. One writer task takes what is queued in
+batches; per batch it reads the parents' records and artifacts (one query), compares and packs in a
+worker thread (ids of long prompts are large: the event loop never packs them), and stores the batch in
+one transaction that also invalidates the parent records the observations contradict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from service import metrics
+from service.domain.artifacts import ParentClaim, TurnTokens, artifact_row, observe_turn, unpack
+from service.store.artifacts import ArtifactStore, ParentRow
+
+log = logging.getLogger("convstate.artifacts")
+
+
+class ArtifactQueue:
+    """Bounded; `offer` never blocks."""
+
+    def __init__(self, capacity: int) -> None:
+        self._queue: asyncio.Queue[TurnTokens] = asyncio.Queue(capacity)
+
+    def offer(self, turn: TurnTokens) -> bool:
+        try:
+            self._queue.put_nowait(turn)
+        except asyncio.QueueFull:
+            metrics.artifact_drops.labels("queue_full").inc()
+            return False
+        metrics.artifact_queue_depth.set(self._queue.qsize())
+        return True
+
+    async def take(self, limit: int) -> list[TurnTokens]:
+        """Wait for one turn, then take what else is queued, up to `limit` in all."""
+        batch = [await self._queue.get()]
+        while len(batch) < limit and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        metrics.artifact_queue_depth.set(self._queue.qsize())
+        return batch
+
+    def take_all(self) -> list[TurnTokens]:
+        batch = []
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        metrics.artifact_queue_depth.set(0)
+        return batch
+
+
+def _build(
+    batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow]
+) -> tuple[list[Mapping[str, Any]], dict[str, str]]:
+    """Rows for the batch and the contradicted parent records (id -> model). A parent written in the same
+    batch is compared from the batch itself."""
+    in_batch = {turn.response_id: turn for turn in batch}
+    rows, contradicted = [], {}
+    for turn in batch:
+        claim = None
+        record = parents.get(turn.parent_id) if turn.parent_id else None
+        if record is not None:
+            earlier = in_batch.get(turn.parent_id or "")
+            tokens = None
+            if earlier is not None:
+                tokens = (earlier.prompt_ids, earlier.output_ids)
+            elif record.prompt_ids is not None and record.output_ids is not None:
+                tokens = (unpack(record.prompt_ids), unpack(record.output_ids))
+            claim = ParentClaim(record.fingerprint, record.claimed_safe, tokens)
+        observed = observe_turn(turn, claim)
+        rows.append(artifact_row(turn, observed))
+        if observed.observation is not None:
+            result = "safe" if observed.observation.append_safe else "unsafe"
+            metrics.append_safety.labels(turn.model, turn.template or "unknown", result).inc()
+        if observed.diagnostic is not None and turn.parent_id is not None:
+            contradicted[turn.parent_id] = turn.model
+    return rows, contradicted
+
+
+class ArtifactWriter:
+    def __init__(self, queue: ArtifactQueue, store: ArtifactStore, batch: int) -> None:
+        self.queue = queue
+        self.store = store
+        self.batch = batch
+
+    async def write(self, batch: Sequence[TurnTokens]) -> int:
+        """Store one batch; how many artifacts were written."""
+        parent_ids = {turn.parent_id for turn in batch if turn.parent_id is not None}
+        parents = await self.store.parents(parent_ids)
+        rows, contradicted = await asyncio.to_thread(_build, batch, parents)
+        written = await self.store.write(rows, contradicted.keys())
+        metrics.artifacts_written.inc(written)
+        for parent_id, model in contradicted.items():
+            metrics.append_safety_contradictions.labels(model).inc()
+            log.error("observed ids contradict %s's safe boundary; its record is invalidated", parent_id)
+        return written
+
+    async def _write_logged(self, batch: Sequence[TurnTokens]) -> None:
+        try:
+            await self.write(batch)
+        except Exception:
+            metrics.artifact_drops.labels("write_failed").inc(len(batch))
+            log.exception("could not store %d token artifacts", len(batch))
+
+    async def run(self) -> None:
+        """Until cancelled: write what is queued, a batch at a time."""
+        while True:
+            await self._write_logged(await self.queue.take(self.batch))
+
+    async def flush(self) -> None:
+        """Write what is still queued (at shutdown, after the last turn)."""
+        left = self.queue.take_all()
+        for start in range(0, len(left), self.batch):
+            await self._write_logged(left[start : start + self.batch])

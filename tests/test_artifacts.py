@@ -1,0 +1,183 @@
+"""Token artifacts: packing, observed append-safety, the store on both dialects, the bounded queue and
+the writer, and their retention."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import replace
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import metrics
+from service.domain.artifacts import (
+    CONTRADICTED,
+    AppendObservation,
+    ParentClaim,
+    TurnTokens,
+    observe_append,
+    observe_turn,
+    pack,
+    unpack,
+)
+from service.domain.items import normalize_input
+from service.store.artifacts import ArtifactStore
+from service.store.models import PrefixRecord
+from service.store.responses import ResponseStore, TurnWrite
+from service.store.unit import unit_of_work
+from service.workers.artifacts import ArtifactQueue, ArtifactWriter
+from service.workers.retention import retention_pass
+from tests.factories import prefix_write, stored_response
+
+FINGERPRINT = "ef" * 16  # prefix_write's
+
+
+def turn_tokens(
+    response_id: str, tenant: str, parent_id: str | None, prompt: list[int], output: list[int]
+) -> TurnTokens:
+    now = time.time()
+    return TurnTokens(
+        response_id=response_id,
+        tenant=tenant,
+        model="m",
+        parent_id=parent_id,
+        fingerprint=FINGERPRINT,
+        template="tpl",
+        decision="cache_ref; reason=hit" if parent_id else "full; reason=no_parent",
+        relied_on_parent=parent_id is not None,
+        prompt_ids=prompt,
+        output_ids=output,
+        created_at=now,
+        expires_at=now + 60,
+    )
+
+
+def test_packing_round_trips_and_compresses_repetitive_ids() -> None:
+    ids = [0, 1, 2**32 - 1, 151_643, *range(1000), *([42] * 5000)]
+    blob = pack(ids)
+    assert unpack(blob) == ids
+    assert len(blob) < 4 * len(ids) / 2
+
+
+def test_append_safety_is_an_exact_prefix_of_prompt_then_output() -> None:
+    assert observe_append([1, 2], [3], [1, 2, 3, 4, 5]) == AppendObservation(True, None)
+    assert observe_append([1, 2], [3], [1, 2, 9, 4]) == AppendObservation(False, 2)
+    assert observe_append([1, 2], [3], [1, 7]) == AppendObservation(False, 1)
+    assert observe_append([1, 2], [3], [1, 2]) == AppendObservation(False, 2)  # ends inside the parent
+
+
+def test_a_contradiction_needs_a_claim_a_child_relying_on_it_and_unsafe_ids() -> None:
+    child = turn_tokens("c", "t", "p", [1, 2, 9], [])
+    claim = ParentClaim(FINGERPRINT, True, ([1, 2], [3]))
+    observed = observe_turn(child, claim)
+    assert observed.observation == AppendObservation(False, 2)
+    assert observed.diagnostic is not None
+    assert observed.diagnostic["kind"] == CONTRADICTED
+    assert observed.diagnostic["expected"] == [1, 2, 3] and observed.diagnostic["observed"] == [1, 2, 9]
+    assert observe_turn(child, replace(claim, claimed_safe=False)).diagnostic is None
+    assert observe_turn(replace(child, relied_on_parent=False), claim).diagnostic is None
+    assert observe_turn(replace(child, prompt_ids=[1, 2, 3, 4]), claim).diagnostic is None
+    # Another (or an unknown) fingerprint renders another prompt by design: nothing to compare.
+    assert observe_turn(child, replace(claim, fingerprint="00" * 16)).observation is None
+    assert (
+        observe_turn(replace(child, fingerprint=None), replace(claim, fingerprint=None)).observation is None
+    )
+    assert observe_turn(child, replace(claim, tokens=None)).observation is None
+
+
+async def _stored_turns(engine: AsyncEngine, tenant: str, depth: int) -> list[str]:
+    """A lineage of `depth` stored turns, each with a prefix record claiming a safe boundary."""
+    store, ids, parent = ResponseStore(engine), [], None
+    for level in range(depth):
+        response = stored_response(tenant, previous_response_id=parent, depth=level)
+        async with unit_of_work(engine) as uow:
+            await store.write_turn(
+                uow, TurnWrite(response, time.time() + 60, normalize_input("hi"), [], prefix_write("pc"))
+            )
+        ids.append(response.id)
+        parent = response.id
+    return ids
+
+
+async def _record_status(engine: AsyncEngine, response_id: str) -> tuple[str, str | None]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(PrefixRecord.status, PrefixRecord.invalid_reason).where(
+                    PrefixRecord.response_id == response_id
+                )
+            )
+        ).one()
+    return row[0], row[1]
+
+
+async def test_the_writer_stores_batches_observes_parents_and_invalidates_contradicted_records(
+    engine: AsyncEngine,
+) -> None:
+    tenant = uuid.uuid4().hex
+    a, b, c, d = await _stored_turns(engine, tenant, 4)
+    store = ArtifactStore(engine)
+    writer = ArtifactWriter(ArtifactQueue(10), store, batch=10)
+    # a alone first; then b (parent in the table), c (parent in the same batch, append-safe) and d
+    # (diverges from c's ids although c's record claimed a safe boundary).
+    assert await writer.write([turn_tokens(a, tenant, None, [1, 2, 3], [4, 5])]) == 1
+    assert (
+        await writer.write(
+            [
+                turn_tokens(b, tenant, a, [1, 2, 3, 4, 5, 6], [7]),
+                turn_tokens(c, tenant, b, [1, 2, 3, 4, 5, 6, 7, 8], [9]),
+                turn_tokens(d, tenant, c, [1, 2, 3, 4, 5, 6, 7, 0, 9], [10]),
+            ]
+        )
+        == 3
+    )
+    first = await store.get(a)
+    assert first is not None and unpack(first.prompt_ids) == [1, 2, 3] and unpack(first.output_ids) == [4, 5]
+    assert (first.prompt_count, first.output_count, first.append_safe) == (3, 2, None)
+    second, third, fourth = [await store.get(x, tenant) for x in (b, c, d)]
+    assert second is not None and (second.append_safe, second.divergence) == (True, None)
+    assert third is not None and (third.append_safe, third.divergence) == (True, None)
+    assert fourth is not None and (fourth.append_safe, fourth.divergence) == (False, 7)
+    assert fourth.diagnostic is not None and fourth.diagnostic["parent_id"] == c
+    assert await store.get(d, "another tenant") is None
+    assert await _record_status(engine, c) == ("invalidated", CONTRADICTED)
+    assert await _record_status(engine, b) == ("valid", None)
+    [counts] = [row for row in await store.append_safety("m") if row.template == "tpl"]
+    assert (counts.observed, counts.safe, counts.contradicted) >= (3, 2, 1)
+
+
+async def test_an_artifact_of_a_response_deleted_meanwhile_is_skipped(engine: AsyncEngine) -> None:
+    tenant = uuid.uuid4().hex
+    [kept] = await _stored_turns(engine, tenant, 1)
+    store = ArtifactStore(engine)
+    rows = [
+        turn_tokens(kept, tenant, None, [1], [2]),
+        turn_tokens("resp_gone" + tenant, tenant, None, [1], [2]),
+    ]
+    assert await ArtifactWriter(ArtifactQueue(10), store, batch=10).write(rows) == 1
+
+
+async def test_a_full_queue_drops_and_counts_without_waiting() -> None:
+    queue = ArtifactQueue(2)
+    dropped = metrics.artifact_drops.labels("queue_full")
+    before = dropped._value.get()
+    results = [queue.offer(turn_tokens(f"r{i}", "t", None, [i], [])) for i in range(5)]
+    assert results == [True, True, False, False, False]
+    assert dropped._value.get() == before + 3
+    assert [turn.response_id for turn in await asyncio.wait_for(queue.take(10), 1)] == ["r0", "r1"]
+
+
+async def test_expired_artifacts_go_in_bounded_batches(engine: AsyncEngine) -> None:
+    tenant = uuid.uuid4().hex
+    turns = await _stored_turns(engine, tenant, 3)
+    store = ArtifactStore(engine)
+    now = time.time()
+    rows = [replace(turn_tokens(x, tenant, None, [1], [2]), expires_at=now - 1) for x in turns[:2]]
+    await ArtifactWriter(ArtifactQueue(10), store, batch=10).write(
+        [*rows, turn_tokens(turns[2], tenant, None, [1], [2])]
+    )
+    assert await store.purge(now, 1) == 1
+    assert await retention_pass(store.purge, batch=1) == 1
+    assert [await store.get(x) is None for x in turns] == [True, True, False]
