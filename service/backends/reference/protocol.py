@@ -83,12 +83,22 @@ def _opt(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what:
 
 
 @dataclass(frozen=True)
+class Seed:
+    """A prefix given as the token ids of an earlier turn (`prompt_cache.seed`) instead of a handle."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    covers_output: bool
+
+
+@dataclass(frozen=True)
 class PromptCacheRequest:
     ref: str | None
     tokens: int | None
     prefix_hash: str | None
     fingerprint: str | None
     register: bool
+    seed: Seed | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +221,29 @@ def _prompt_cache(body: Mapping[str, Any]) -> PromptCacheRequest | None:
             "`prompt_cache` with a `ref` needs `tokens`, `prefix_hash` and `fingerprint`",
             param="prompt_cache",
         )
-    return PromptCacheRequest(ref, tokens, prefix_hash, fingerprint, bool(register))
+    seed = _seed(raw)
+    if seed is not None and (ref is not None or fingerprint is None):
+        raise bad_request(
+            "`prompt_cache.seed` needs `fingerprint` and excludes `ref`", param="prompt_cache.seed"
+        )
+    return PromptCacheRequest(ref, tokens, prefix_hash, fingerprint, bool(register), seed)
+
+
+def _token_ids(raw: Mapping[str, Any], key: str) -> list[int]:
+    ids = raw.get(key)
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise bad_request(f"`prompt_cache.seed.{key}` must be a list of integers", param="prompt_cache.seed")
+    return ids
+
+
+def _seed(raw: Mapping[str, Any]) -> Seed | None:
+    seed = _opt(raw, "seed", dict, "an object")
+    if seed is None:
+        return None
+    covers_output = seed.get("covers_output")
+    if not isinstance(covers_output, bool):
+        raise bad_request("`prompt_cache.seed.covers_output` must be a boolean", param="prompt_cache.seed")
+    return Seed(_token_ids(seed, "prompt_token_ids"), _token_ids(seed, "output_token_ids"), covers_output)
 
 
 def parse_chat_request(body: Mapping[str, Any], profiles: Mapping[str, str]) -> ChatRequest:

@@ -24,6 +24,7 @@ from service.backends.reference.protocol import (
     ChatRequest,
     PromptCacheMiss,
     PromptCacheRequest,
+    Seed,
     bad_request,
     parse_chat_request,
     parse_json,
@@ -44,7 +45,14 @@ from service.backends.reference.render import (
     render_full,
 )
 from service.backends.reference.state import Handle, HandleRegistry, PrefixCache, TokenChain
-from service.backends.reference.tokenizer import load_tokenizer, tokenizer_fingerprint, utf8_pieces
+from service.backends.reference.tokenizer import (
+    IM_END,
+    IM_START,
+    THINK_OPEN,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    utf8_pieces,
+)
 from service.domain.prefix import token_digest
 
 MODEL_REVISION = "convstate-ref-generator/1"
@@ -64,6 +72,7 @@ class Counters:
     cached_tokens: int = 0
     completion_tokens: int = 0
     hits: int = 0
+    seeds: int = 0  # prompts continued from seeded token ids (prompt_cache.seed), rendering none of them
     misses: dict[str, int] = field(default_factory=dict)
     full_renders: int = 0
     injected_failures: int = 0
@@ -212,20 +221,29 @@ class Backend:
     def render_prompt(self, req: ChatRequest, now: float) -> Prompt:
         """The prompt of a chat request: continued from a verified handle, or rendered in full."""
         pc = req.prompt_cache
-        if pc is not None and pc.ref is not None:
-            handle = self._verify(pc.ref, pc, req, now)
+        base: TokenChain | None = None
+        if pc is not None and (pc.ref is not None or pc.seed is not None):
+            if pc.ref is not None:
+                handle = self._verify(pc.ref, pc, req, now)
+                base, system_open, previous = handle.chain, handle.system_open, handle.last_message
+                self.counters.hits += 1
+            else:
+                assert pc.seed is not None
+                base, system_open = self._seeded(pc.seed, pc, req)
+                previous = None
+                self.counters.seeds += 1
             try:
-                appended = render_append(req.ctx, handle.system_open, req.messages)
+                appended = render_append(req.ctx, system_open, req.messages)
             except NotAppendable as exc:
                 raise self.miss("not_appendable", str(exc)) from exc
-            base: TokenChain | None = handle.chain
-            last = req.messages[-1] if req.messages else handle.last_message
-            self.counters.hits += 1
+            last = req.messages[-1] if req.messages else previous
+            if last is None:
+                raise self.miss("not_appendable", "a seeded prefix must be followed by a message")
         else:
             if not req.messages:
                 raise bad_request("`messages` must not be empty", param="messages")
             appended = render_full(req.ctx, req.messages)
-            base, last = None, req.messages[-1]
+            last = req.messages[-1]
             self.counters.full_renders += 1
         gen = self.encoder.generation_prompt if req.add_generation_prompt else []
         new = self.encoder.encode(appended.text + (GENERATION_PROMPT if gen else ""))
@@ -264,6 +282,36 @@ class Backend:
         )
         self.counters.stale_reuses += stale
         return handle
+
+    def _seeded(self, seed: Seed, pc: PromptCacheRequest, req: ChatRequest) -> tuple[TokenChain, bool]:
+        """The prefix an earlier turn's ids stand for, without rendering them: its prompt and output
+        followed by what the template puts after a message (`covers_output`), or its prompt without the
+        generation prompt. The caller vouches for the ids (they are what this model generated from and
+        generated under `pc.fingerprint`); what the template would not keep is a typed miss. Returns the
+        prefix and whether it ends inside the leading system block (it holds one message at most)."""
+        if pc.fingerprint != self.fingerprints[req.model]:
+            if self.settings.verify_handles:
+                raise self.miss("fingerprint_mismatch", "prompt_cache.fingerprint differs from the model's")
+            self.counters.stale_reuses += 1
+        encoder = self.encoder
+        prompt, output = seed.prompt_token_ids, seed.output_token_ids
+        if not (encoder.valid(prompt) and encoder.valid(output)):
+            raise bad_request("`prompt_cache.seed` holds ids outside the vocabulary", "prompt_cache.seed")
+        generation = encoder.generation_prompt
+        if seed.covers_output:
+            [end] = encoder.encode(IM_END)
+            [think] = encoder.encode(THINK_OPEN)
+            if not output or output[-1] != end:
+                raise self.miss("not_appendable", "the seeded output does not end its message")
+            if req.ctx.profile == "reasoning-trim" and think in output:
+                raise self.miss("not_appendable", "this template drops the seeded output's reasoning")
+            ids = [*prompt, *output, *encoder.encode("\n")]
+        else:
+            if prompt[len(prompt) - len(generation) :] != generation:
+                raise self.miss("not_appendable", "the seeded prompt does not end with the generation prompt")
+            ids = prompt[: len(prompt) - len(generation)]
+        [start] = encoder.encode(IM_START)
+        return TokenChain(None, ids), ids.count(start) <= 1
 
     # --- one turn ------------------------------------------------------------------------------
 
@@ -464,6 +512,7 @@ class Backend:
                     "max_model_len": self.settings.max_model_len,
                     "permission": [],
                     "prompt_cache": {
+                        "seed": True,
                         "epoch": self.epoch,
                         "fingerprint": self.fingerprints[model],
                         "fingerprint_parts": self.fingerprint_parts[model],

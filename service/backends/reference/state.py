@@ -93,7 +93,9 @@ class Handle:
     fingerprint: str  # the model's fingerprint when the handle's KV was computed
     chain: TokenChain
     system_open: bool  # the prefix ends inside the leading system block
-    last_message: Message  # the message the prefix ends with, for generation after an empty append
+    # The message the prefix ends with, for generation after an empty append (None for a seeded prefix,
+    # which holds ids only: it must be followed by at least one message).
+    last_message: Message | None
     expires_at: float
 
 
@@ -114,7 +116,7 @@ class HandleRegistry:
         fingerprint: str,
         chain: TokenChain,
         system_open: bool,
-        last_message: Message,
+        last_message: Message | None,
         now: float,
     ) -> Handle:
         handle = Handle(
