@@ -16,12 +16,13 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -97,6 +98,33 @@ class ChatReply:
     bytes_sent: int
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     cache_write_tokens: int = 0
+    # What the backend generated from and generated (`return_token_ids`), when it reported them.
+    prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None
+    # llm-d's session token: names the replica that served this turn (its KV lives there).
+    session_token: str | None = None
+
+
+SESSION_HEADER = "x-session-token"
+SESSION_COOKIE = "llm-d-session"
+
+
+def reply_session_token(headers: CIMultiDictProxy[str]) -> str | None:
+    """llm-d's session token from a reply: the `x-session-token` header (earlier llm-d) or the
+    `llm-d-session` cookie (current llm-d's session-affinity scorer)."""
+    if token := headers.get(SESSION_HEADER):
+        return token
+    for cookie in headers.getall("set-cookie", []):
+        name, _, rest = cookie.partition("=")
+        if name.strip() == SESSION_COOKIE:
+            return rest.split(";", 1)[0].strip() or None
+    return None
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    return None
 
 
 def parse_handle(data: Any) -> PromptCacheHandle | None:
@@ -154,6 +182,7 @@ def _model_info(card: dict[str, Any]) -> BackendModelInfo:
         epoch=extension.get("epoch"),
         backend_fingerprint=extension.get("fingerprint"),
         max_model_len=card.get("max_model_len"),
+        seeds=extension.get("seed") is True,
     )
 
 
@@ -162,7 +191,7 @@ class _Reply:
     """A backend response read whole."""
 
     status: int
-    headers: Mapping[str, str]
+    headers: CIMultiDictProxy[str]
     body: bytes
 
 
@@ -279,6 +308,8 @@ class ChatStream:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
+        self._prompt_ids: list[int] | None = None
+        self._output_ids: list[int] | None = None
 
     async def deltas(self) -> AsyncIterator[ChunkDelta]:
         try:
@@ -318,7 +349,11 @@ class ChatStream:
         self._digest = chunk.get("prompt_digest") or self._digest
         if chunk.get("prompt_cache"):
             self._handle = parse_handle(chunk["prompt_cache"])
+        # return_token_ids: the prompt's ids ride on the first chunk, the output's on each chunk.
+        self._prompt_ids = _token_ids(chunk.get("prompt_token_ids")) or self._prompt_ids
         for choice in chunk.get("choices") or []:
+            if (ids := _token_ids(choice.get("token_ids"))) is not None:
+                self._output_ids = [*(self._output_ids or []), *ids]
             self._finish_reason = choice.get("finish_reason") or self._finish_reason
             piece = choice.get("delta") or {}
             delta.reasoning += piece.get("reasoning_content") or piece.get("reasoning") or ""
@@ -359,6 +394,9 @@ class ChatStream:
             handle=self._handle,
             bytes_sent=self._bytes_sent,
             cache_write_tokens=cache_write,
+            prompt_token_ids=self._prompt_ids,
+            output_token_ids=self._output_ids,
+            session_token=reply_session_token(self._response.headers),
         )
 
 
@@ -504,6 +542,9 @@ class BackendClient:
             bytes_sent=len(payload),
             logprobs=list(logprobs),
             cache_write_tokens=cache_write,
+            prompt_token_ids=_token_ids(data.get("prompt_token_ids")),
+            output_token_ids=_token_ids(choice.get("token_ids")),
+            session_token=reply_session_token(response.headers),
         )
 
     async def open_chat_stream(

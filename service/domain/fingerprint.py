@@ -94,6 +94,8 @@ class BackendModelInfo:
     epoch: str | None
     backend_fingerprint: str | None
     max_model_len: int | None
+    # The backend continues a prompt from an earlier turn's token ids (`prompt_cache.seed`).
+    seeds: bool = False
 
 
 def backend_parts(backend: BackendModelInfo | None) -> dict[str, str | None]:
