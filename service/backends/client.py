@@ -286,32 +286,26 @@ class ChunkDelta:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
-class ChatStream:
-    """An open streaming completion: iterate for deltas, then `reply()` for the totals."""
+class EventStream:
+    """An open streamed reply of the backend: `events()` yields its chunks as parsed JSON; closing it
+    (which the iteration does when it ends) gives its connection slot back."""
 
     def __init__(
         self,
-        client: BackendClient,
-        model: str,
         response: aiohttp.ClientResponse,
         bytes_sent: int,
         started: float,
         release_slot: Callable[[], None],
     ) -> None:
-        self._client, self._model, self._response = client, model, response
+        self._response = response
         self._release_slot: Callable[[], None] | None = release_slot
         self._bytes_sent, self._started = bytes_sent, started
-        self._finish_reason: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._digest: str | None = response.headers.get("x-prompt-digest")
-        self._handle: PromptCacheHandle | None = None
-        self._text: list[str] = []
-        self._reasoning: list[str] = []
-        self._calls: dict[int, dict[str, Any]] = {}
-        self._prompt_ids: list[int] | None = None
-        self._output_ids: list[int] | None = None
 
-    async def deltas(self) -> AsyncIterator[ChunkDelta]:
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
         try:
             async for raw in self._response.content:
                 line = raw.strip()
@@ -320,7 +314,12 @@ class ChatStream:
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     break
-                yield self._feed(orjson.loads(data))
+                chunk = orjson.loads(data)
+                error = chunk.get("error")
+                if isinstance(error, dict):
+                    # vLLM reports a failure inside generation in band: an error object instead of a chunk.
+                    raise _failed("The model backend failed mid-stream.", str(error.get("message")))
+                yield chunk
         except TimeoutError:
             raise BackendTimeout("The model backend stopped answering mid-stream.") from None
         except aiohttp.ClientError as exc:
@@ -338,11 +337,36 @@ class ChatStream:
             observed.backend_seconds += time.perf_counter() - self._started
             self._started = 0.0
 
+
+class ChatStream(EventStream):
+    """An open streaming chat completion: iterate for deltas, then `reply()` for the totals."""
+
+    def __init__(
+        self,
+        client: BackendClient,
+        model: str,
+        response: aiohttp.ClientResponse,
+        bytes_sent: int,
+        started: float,
+        release_slot: Callable[[], None],
+    ) -> None:
+        super().__init__(response, bytes_sent, started, release_slot)
+        self._client, self._model = client, model
+        self._finish_reason: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._digest: str | None = response.headers.get("x-prompt-digest")
+        self._handle: PromptCacheHandle | None = None
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._prompt_ids: list[int] | None = None
+        self._output_ids: list[int] | None = None
+
+    async def deltas(self) -> AsyncIterator[ChunkDelta]:
+        async for chunk in self.events():
+            yield self._feed(chunk)
+
     def _feed(self, chunk: dict[str, Any]) -> ChunkDelta:
-        error = chunk.get("error")
-        if isinstance(error, dict):
-            # vLLM reports a failure inside generation in band: an error object instead of a chunk.
-            raise _failed("The model backend failed mid-stream.", str(error.get("message")))
         delta = ChunkDelta()
         if chunk.get("usage"):
             self._usage = chunk["usage"]
@@ -553,9 +577,17 @@ class BackendClient:
         """Send a streaming completion and check its status; a typed miss raises here, before any delta."""
         payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         started = time.perf_counter()
+        response = await self._open_stream("/v1/chat/completions", payload, headers or {})
+        # The stream gives the slot back when it is closed.
+        return ChatStream(self, str(body.get("model")), response, len(payload), started, self._slots.release)
+
+    async def _open_stream(
+        self, path: str, payload: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Take a slot and send; the error of a refused request raises here, with the slot given back."""
         await self._acquire()
         try:
-            response = await self._send("/v1/chat/completions", payload, headers or {})
+            response = await self._send(path, payload, headers)
             if response.status >= 400:
                 error_body = await response.read()
                 response.release()
@@ -563,8 +595,31 @@ class BackendClient:
         except BaseException:
             self._slots.release()
             raise
-        # The stream gives the slot back when it is closed.
-        return ChatStream(self, str(body.get("model")), response, len(payload), started, self._slots.release)
+        return response
+
+    async def forward(
+        self, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[dict[str, Any], int]:
+        """POST a client's OpenAI request as it is (the proxy's chat completions and completions): the
+        backend's JSON reply and the bytes sent."""
+        payload = orjson.dumps(body)
+        with in_backend():
+            response = await self._post(path, payload, headers)
+        self._raise_for_status(response.status, response.body)
+        try:
+            data = orjson.loads(response.body)
+        except orjson.JSONDecodeError:
+            raise BackendUnavailable("The model backend returned a malformed reply.") from None
+        if not isinstance(data, dict):
+            raise BackendUnavailable("The model backend returned a malformed reply.")
+        return data, len(payload)
+
+    async def forward_stream(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> EventStream:
+        """The streamed form of `forward`: the request is sent as it is (with `stream` set by the caller)."""
+        payload = orjson.dumps(body)
+        started = time.perf_counter()
+        response = await self._open_stream(path, payload, headers)
+        return EventStream(response, len(payload), started, self._slots.release)
 
     def _note_epoch(self, model: str, handle: PromptCacheHandle | None) -> None:
         """A handle from an epoch the cached /v1/models answer does not know: that answer is stale."""

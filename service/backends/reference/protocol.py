@@ -295,3 +295,46 @@ def parse_chat_request(body: Mapping[str, Any], profiles: Mapping[str, str]) -> 
         prompt_cache=_prompt_cache(body),
         sampling={**sampling, "seed": seed, "max_tokens": max_tokens},
     )
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A /v1/completions request: one prompt string, continued as plain text (no template)."""
+
+    model: str
+    prompt: str
+    cache_salt: str | None
+    seed: int | None
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+# OpenAI's default for completions, which vLLM follows.
+COMPLETION_MAX_TOKENS = 16
+
+
+def parse_completion_request(body: Mapping[str, Any], profiles: Mapping[str, str]) -> CompletionRequest:
+    model = resolve_model(body, profiles)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise bad_request("`prompt` must be a non-empty string (or a list of one)", param="prompt")
+    if (_opt(body, "n", int, "an integer") or 1) != 1:
+        raise bad_request("Only n=1 is supported by this server", param="n")
+    max_tokens = _opt(body, "max_tokens", int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
+    salt = _opt(body, "cache_salt", str, "a string")
+    stream = bool(_opt(body, "stream", bool, "a boolean"))
+    stream_options = _opt(body, "stream_options", dict, "an object")
+    return CompletionRequest(
+        model=model,
+        prompt=prompt,
+        cache_salt=salt,
+        seed=_opt(body, "seed", int, "an integer"),
+        max_tokens=COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
+        stream=stream,
+        include_usage=stream_options is not None and bool(stream_options.get("include_usage", True)),
+    )

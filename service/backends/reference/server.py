@@ -8,7 +8,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -17,16 +17,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service.backends.reference.config import ReferenceSettings
-from service.backends.reference.generate import Completion, complete, plan_reply
+from service.backends.reference.generate import Completion, GenerationSettings, complete, plan_reply
 from service.backends.reference.media import inline_remote_media
 from service.backends.reference.protocol import (
     ApiError,
     ChatRequest,
+    CompletionRequest,
     PromptCacheMiss,
     PromptCacheRequest,
     Seed,
     bad_request,
     parse_chat_request,
+    parse_completion_request,
     parse_json,
     render_inputs,
     resolve_model,
@@ -64,7 +66,7 @@ def json_response(body: object, status: int = 200, headers: Mapping[str, str] | 
 
 @dataclass
 class Counters:
-    requests: int = 0  # chat completions
+    requests: int = 0  # chat completions and completions
     tokenize_requests: int = 0  # /tokenize, /detokenize and render
     bytes_received: int = 0
     tokens_rendered: int = 0
@@ -134,6 +136,24 @@ class Turn:
     created_cache_tokens: int
     completion: Completion
     prompt_cache: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class TextTurn:
+    """One /v1/completions request: the prompt tokenized as it is, and its continuation."""
+
+    request: CompletionRequest
+    prompt_tokens: int
+    digest: str
+    cached_tokens: int
+    created_cache_tokens: int
+    completion: Completion
+
+
+# Plain text continues like a user message of no particular template.
+_TEXT_SETTINGS = GenerationSettings(
+    tools=(), tool_choice="none", parallel_tool_calls=False, response_format=None, seed=None, thinking=False
+)
 
 
 class Backend:
@@ -369,10 +389,30 @@ class Backend:
             "reused_tokens": prompt.base.count if prompt.base else 0,
         }
 
+    def run_completion(self, req: CompletionRequest) -> TextTurn:
+        """A text completion: the prompt is tokenized as sent, and continued deterministically."""
+        tokens = self.encoder.encode(req.prompt)
+        self.counters.tokens_rendered += len(tokens)
+        self._check_length(len(tokens), req.max_tokens)
+        digest = token_digest(tokens)
+        cached = self.prefix_cache.lookup(req.model, req.cache_salt, tokens)
+        block = self.prefix_cache.block_size
+        settings = replace(_TEXT_SETTINGS, seed=req.seed)
+        completion = complete(
+            plan_reply(digest, Message("user", req.prompt), settings), self.encoder, req.max_tokens
+        )
+        self.prefix_cache.insert(req.model, req.cache_salt, tokens + completion.token_ids[:-1])
+        self.counters.prompt_tokens += len(tokens)
+        self.counters.cached_tokens += cached
+        self.counters.completion_tokens += len(completion.token_ids)
+        created = max(0, len(tokens) // block * block - cached)
+        return TextTurn(req, len(tokens), digest, cached, created, completion)
+
     # --- replies -------------------------------------------------------------------------------
 
-    def usage(self, turn: Turn) -> dict[str, Any]:
-        prompt_tokens, completion_tokens = len(turn.prompt.tokens), len(turn.completion.token_ids)
+    def usage(self, turn: Turn | TextTurn) -> dict[str, Any]:
+        prompt_tokens = len(turn.prompt.tokens) if isinstance(turn, Turn) else turn.prompt_tokens
+        completion_tokens = len(turn.completion.token_ids)
         return {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -494,6 +534,55 @@ class Backend:
             yield event([], usage=self.usage(turn), **self.extension_fields(turn))
         else:
             yield event(finish, **self.extension_fields(turn))
+        yield b"data: [DONE]\n\n"
+
+    def text_completion_body(self, turn: TextTurn, completion_id: str) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "text": turn.completion.message().text,
+            "logprobs": None,
+            "finish_reason": turn.completion.finish_reason,
+            "stop_reason": None,
+            "prompt_logprobs": None,
+        }
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": turn.request.model,
+            "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": self.usage(turn),
+            "kv_transfer_params": None,
+            "prompt_digest": turn.digest,
+        }
+
+    async def text_stream(self, turn: TextTurn, completion_id: str) -> AsyncIterator[bytes]:
+        """text_completion chunks as vLLM streams them: the text in pieces, the finishing reason, then the
+        usage if asked for."""
+        head = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": turn.request.model,
+        }
+
+        def event(choices: list[dict[str, Any]], **top: Any) -> bytes:
+            return b"data: " + orjson.dumps({**head, "choices": choices, **top}) + b"\n\n"
+
+        def choice(text: str, finish: str | None = None) -> dict[str, Any]:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+
+        events, _ = turn.completion.stream_deltas(self.encoder, self.settings.stream_chunk_tokens)
+        for delta, _ids in events:
+            if delta.get("content"):
+                if self.faults.chunk_delay_ms:
+                    await asyncio.sleep(self.faults.chunk_delay_ms / 1000)
+                yield event([choice(delta["content"])])
+        yield event([choice("", turn.completion.finish_reason)])
+        if turn.request.include_usage:
+            yield event([], usage=self.usage(turn), prompt_digest=turn.digest)
         yield b"data: [DONE]\n\n"
 
     # --- other endpoints -----------------------------------------------------------------------
@@ -665,6 +754,20 @@ def create_app(settings: ReferenceSettings) -> FastAPI:
                 backend.stream(turn, completion_id), media_type="text/event-stream", headers=headers
             )
         return json_response(backend.completion_body(turn, completion_id), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        backend.counters.requests += 1
+        turn = backend.run_completion(
+            parse_completion_request(await backend.receive(request), backend.profiles)
+        )
+        cost_us = (turn.prompt_tokens - turn.cached_tokens) * settings.prefill_us_per_token
+        if cost_us > 0:
+            await asyncio.sleep(cost_us / 1e6)
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if turn.request.stream:
+            return StreamingResponse(backend.text_stream(turn, completion_id), media_type="text/event-stream")
+        return json_response(backend.text_completion_body(turn, completion_id))
 
     @app.post("/v1/chat/completions/render")
     async def render(request: Request) -> Response:
