@@ -39,6 +39,8 @@ class Tenant(Base):
     created_at: Mapped[float] = mapped_column(Double)
     # Days a response of this tenant lives; NULL: the service default (CONVSTATE_RESPONSE_TTL_DAYS).
     response_ttl_days: Mapped[float | None] = mapped_column(Double)
+    # Opted in to the replay cache: its requests use it unless they say otherwise.
+    replay_cache: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ApiKey(Base):
@@ -244,3 +246,31 @@ class Invalidation(Base):
     created_at: Mapped[float] = mapped_column(Double)
 
     __table_args__ = (Index("ix_invalidations_scope", "scope", "key", "created_at"),)
+
+
+class ReplayEntry(Base):
+    """One request of the replay cache, by tenant and canonical key: `pending` while the one process
+    that holds its lease asks the backend (everyone else waits for it), `ready` with the stored result."""
+
+    __tablename__ = "replay_cache"
+
+    tenant: Mapped[str] = mapped_column(Id, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(32))  # chat.completions | completions | responses
+    model: Mapped[str] = mapped_column(String(256))
+    # The backend's model fingerprint the result was produced under; a new one empties the model's entries.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # pending | ready
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[float | None] = mapped_column(Double)
+    # The canonical request (what the key hashes) and the backend's whole reply.
+    request: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Double)
+    expires_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (
+        Index("ix_replay_cache_model", "model", "fingerprint"),
+        Index("ix_replay_cache_created", "created_at"),
+    )

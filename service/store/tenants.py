@@ -28,6 +28,7 @@ class StoredTenant:
     cache_salt: str
     created_at: float
     response_ttl_days: float | None
+    replay_cache: bool = False
 
     @property
     def salt_id(self) -> str:
@@ -35,7 +36,7 @@ class StoredTenant:
         return xxhash.xxh3_64_hexdigest(self.cache_salt.encode())
 
 
-_COLUMNS = (Tenant.id, Tenant.cache_salt, Tenant.created_at, Tenant.response_ttl_days)
+_COLUMNS = (Tenant.id, Tenant.cache_salt, Tenant.created_at, Tenant.response_ttl_days, Tenant.replay_cache)
 
 
 def _new_salt() -> str:
@@ -51,11 +52,15 @@ class TenantStore:
         self._stale: set[str] = set()
 
     async def cache_salt(self, tenant: str) -> str:
+        return (await self.current(tenant)).cache_salt
+
+    async def current(self, tenant: str) -> StoredTenant:
+        """The tenant as last read (created on first use), read again after the feed says it changed."""
         cached = self._cached.get(tenant)
         if cached is None or tenant in self._stale:
             self._stale.discard(tenant)
             cached = self._cached[tenant] = await self._load_or_create(tenant)
-        return cached.cache_salt
+        return cached
 
     def response_ttl_seconds(self, tenant: str) -> float:
         """How long a new response of the tenant lives, as last read (the turn read it for its salt)."""
@@ -116,6 +121,12 @@ class TenantStore:
         """New responses of the tenant live this long (None: the service default); None if unknown."""
         reason = f"response_ttl_days={response_ttl_days}"
         return await self._change(tenant, {"response_ttl_days": response_ttl_days}, reason, actor, now)
+
+    async def set_replay_cache(
+        self, tenant: str, enabled: bool, *, actor: str, now: float
+    ) -> StoredTenant | None:
+        """The tenant's requests use the replay cache by default (or no longer); None if unknown."""
+        return await self._change(tenant, {"replay_cache": enabled}, f"replay_cache={enabled}", actor, now)
 
     async def rotate_salt(self, tenant: str, *, actor: str, reason: str, now: float) -> StoredTenant | None:
         """A new salt: the salt is a fingerprint part, so every handle of the tenant stops matching at
