@@ -469,6 +469,11 @@ def start_backend(**settings: object) -> Process:
 def start_service(database_url: str, backend_url: str, mode: str, **settings: object) -> Process:
     """`convstate serve`: one uvicorn process, settings from CONVSTATE_* like a deployment, with API keys
     on (so the figures include authentication) and a user key of tenant `bench` in `.api_key`."""
+    return launch_service(database_url, backend_url, mode, **settings).wait_ready()
+
+
+def launch_service(database_url: str, backend_url: str, mode: str, **settings: object) -> Process:
+    """`start_service` without waiting for it to be ready: start several at once, then wait for each."""
     api_key = provision_key(database_url, "bench", Role.USER, "bench")
     port = free_port()
     env = {
@@ -478,7 +483,7 @@ def start_service(database_url: str, backend_url: str, mode: str, **settings: ob
         **{f"CONVSTATE_{key.upper()}": str(value) for key, value in settings.items()},
     }
     args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    service = Process("service", args, env, port, "/readyz").wait_ready()
+    service = Process("service", args, env, port, "/readyz")
     service.api_key = api_key
     return service
 

@@ -10,24 +10,27 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import admin, conversations, errors, health, responses
+from service.api import admin, completions, conversations, errors, health, responses
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
 from service.logs import configure_logging
 from service.pipeline import Pipeline
+from service.proxy import Proxy
 from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
 from service.store.inspect import InspectStore
 from service.store.invalidations import InvalidationStore
 from service.store.keys import KeyStore
+from service.store.replay import ReplayStore
 from service.store.responses import ResponseStore
 from service.store.retention import RetentionStore
 from service.store.tenants import TenantStore
 from service.workers.artifacts import ArtifactQueue, ArtifactWriter
 from service.workers.invalidations import InvalidationWatcher
 from service.workers.reaper import reap_forever
+from service.workers.replay import purge_forever
 from service.workers.retention import retain_forever
 
 log = logging.getLogger("convstate")
@@ -60,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
         artifacts = ArtifactStore(engine)
         queue = ArtifactQueue(settings.artifact_queue_size)
         writer = ArtifactWriter(queue, artifacts, settings.artifact_batch)
+        replay = ReplayStore(engine)
         app.state.engine = engine
         app.state.pipeline = turns
         app.state.conversations = conversations
@@ -70,6 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.inspect = InspectStore(engine)
         app.state.retention = retention
         app.state.artifacts = artifacts
+        app.state.replay = replay
+        app.state.proxy = Proxy(settings, backend, tenants, replay)
         loop = asyncio.get_running_loop()
         workers = [
             loop.create_task(reap_forever(turns.responses, conversations, settings.reaper_interval)),
@@ -78,6 +84,9 @@ def create_app(settings: Settings) -> FastAPI:
                 retain_forever(retention, artifacts, settings.retention_interval, settings.retention_batch)
             ),
             loop.create_task(writer.run()),
+            loop.create_task(
+                purge_forever(replay, settings.replay_purge_interval, settings.replay_max_entries)
+            ),
         ]
         try:
             yield
@@ -100,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(responses.router)
     app.include_router(conversations.router)
+    app.include_router(completions.router)
     app.include_router(admin.router)
     return app
 

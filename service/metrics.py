@@ -43,3 +43,14 @@ append_safety_contradictions = Counter(
     "Prefix records invalidated because observed ids contradicted their safe-boundary claim",
     ["model"],
 )
+replay_requests = Counter(
+    "convstate_replay_requests_total",
+    "Requests through the replay cache by how they were answered: hit, coalesced (waited for an identical "
+    "request's call), miss, refresh, bypass, uncacheable, wait_timeout",
+    ["endpoint", "result"],
+)
+replay_removed = Counter(
+    "convstate_replay_removed_total",
+    "Replay-cache entries removed automatically: expired, evicted (size bound), fingerprint (model changed)",
+    ["reason"],
+)
