@@ -22,7 +22,7 @@ from service.backends.reference.config import ReferenceSettings
 from service.backends.reference.server import create_app as create_reference_app
 from service.serving import ServerThread
 from service.store.models import ReplayEntry
-from tests.conftest import Service, start_service
+from tests.conftest import Service, new_tenant, start_service
 
 MODEL = "ref-chatml"
 USE = {"x-convstate-cache": "use"}
@@ -70,6 +70,14 @@ def test_second_identical_request_is_a_hit(replay_service: Service, backend: Ser
     assert hit.choices[0].message.content == miss.choices[0].message.content
     assert hit.usage is not None and hit.usage.prompt_tokens_details is not None
     assert hit.usage.prompt_tokens_details.cached_tokens == hit.usage.prompt_tokens > 0
+
+
+def test_tenants_do_not_share_entries(replay_service: Service, backend: ServerThread) -> None:
+    messages = question()
+    chat(replay_service.openai(), messages)
+    other = new_tenant(replay_service.settings.database_url)
+    reply = chat(replay_service.openai(other.user_key), messages)
+    assert reply.headers["x-convstate-cache"] == "miss"
 
 
 def test_a_sampling_change_is_a_miss(replay_service: Service, backend: ServerThread) -> None:

@@ -86,6 +86,11 @@ def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
         ("POST", "/v1/conversations/{conversation_id}/items"): [Probe(items, 404)],
         ("GET", "/v1/conversations/{conversation_id}/items/{item_id}"): not_found,
         ("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}"): not_found,
+        # Take no id; their replay-cache entries are the caller's own (tests/test_e2e_replay.py).
+        ("POST", "/v1/chat/completions"): [
+            Probe({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, 200)
+        ],
+        ("POST", "/v1/completions"): [Probe({"model": MODEL, "prompt": "x"}, 200)],
         **{
             route: admin
             for route in [
