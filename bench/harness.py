@@ -130,13 +130,14 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3) if denominator else None
 
 
-_TIMING = re.compile(r'(\w+);dur=([0-9.]+)(?:;desc="(\d+) statements")?')
+_TIMING = re.compile(r'(\w+);dur=([0-9.]+)(?:;desc="(\d+) statements, (\d+) round trips")?')
 
 
 @dataclass(frozen=True, slots=True)
 class ServerTiming:
     db_ms: float
     statements: int
+    round_trips: int
     backend_ms: float
     total_ms: float
 
@@ -147,12 +148,13 @@ class ServerTiming:
 
 
 def parse_server_timing(header: str) -> ServerTiming:
-    parts = {name: (float(dur), desc) for name, dur, desc in _TIMING.findall(header)}
-    db, statements = parts.get("db", (0.0, "0"))
+    parts = {name: (float(dur), desc, trips) for name, dur, desc, trips in _TIMING.findall(header)}
+    db, statements, round_trips = parts.get("db", (0.0, "0", "0"))
     return ServerTiming(
         db_ms=db,
         statements=int(statements or 0),
-        backend_ms=parts.get("backend", (0.0, ""))[0],
+        round_trips=int(round_trips or 0),
+        backend_ms=parts.get("backend", (0.0, "", ""))[0],
         total_ms=parts["total"][0],
     )
 
@@ -520,6 +522,7 @@ class Turn:
     backend_ms: float = float("nan")
     db_ms: float = float("nan")
     statements: int = 0
+    round_trips: int = 0
     bytes_sent: int = 0
     decision: str = ""
     error: str | None = None
@@ -552,7 +555,11 @@ def measured_turn(
     if "server-timing" in headers:
         timing = parse_server_timing(headers["server-timing"])
         sample.overhead_ms, sample.backend_ms = timing.overhead_ms, timing.backend_ms
-        sample.db_ms, sample.statements = timing.db_ms, timing.statements
+        sample.db_ms, sample.statements, sample.round_trips = (
+            timing.db_ms,
+            timing.statements,
+            timing.round_trips,
+        )
     sample.bytes_sent = int(headers.get("x-convstate-bytes-sent", 0))
     sample.decision = headers.get("x-convstate-decision", "")
     if status != 200:

@@ -1,6 +1,9 @@
-"""Per-request accounting (time in the database, SQL statements, time waiting for the backend) and the
-request id, carried in a context variable so every layer can add to it, and every log line name the
-request, without passing it around. Rendered as Server-Timing."""
+"""Per-request accounting (time in the database, SQL statements and round trips, time waiting for the
+backend) and the request id, carried in a context variable so every layer can add to it, and every log
+line name the request, without passing it around. Rendered as Server-Timing.
+
+Statements and round trips are counted where they leave the process (store/db.py): on Postgres at the
+asyncpg protocol, so BEGIN, COMMIT and statement preparation count like any query."""
 
 from __future__ import annotations
 
@@ -27,12 +30,14 @@ class RequestStats:
     started: float = field(default_factory=time.perf_counter)
     db_seconds: float = 0.0
     sql_statements: int = 0
+    round_trips: int = 0
     backend_seconds: float = 0.0
 
     def server_timing(self) -> str:
         total = (time.perf_counter() - self.started) * 1000
         return (
-            f'db;dur={self.db_seconds * 1000:.3f};desc="{self.sql_statements} statements", '
+            f'db;dur={self.db_seconds * 1000:.3f};desc="{self.sql_statements} statements, '
+            f'{self.round_trips} round trips", '
             f"backend;dur={self.backend_seconds * 1000:.3f}, total;dur={total:.3f}"
         )
 
@@ -40,10 +45,12 @@ class RequestStats:
 current: ContextVar[RequestStats | None] = ContextVar("convstate_request_stats", default=None)
 
 
-def count_statement() -> None:
+def count_round_trip(statements: int) -> None:
+    """One exchange with the database that executed `statements` statements (0 for a prepare)."""
     stats = current.get()
     if stats is not None:
-        stats.sql_statements += 1
+        stats.round_trips += 1
+        stats.sql_statements += statements
 
 
 @contextmanager

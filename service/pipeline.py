@@ -2,15 +2,15 @@
 
 The story of a turn (`create` and `stream` below):
 
-1. **Prepare** (`_prepare`): in a conversation, take its turn lock; load the parent (the conversation's
-   head or `previous_response_id`) with its prefix record in one query; ask the backend client for the
+1. **Prepare** (`_prepare`): load the parent (`previous_response_id`, or in a conversation its head, read
+   while taking its turn lock) with its prefix record in one round trip; ask the backend client for the
    model's card and the tenant store for the salt; `domain.plan.plan_turn` (pure) then decides the path
    and builds the exact backend body and its fingerprint from one object.
 2. **Send** (`_send`): the plan's cache body (the handle plus the new messages) if it has one; on a typed
    miss, or without one, the full body from the stored history (one query); `truncation=auto` drops the
    oldest history until it fits. The fingerprint recorded is that of the body actually sent.
-3. **Persist** (`_write`): response, items, prefix record and the conversation append in one unit of
-   work, committed before the id is returned.
+3. **Persist** (`_write`): response, items, prefix record and the conversation append in one round trip
+   (store/turns.py), committed before the id is returned.
 
 A turn always ends. One answered whole is stored in one unit of work when it completes (nothing before:
 its id has not left the service). A streamed or background turn's row is inserted, in progress or
@@ -52,6 +52,7 @@ from service.errors import (
 from service.store.conversations import ConversationStore, ConversationTurn
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
+from service.store.turns import ConversationAppend, TurnStore
 from service.store.unit import unit_of_work
 from service.workers.background import BackgroundRunner
 from service.workers.canary import Canary
@@ -145,9 +146,8 @@ class PreparedTurn:
     plan: TurnPlan
     response_id: str
     created_at: float
-    conversation_version: int | None = None
-    # The conversation's length when the turn took its lock: the history it renders is what lies before.
-    conversation_start: int | None = None
+    # In a conversation: its state when the turn took the lock.
+    conversation: ConversationTurn | None = None
     # Its row was inserted before it ran (streamed and background turns): finishing moves it on.
     opened: bool = False
     # The history before this turn, once loaded (the full path).
@@ -156,6 +156,15 @@ class PreparedTurn:
     @property
     def decision(self) -> Decision:
         return self.plan.decision
+
+    @property
+    def conversation_version(self) -> int | None:
+        return self.conversation.version if self.conversation is not None else None
+
+    @property
+    def conversation_start(self) -> int | None:
+        """The conversation's length when the turn took its lock: the history it renders lies before."""
+        return self.conversation.next_position if self.conversation is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +260,7 @@ class Pipeline:
         self.settings = settings
         self.responses = responses
         self.conversations = conversations
+        self.turns = TurnStore(responses.engine, responses, conversations)
         self.tenants = tenants
         self.backend = backend
         self.canary = Canary(backend, responses, conversations)
@@ -332,17 +342,19 @@ class Pipeline:
         now = time.time()
         response_id = ids.new_id(ids.RESPONSE)
         if request.conversation_id is None:
-            return await self._load_and_plan(tenant, request, response_id, now, None)
-        conversation = await self.conversations.begin_turn(
+            parent = await self._previous(tenant, request, now)
+            return await self._plan(tenant, request, response_id, now, parent, None)
+        begun = await self.turns.begin(
             tenant, request.conversation_id, response_id, self.settings.turn_lease_seconds, now
         )
-        if conversation is None:
+        if begun is None:
             raise NotFound(
                 f"Conversation with id '{request.conversation_id}' not found.", param="conversation"
             )
+        conversation, parent = begun
         try:
             return await self._holding(
-                self._load_and_plan(tenant, request, response_id, now, conversation),
+                self._plan(tenant, request, response_id, now, parent, conversation),
                 tenant,
                 response_id,
                 request.conversation_id,
@@ -351,6 +363,28 @@ class Pipeline:
         except BaseException:
             await self._release(tenant, request.conversation_id, response_id)
             raise
+
+    async def _previous(self, tenant: str, request: TurnRequest, now: float) -> ParentTurn | None:
+        """The response named by `previous_response_id` (one of the connection's own unstored responses,
+        or a stored one): 400 if there is none to continue."""
+        if request.unstored_parent is not None:
+            if request.store:
+                raise InvalidRequest(
+                    f"Previous response with id '{request.previous_response_id}' was not stored "
+                    "(store=false), so a response continuing it cannot be stored: send store=false.",
+                    param="store",
+                )
+            return ParentTurn(request.unstored_parent.response, None)
+        if request.previous_response_id is None:
+            return None
+        parent = await self.turns.load_parent(tenant, request.previous_response_id, now)
+        if parent is None:
+            raise InvalidRequest(
+                f"Previous response with id '{request.previous_response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return parent
 
     @asynccontextmanager
     async def _releasing_on_failure(self, turn: PreparedTurn) -> AsyncIterator[None]:
@@ -361,34 +395,15 @@ class Pipeline:
             await self.release(turn)
             raise
 
-    async def _load_and_plan(
+    async def _plan(
         self,
         tenant: str,
         request: TurnRequest,
         response_id: str,
         now: float,
+        parent: ParentTurn | None,
         conversation: ConversationTurn | None,
     ) -> PreparedTurn:
-        parent: ParentTurn | None = None
-        conversation_version = conversation.version if conversation else None
-        if conversation is not None and conversation.head_response_id is not None:
-            parent = await self.responses.load_parent(tenant, conversation.head_response_id)
-        elif request.unstored_parent is not None:
-            if request.store:
-                raise InvalidRequest(
-                    f"Previous response with id '{request.previous_response_id}' was not stored "
-                    "(store=false), so a response continuing it cannot be stored: send store=false.",
-                    param="store",
-                )
-            parent = ParentTurn(request.unstored_parent.response, None)
-        elif request.previous_response_id is not None:
-            parent = await self.responses.load_parent(tenant, request.previous_response_id)
-            if parent is None:
-                raise InvalidRequest(
-                    f"Previous response with id '{request.previous_response_id}' not found.",
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                )
         plan = plan_turn(
             TurnInputs(
                 render=RenderInputs(
@@ -404,7 +419,7 @@ class Pipeline:
                 parent=_parent_state(parent),
                 has_parent=parent is not None,
                 invalidated_since=self.invalidations.invalidated_since(tenant, parent),
-                conversation_version=conversation_version,
+                conversation_version=conversation.version if conversation is not None else None,
                 now=now,
                 canary=random.random() < self.settings.canary_fraction,
             )
@@ -416,8 +431,7 @@ class Pipeline:
             plan=plan,
             response_id=response_id,
             created_at=now,
-            conversation_version=conversation_version,
-            conversation_start=conversation.next_position if conversation else None,
+            conversation=conversation,
         )
 
     # --- forward ------------------------------------------------------------------------------------
@@ -531,28 +545,19 @@ class Pipeline:
         from in progress), items and prefix record, and in a conversation the append that moves its head
         and frees its lock (a failed turn only frees it). LeaseLost if the open row was finalized
         elsewhere meanwhile (nothing is written then)."""
-        write = self._turn_write(turn, response, prefix)
-        conversation_id = turn.request.conversation_id
-        async with unit_of_work(self.responses.engine) as uow:
-            if not turn.opened:
-                await self.responses.write_turn(uow, write)
-            elif not await self.responses.finish(uow, write):
-                raise LeaseLost()
-            if conversation_id is None:
-                return
-            if response.status == "failed":
-                await self.conversations.release_turn(uow, turn.tenant, conversation_id, turn.response_id)
-                return
-            item_ids = [item["id"] for item in (*turn.request.input, *response.output)]
-            await self.conversations.finish_turn(
-                uow, turn.tenant, conversation_id, turn.response_id, item_ids
+        conversation = None
+        if turn.conversation is not None and turn.request.conversation_id is not None:
+            joins = response.status != "failed"
+            conversation = ConversationAppend(
+                turn.request.conversation_id, turn.conversation.next_position, joins
             )
+        await self.turns.write(self._turn_write(turn, response, prefix), conversation, opened=turn.opened)
 
     async def _open(self, turn: PreparedTurn, status: str) -> StoredResponse:
         """Insert the turn's row (with its input and a lease) before its id leaves the service."""
         response = self._response(turn, status, [], None)
         lease = time.time() + self.settings.turn_lease_seconds
-        await self.responses.open_turn(self._turn_write(turn, response, None), lease)
+        await self.turns.open(self._turn_write(turn, response, None), lease)
         turn.opened = True
         return response
 

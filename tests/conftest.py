@@ -140,11 +140,19 @@ def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
         yield client
 
 
+_DB_TIMING = re.compile(r'db;dur=[0-9.]+;desc="(\d+) statements, (\d+) round trips"')
+
+
 def sql_statements(headers: Mapping[str, str]) -> int:
     """The SQL statements a request ran, from its Server-Timing header."""
-    match = re.search(r'db;dur=[0-9.]+;desc="(\d+) statements"', headers["server-timing"])
+    return db_counts(headers)[0]
+
+
+def db_counts(headers: Mapping[str, str]) -> tuple[int, int]:
+    """(statements, round trips) of a request, from its Server-Timing header."""
+    match = _DB_TIMING.search(headers["server-timing"])
     assert match, headers["server-timing"]
-    return int(match.group(1))
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,10 @@ class ThrowawayCluster:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
             f"-c synchronous_commit={'on' if self._crash_safe else 'off'} -c full_page_writes=off "
-            "-c max_connections=200"
+            "-c max_connections=200 "
+            # What the database really executes (tests/test_e2e_turn_cost.py, bench/): every statement,
+            # foreign-key checks and BEGIN/COMMIT included.
+            "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
         )
         self._run(
             str(self.bindir / "pg_ctl"),

@@ -60,7 +60,7 @@ async def test_history_is_ordered_and_branches_see_only_their_lineage(engine: As
 async def test_parent_with_record_and_output_is_one_round_trip(engine: AsyncEngine) -> None:
     store, tenant = ResponseStore(engine), uuid.uuid4().hex
     root = await _turn(store, tenant, None, "a")
-    counter = StatementCounter(engine)
+    counter = StatementCounter()
     try:
         parent = await store.load_parent(tenant, root.id)
         assert counter.count == 1
@@ -74,7 +74,7 @@ async def test_parent_with_record_and_output_is_one_round_trip(engine: AsyncEngi
 
 async def test_writing_and_rebuilding_do_not_grow_with_depth(engine: AsyncEngine) -> None:
     store, tenant = ResponseStore(engine), uuid.uuid4().hex
-    counter = StatementCounter(engine)
+    counter = StatementCounter()
     try:
         counts: list[int] = []
         rebuild: list[int] = []

@@ -75,7 +75,7 @@ async def test_the_hit_path_is_one_statement(engine: AsyncEngine) -> None:
     store = ReplayStore(engine)
     claim = new_claim(tenant())
     await ready(store, claim)
-    counter = StatementCounter(engine)
+    counter = StatementCounter()
     try:
         assert await store.find(claim.tenant, claim.key) is not None
         assert counter.count == 1

@@ -348,6 +348,13 @@ class ConversationStore:
         return ConversationTurn(*row)
 
     @db_call
+    async def refuse_turn(self, tenant: str, conversation_id: str, now: float) -> None:
+        """Why a turn could not take the lock: conversation_locked if a live turn holds it; returns if the
+        conversation is unknown (or was freed meanwhile)."""
+        async with self._reads.connect() as conn:
+            await _known(conn, tenant, conversation_id, now)
+
+    @db_call
     async def renew_turn(
         self, tenant: str, conversation_id: str, response_id: str, lock_expires_at: float
     ) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 import orjson
@@ -12,8 +13,48 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from service import observe
 
 
-def _count_statement(*_args: Any) -> None:
-    observe.count_statement()
+class _CountingProtocol:
+    """Stands in front of an asyncpg connection's protocol and counts every exchange with the server in
+    the current request's stats: each query, BEGIN and COMMIT (one statement each), each executemany
+    (one round trip, one statement per row), each statement prepared or closed (a round trip, no
+    statement). Everything else is the protocol's own."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol, name)
+
+    def bind_execute(self, *args: Any, **kwargs: Any) -> Any:
+        observe.count_round_trip(1)
+        return self._protocol.bind_execute(*args, **kwargs)
+
+    def bind_execute_many(self, *args: Any, **kwargs: Any) -> Any:
+        rows = kwargs["args"] if "args" in kwargs else args[1]
+        observe.count_round_trip(len(rows) if isinstance(rows, Sized) else 1)
+        return self._protocol.bind_execute_many(*args, **kwargs)
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        observe.count_round_trip(1)
+        return self._protocol.query(*args, **kwargs)
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        observe.count_round_trip(0)
+        return self._protocol.prepare(*args, **kwargs)
+
+    def close_statement(self, *args: Any, **kwargs: Any) -> Any:
+        observe.count_round_trip(0)
+        return self._protocol.close_statement(*args, **kwargs)
+
+
+def _count_asyncpg(dbapi_connection: Any, _record: Any) -> None:
+    driver = dbapi_connection.driver_connection
+    driver._protocol = _CountingProtocol(driver._protocol)
+
+
+def _count_sqlite(*_args: Any) -> None:
+    """SQLite runs in-process: every statement is one call into the driver's thread."""
+    observe.count_round_trip(1)
 
 
 def _json_text(value: Any) -> str:
@@ -40,6 +81,8 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
+        event.listen(engine.sync_engine, "before_cursor_execute", _count_sqlite)
+
     else:
         engine = create_async_engine(
             url_text,
@@ -51,29 +94,31 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             **_JSON_CODEC,
             connect_args={"server_settings": {"application_name": "convstate"}},
         )
-    event.listen(engine.sync_engine, "before_cursor_execute", _count_statement)
+        event.listen(engine.sync_engine, "connect", _count_asyncpg)
     return engine
 
 
 class StatementCounter:
-    """Counts SQL statements sent on an engine (executemany counts once: one round trip)."""
+    """Counts the statements and round trips the current task sends to any database, as a request's
+    Server-Timing does (for tests)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.count = 0
-        self.statements: list[str] = []
-        self._engine = engine
-        event.listen(engine.sync_engine, "before_cursor_execute", self._on_execute)
+    def __init__(self) -> None:
+        self._stats = observe.RequestStats()
+        self._token = observe.current.set(self._stats)
 
-    def _on_execute(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        self.count += 1
-        self.statements.append(statement)
+    @property
+    def count(self) -> int:
+        return self._stats.sql_statements
+
+    @property
+    def round_trips(self) -> int:
+        return self._stats.round_trips
 
     def reset(self) -> None:
-        self.count = 0
-        self.statements.clear()
+        self._stats.sql_statements = self._stats.round_trips = 0
 
     def close(self) -> None:
-        event.remove(self._engine.sync_engine, "before_cursor_execute", self._on_execute)
+        observe.current.reset(self._token)
 
 
 def autocommit(engine: AsyncEngine) -> AsyncEngine:

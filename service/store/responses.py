@@ -126,7 +126,7 @@ class Reaped:
     conversation_id: str | None
 
 
-_RESPONSE_COLUMNS = (
+RESPONSE_COLUMNS = (
     Response.id,
     Response.tenant,
     Response.model,
@@ -146,7 +146,7 @@ _RESPONSE_COLUMNS = (
     Response.lineage_root,
     Response.conversation_start,
 )
-_PREFIX_COLUMNS = (
+PREFIX_COLUMNS = (
     PrefixRecord.status,
     PrefixRecord.fingerprint_parts,
     PrefixRecord.handle_ref,
@@ -159,8 +159,8 @@ _PREFIX_COLUMNS = (
     PrefixRecord.conversation_version,
     PrefixRecord.created_at,
 )
-_N_RESPONSE = len(_RESPONSE_COLUMNS)
-_N_PREFIX = len(_PREFIX_COLUMNS)
+_N_RESPONSE = len(RESPONSE_COLUMNS)
+_N_PREFIX = len(PREFIX_COLUMNS)
 
 
 def _live_response(tenant: str, response_id: str, now: float) -> Any:
@@ -177,7 +177,7 @@ def _live_response(tenant: str, response_id: str, now: float) -> Any:
 def _response_with_output(*extra: Any) -> Select[Any]:
     """Response columns, `extra` columns, then its output items (one row per item, or one NULL row)."""
     return (
-        select(*_RESPONSE_COLUMNS, *extra, Item.payload)
+        select(*RESPONSE_COLUMNS, *extra, Item.payload)
         .select_from(Response)
         .outerjoin(Item, and_(Item.response_id == Response.id, Item.segment == OUTPUT_SEGMENT))
         .order_by(Item.position)
@@ -194,7 +194,7 @@ _LIVE_BY_ID = and_(
     Response.store.is_(True),
 )
 _PARENT = (
-    _response_with_output(*_PREFIX_COLUMNS)
+    _response_with_output(*PREFIX_COLUMNS)
     .outerjoin(PrefixRecord, PrefixRecord.response_id == Response.id)
     .where(_LIVE_BY_ID)
 )
@@ -279,20 +279,19 @@ class ResponseStore:
     async def _insert(conn: AsyncConnection, turn: TurnWrite, lease_expires_at: float | None) -> None:
         response = turn.response
         now = response.completed_at or response.created_at
-        values = {column.key: getattr(response, column.key) for column in _RESPONSE_COLUMNS}
-        values.update(expires_at=turn.expires_at, lease_expires_at=lease_expires_at)
+        values = response_row(turn, lease_expires_at)
         item_rows = [
-            _item_row(response, INPUT_SEGMENT, position, item, now)
+            item_row(response, INPUT_SEGMENT, position, item, now)
             for position, item in enumerate(turn.input_items)
         ] + [
-            _item_row(response, OUTPUT_SEGMENT, position, item, now)
+            item_row(response, OUTPUT_SEGMENT, position, item, now)
             for position, item in enumerate(turn.output_items)
         ]
         await conn.execute(_INSERT_RESPONSE, values)
         if item_rows:
             await conn.execute(_INSERT_ITEMS, item_rows)
         if turn.prefix is not None:
-            await conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix))
+            await conn.execute(_INSERT_PREFIX, prefix_row(response, turn.prefix))
 
     @db_call
     async def open_turn(self, turn: TurnWrite, lease_expires_at: float) -> None:
@@ -348,11 +347,11 @@ class ResponseStore:
         if not result.rowcount:
             return False
         now = response.completed_at or response.created_at
-        rows = [_item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)]
+        rows = [item_row(response, OUTPUT_SEGMENT, i, item, now) for i, item in enumerate(turn.output_items)]
         if rows:
             await uow.conn.execute(_INSERT_ITEMS, rows)
         if turn.prefix is not None:
-            await uow.conn.execute(_INSERT_PREFIX, _prefix_row(response, turn.prefix))
+            await uow.conn.execute(_INSERT_PREFIX, prefix_row(response, turn.prefix))
         return True
 
     @db_call
@@ -477,7 +476,20 @@ class ResponseStore:
         return len(rows) > limit, [row.payload for row in rows[:limit]]
 
 
-def _prefix_row(response: StoredResponse, prefix: PrefixWrite) -> dict[str, Any]:
+def response_row(turn: TurnWrite, lease_expires_at: float | None) -> dict[str, Any]:
+    """Every column of a new response's row."""
+    response = turn.response
+    row = {column.key: getattr(response, column.key) for column in RESPONSE_COLUMNS}
+    row.update(
+        expires_at=turn.expires_at,
+        lease_expires_at=lease_expires_at,
+        cancel_requested=False,
+        deleted_at=None,
+    )
+    return row
+
+
+def prefix_row(response: StoredResponse, prefix: PrefixWrite) -> dict[str, Any]:
     row = {key: getattr(prefix, key) for key in PrefixWrite.__slots__}
     # A record is as old as the decision it was built on (the turn's start), not its commit: an
     # invalidation made while the turn ran must cover the handle that turn continued.
@@ -487,7 +499,7 @@ def _prefix_row(response: StoredResponse, prefix: PrefixWrite) -> dict[str, Any]
     return row
 
 
-def _item_row(
+def item_row(
     response: StoredResponse, segment: int, position: int, item: ItemPayload, now: float
 ) -> dict[str, Any]:
     return {
