@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -139,3 +140,54 @@ async def test_turn_is_all_or_nothing(engine: AsyncEngine) -> None:
     with pytest.raises(IntegrityError):
         await _write(store, TurnWrite(duplicate, time.time() + 60, [], turn.output, prefix_write()))
     assert await store.get(tenant, duplicate.id) is None
+
+
+async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEngine) -> None:
+    """On Postgres the history walks its lineage and reads each ancestor's items by index: the buffers it
+    touches follow the history, not the size of the items table (joined, Postgres scanned all of it)."""
+    store, tenant = ResponseStore(pg_engine), uuid.uuid4().hex
+    leaf = None
+    for word in ("a", "b", "c"):
+        leaf = await _turn(store, tenant, leaf, word)
+    assert leaf is not None
+    async with pg_engine.connect() as conn:
+        # Other turns: 1,500 responses of two items each.
+        await conn.execute(
+            text(
+                "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
+                " cancel_requested, created_at, expires_at)"
+                " SELECT :tenant || g, :tenant, 'm', 'completed', 0, '{}', true, false, false, 0, 1e12"
+                " FROM generate_series(1, 1500) g"
+            ),
+            {"tenant": tenant},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO items (id, tenant, response_id, segment, position, type, payload, created_at)"
+                " SELECT :tenant || g || '.' || s, :tenant, :tenant || g, s, 0, 'message',"
+                " jsonb_build_object('text', repeat('x', 200)), 0"
+                " FROM generate_series(1, 1500) g, generate_series(0, 1) s"
+            ),
+            {"tenant": tenant},
+        )
+        await conn.execute(text("ANALYZE responses, items"))
+        pages = (
+            await conn.execute(text("SELECT relpages FROM pg_class WHERE relname = 'items'"))
+        ).scalar_one()
+        await conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        await conn.execute(text("SELECT pg_stat_statements_reset()"))
+        await conn.commit()
+    for _ in range(2):
+        assert _texts(await store.history(tenant, leaf.id)) == ["a", "re: a", "b", "re: b", "c", "re: c"]
+    async with pg_engine.connect() as conn:
+        calls, blocks = (
+            await conn.execute(
+                text(
+                    "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
+                    " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    " AND query LIKE '%WITH RECURSIVE lineage%' AND query NOT LIKE '%invalidations%'"
+                )
+            )
+        ).one()
+    assert calls == 2 and pages >= 40
+    assert blocks / calls < 30, (blocks, pages)

@@ -1,11 +1,12 @@
-"""Responses, their items and prefix records: every SQL statement of a turn lives here.
+"""Responses, their items and prefix records.
 
-Round trips per turn are fixed: the parent with its prefix record and output items is one query, the
-history (full path only) is one recursive query, and writing a turn is one transaction of three inserts,
-whatever the depth of the conversation. A streamed or background turn's row is inserted first (in
-progress, with a lease its runner renews) and moved on to its final status by one conditional UPDATE in
-the transaction that adds its output and prefix record; the reaper and cancel are conditional UPDATEs
-too, so of two racing writers exactly one wins and the other learns it.
+Round trips are fixed whatever the depth of the conversation: the parent with its prefix record and
+output items is one query, the history (full path only) is one query, and writing a turn is one
+transaction of three inserts. On Postgres a turn's own read and write go through store/turns.py instead
+(one statement each); the statements here are SQLite's, and every other reader's and writer's. A
+streamed or background turn's row is inserted first (in progress, with a lease its runner renews) and
+moved on to its final status by one conditional UPDATE with its output and prefix record; the reaper and
+cancel are conditional UPDATEs too, so of two racing writers exactly one wins and the other learns it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    true,
     tuple_,
     union_all,
     update,
@@ -199,6 +201,51 @@ _PARENT = (
     .where(_LIVE_BY_ID)
 )
 _RESPONSE = _response_with_output().where(_LIVE_BY_ID)
+
+
+def _history(*, lookup: bool) -> Select[Any]:
+    """The items of a lineage in history order: its responses walked up from `response_id`, then their
+    items. With `lookup` (Postgres), every ancestor and every ancestor's items are read by an index
+    lookup of their own (LATERAL, with LIMIT and ORDER BY so Postgres cannot flatten them into joins),
+    so the cost follows the history. Left to plain joins, Postgres hashes a small table's scan at each
+    step of the walk and again for the items: a cost of depth times everything stored."""
+    columns = (Response.id, Response.previous_response_id, Response.depth)
+    start = select(*columns).where(
+        Response.id == bindparam("response_id"), Response.tenant == bindparam("tenant")
+    )
+    lineage = start.cte("lineage", recursive=True)
+    if not lookup:
+        lineage = lineage.union_all(
+            select(*columns).join(lineage, Response.id == lineage.c.previous_response_id)
+        )
+        return (
+            select(Item.response_id, Item.segment, Item.payload)
+            .join(lineage, Item.response_id == lineage.c.id)
+            .order_by(lineage.c.depth, Item.segment, Item.position)
+        )
+    parent = (
+        select(*columns)
+        .where(Response.id == lineage.c.previous_response_id)
+        .limit(literal_column("1"))
+        .lateral("parent")
+    )
+    lineage = lineage.union_all(select(*parent.c).select_from(lineage).join(parent, true()))
+    own = (
+        select(Item.segment, Item.position, Item.payload)
+        .where(Item.response_id == lineage.c.id)
+        .order_by(Item.segment, Item.position)
+        .lateral("own")
+    )
+    return (
+        select(lineage.c.id, own.c.segment, own.c.payload)
+        .select_from(lineage)
+        .join(own, true())
+        .order_by(lineage.c.depth, own.c.segment, own.c.position)
+    )
+
+
+_HISTORY_BY_LOOKUP = _history(lookup=True)
+_HISTORY_BY_JOIN = _history(lookup=False)
 _INSERT_RESPONSE = insert(Response)
 _INSERT_ITEMS = insert(Item)
 _INSERT_PREFIX = insert(PrefixRecord)
@@ -212,6 +259,7 @@ class ResponseStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._reads = autocommit(engine)
+        self._postgres = engine.dialect.name == "postgresql"
 
     @db_call
     async def load_parent(self, tenant: str, response_id: str) -> ParentTurn | None:
@@ -245,23 +293,12 @@ class ResponseStore:
 
     @db_call
     async def history(self, tenant: str, response_id: str) -> list[tuple[bool, list[ItemPayload]]]:
-        """Every segment of the lineage ending at `response_id`, oldest first: one recursive query."""
-        lineage = (
-            select(Response.id, Response.previous_response_id, Response.depth)
-            .where(Response.id == response_id, Response.tenant == tenant)
-            .cte("lineage", recursive=True)
-        )
-        parent = select(Response.id, Response.previous_response_id, Response.depth).join(
-            lineage, Response.id == lineage.c.previous_response_id
-        )
-        lineage = lineage.union_all(parent)
-        query = (
-            select(Item.response_id, Item.segment, Item.payload)
-            .join(lineage, Item.response_id == lineage.c.id)
-            .order_by(lineage.c.depth, Item.segment, Item.position)
-        )
+        """Every segment of the lineage ending at `response_id`, oldest first: one query, whose cost
+        follows the items it returns (the walk is one index lookup per ancestor, and so are its items)."""
+        query = _HISTORY_BY_LOOKUP if self._postgres else _HISTORY_BY_JOIN
+        params = {"response_id": response_id, "tenant": tenant}
         async with self._reads.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query, params)).all()
         segments: list[tuple[bool, list[ItemPayload]]] = []
         current: tuple[str, int] | None = None
         for response_ref, segment, payload in rows:
