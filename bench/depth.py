@@ -1,22 +1,45 @@
-"""Per-turn cost against conversation depth: one conversation of N turns in each backend mode.
+"""Per-turn cost against conversation depth: one conversation of N sequential turns per pass.
 
-    python -m bench.depth [--turns 200] [--modes full,cache_ref]
+    python -m bench.depth [--turns 200] [--modes full,cache_ref] [--lineages chain,conversation]
+                          [--baseline REV] [--direct] [--target NAME=URL ...]
 
-For every turn it records the service overhead (Server-Timing total - backend), SQL statements, bytes
-posted to the backend, prompt tokens the backend had to render (delta of its /stats tokens_rendered),
-and the decision. The service, the reference backend and Postgres each run in their own process; turns
-are sequential, through the official openai SDK, so nothing else competes for the CPU.
+A pass is one target, backend mode and lineage: a chain of `previous_response_id` or a `conversation`.
+Targets, all on the same reference backend and measured in the same run:
+
+- convstate as checked out (`convstate`), in every mode and lineage;
+- `--baseline REV`: convstate at another revision (`git archive`, its own migrations), the same passes,
+  interleaved with the current ones so both see the same machine;
+- `--direct`: no state service, the client sends the whole history to the backend's chat completions
+  itself (the floor any Responses server adds to);
+- `--target NAME=URL`: any other Responses server (`URL` its base, with `/v1`), pointed by its operator
+  at the reference backend this run starts (its URL is printed and in the summary; start it with
+  `--backend-port`), chains only unless it serves conversations.
+
+For every turn it records the end-to-end time and, from convstate's Server-Timing, the service overhead
+(total - backend), database time, statements and round trips; bytes posted to the backend, prompt
+tokens the backend rendered, the decision. Per pass: what Postgres itself executed per turn
+(pg_stat_statements: foreign-key checks, BEGIN and COMMIT included), CPU per turn of each process, and
+how busy the machine was (load average, CPU of other processes). Ratios within one run are what counts
+on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import statistics
+import subprocess
+import tarfile
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,7 +51,35 @@ from bench.harness import Turn
 
 NAME = "depth"
 MODES = ("full", "cache_ref")
-WARMUP_TURNS = 5  # a separate conversation first, so statement compilation and pool growth are not measured
+LINEAGES = ("chain", "conversation")
+WARMUP_TURNS = 5  # a separate conversation first, so statement preparation and pool growth are not measured
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where turns go: a convstate service started from `source` (None: this checkout), the backend
+    directly (`direct`), or an external Responses server at `url`."""
+
+    name: str
+    source: Path | None = None
+    url: str | None = None
+    direct: bool = False
+
+    @property
+    def convstate(self) -> bool:
+        return self.url is None and not self.direct
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    target: Target
+    mode: str  # the backend mode of a convstate target; "-" otherwise
+    lineage: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.name}/{self.mode}/{self.lineage}"
 
 
 def _window(samples: Sequence[Turn], first: int, last: int, attribute: str) -> float:
@@ -36,124 +87,232 @@ def _window(samples: Sequence[Turn], first: int, last: int, attribute: str) -> f
     return statistics.median(values) if values else float("nan")
 
 
-def run_mode(
-    database_url: str,
-    mode: str,
+# --- drivers: one turn of a lineage, whatever answers it -------------------------------------------
+
+
+Driver = Callable[[int, int], Turn]
+
+
+def responses_driver(base_url: str, api_key: str, lineage: str, max_output_tokens: int) -> Driver:
+    """Turns of one lineage per conversation index through the openai SDK (a Responses server)."""
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=120)
+    state: dict[int, str] = {}
+
+    def one(conversation: int, turn: int) -> Turn:
+        continuation: dict[str, Any] = {}
+        if lineage == "conversation":
+            if conversation not in state:
+                state[conversation] = client.conversations.create().id
+            continuation["conversation"] = state[conversation]
+        elif conversation in state:
+            continuation["previous_response_id"] = state[conversation]
+        start = time.perf_counter()
+        raw = client.responses.with_raw_response.create(
+            model=harness.MODEL,
+            instructions=harness.INSTRUCTIONS,
+            input=harness.turn_text(conversation, turn),
+            max_output_tokens=max_output_tokens,
+            **continuation,
+        )
+        response = raw.parse()
+        elapsed = (time.perf_counter() - start) * 1000
+        if lineage == "chain":
+            state[conversation] = response.id
+        return harness.measured_turn(conversation, turn, 0.0, elapsed, raw.status_code, raw.headers)
+
+    return one
+
+
+def direct_driver(backend_url: str, max_output_tokens: int) -> Driver:
+    """The client keeps the history and sends it whole to the backend's chat completions every turn."""
+    client = httpx.Client(base_url=backend_url, timeout=120)
+    histories: dict[int, list[dict[str, str]]] = {}
+
+    def one(conversation: int, turn: int) -> Turn:
+        messages = histories.setdefault(conversation, [{"role": "system", "content": harness.INSTRUCTIONS}])
+        messages.append({"role": "user", "content": harness.turn_text(conversation, turn)})
+        body = {"model": harness.MODEL, "messages": messages, "max_tokens": max_output_tokens}
+        start = time.perf_counter()
+        reply = client.post("/v1/chat/completions", json=body)
+        elapsed = (time.perf_counter() - start) * 1000
+        sample = Turn(conversation, turn, 0.0, elapsed, reply.status_code)
+        sample.bytes_sent = len(reply.request.content)
+        if reply.status_code != 200:
+            sample.error = reply.text[:300]
+            return sample
+        messages.append({"role": "assistant", "content": reply.json()["choices"][0]["message"]["content"]})
+        return sample
+
+    return one
+
+
+# --- one pass --------------------------------------------------------------------------------------
+
+
+def run_pass(
+    run: Pass,
+    server_url: str,
+    backend: harness.Process,
     turns: int,
     max_output_tokens: int,
     record_profile: Path | None,
     postmaster: int | None,
 ) -> tuple[list[Turn], dict[str, Any]]:
-    """The samples of one conversation, and the CPU the processes spent on it."""
+    """The samples of one conversation, and what the pass cost (CPU, machine, database statements)."""
+    if run.target.direct:
+        return _measure(direct_driver(backend.url, max_output_tokens), backend, None, turns, postmaster)
+    if run.target.url is not None:
+        key = os.environ.get("BENCH_TARGET_API_KEY", "")
+        driver = responses_driver(run.target.url, key, run.lineage, max_output_tokens)
+        return _measure(driver, backend, None, turns, postmaster)
     with (
-        harness.start_backend() as backend,
-        harness.start_service(database_url, backend.url, mode) as service,
+        harness.fresh_database(server_url, source=run.target.source) as database_url,
+        harness.launch_service_from(
+            run.target.source, database_url, backend.url, run.mode, {}
+        ).wait_ready() as service,
     ):
-        client = openai.OpenAI(
-            base_url=f"{service.url}/v1", api_key=service.api_key, max_retries=0, timeout=120
-        )
-
-        def one(conversation: int, turn: int, previous: str | None) -> tuple[Turn, str]:
-            start = time.perf_counter()
-            raw = client.responses.with_raw_response.create(
-                model=harness.MODEL,
-                instructions=harness.INSTRUCTIONS,
-                input=harness.turn_text(conversation, turn),
-                previous_response_id=previous,
-                max_output_tokens=max_output_tokens,
-            )
-            response = raw.parse()
-            elapsed = (time.perf_counter() - start) * 1000
-            sample = harness.measured_turn(conversation, turn, 0.0, elapsed, raw.status_code, raw.headers)
-            return sample, response.id
-
-        previous: str | None = None
-        for turn in range(1, WARMUP_TURNS + 1):
-            _, previous = one(0, turn, previous)
-
-        samples: list[Turn] = []
-        previous = None
-        before = harness.backend_stats(backend.url)["tokens_rendered"]
+        driver = responses_driver(f"{service.url}/v1", service.api_key, run.lineage, max_output_tokens)
         recorder = profile.Recorder(service.pid, record_profile) if record_profile else None
-        meter = harness.CpuMeter({"service": service.pid, "backend": backend.pid}, postmaster)
-        for turn in range(1, turns + 1):
-            sample, previous = one(1, turn, previous)
-            after = harness.backend_stats(backend.url)["tokens_rendered"]
-            sample.rendered_tokens = after - before
-            samples.append(sample)
-            before = after
-            if turn % 50 == 0:
-                harness.log(f"{mode}: turn {turn}/{turns}, overhead {sample.overhead_ms:.2f} ms")
-        cpu = meter.stop(len(samples))
-        if recorder is not None:
-            recorder.stop()
-        return samples, cpu
+        try:
+            return _measure(driver, backend, service, turns, postmaster, database_url)
+        finally:
+            if recorder is not None:
+                recorder.stop()
 
 
-def _rendered(samples: Sequence[Turn], first: int, last: int) -> float:
-    return statistics.median(s.rendered_tokens or 0 for s in samples if first <= s.turn <= last)
+def _measure(
+    one: Driver,
+    backend: harness.Process,
+    service: harness.Process | None,
+    turns: int,
+    postmaster: int | None,
+    database_url: str | None = None,
+) -> tuple[list[Turn], dict[str, Any]]:
+    for turn in range(1, WARMUP_TURNS + 1):
+        one(0, turn)
+    if database_url is not None:
+        harness.reset_statements(database_url)
+    processes = {"backend": backend.pid} | ({"service": service.pid} if service else {})
+    load_before = os.getloadavg()
+    meter = harness.CpuMeter(processes, postmaster if service else None)
+    before = harness.backend_stats(backend.url)["tokens_rendered"]
+    samples: list[Turn] = []
+    for turn in range(1, turns + 1):
+        sample = one(1, turn)
+        after = harness.backend_stats(backend.url)["tokens_rendered"]
+        sample.rendered_tokens = after - before
+        samples.append(sample)
+        before = after
+        if sample.error is not None:
+            harness.log(f"turn {turn} failed: {sample.error}")
+            break
+    cost: dict[str, Any] = meter.stop(len(samples))
+    cost["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    if database_url is not None:
+        cost["postgres_statements_per_turn"] = harness.executed_statements(database_url, len(samples))
+    return samples, cost
 
 
-def summarize_mode(samples: list[Turn], window: int) -> dict[str, Any]:
+# --- summaries -------------------------------------------------------------------------------------
+
+
+def summarize(samples: list[Turn], window: int) -> dict[str, Any]:
     turns = len(samples)
     continued = [s for s in samples if s.turn >= 2]
-    late_first = turns - window
     early = (2, 2 + window)
-    late = (late_first, turns)
-    overhead_early = _window(samples, *early, "overhead_ms")
-    overhead_late = _window(samples, *late, "overhead_ms")
-    bytes_early = _window(samples, *early, "bytes_sent")
-    bytes_late = _window(samples, *late, "bytes_sent")
-    rendered_early = _rendered(samples, *early)
-    rendered_late = _rendered(samples, *late)
+    late = (turns - window, turns)
+
+    def medians(attribute: str) -> dict[str, Any]:
+        first, last = _window(samples, *early, attribute), _window(samples, *late, attribute)
+        return {
+            "early_median": round(first, 3),
+            "late_median": round(last, 3),
+            "late_over_early": harness.ratio(last, first),
+            **harness.describe([float(getattr(s, attribute)) for s in continued]),
+        }
+
     return {
         "windows": {"early_turns": list(early), "late_turns": list(late)},
-        "overhead_ms": harness.describe([s.overhead_ms for s in continued]),
-        "overhead_ms_early_median": round(overhead_early, 3),
-        "overhead_ms_late_median": round(overhead_late, 3),
-        "overhead_late_over_early": harness.ratio(overhead_late, overhead_early),
-        "db_ms": harness.describe([s.db_ms for s in continued]),
-        "e2e_ms": harness.describe([s.e2e_ms for s in continued]),
-        "e2e_ms_early_median": round(_window(samples, *early, "e2e_ms"), 3),
-        "e2e_ms_late_median": round(_window(samples, *late, "e2e_ms"), 3),
-        "backend_ms_early_median": round(_window(samples, *early, "backend_ms"), 3),
-        "backend_ms_late_median": round(_window(samples, *late, "backend_ms"), 3),
+        "e2e_ms": medians("e2e_ms"),
+        "overhead_ms": medians("overhead_ms"),
+        "db_ms": medians("db_ms"),
+        "backend_ms": medians("backend_ms"),
         "sql_statements": sorted({s.statements for s in continued}),
-        "bytes_sent_early_median": bytes_early,
-        "bytes_sent_late_median": bytes_late,
+        "round_trips": sorted({s.round_trips for s in continued}),
+        "bytes_sent": medians("bytes_sent"),
         "bytes_sent_at_depth_100": next((s.bytes_sent for s in samples if s.turn == 101), None),
-        "bytes_late_over_early": harness.ratio(bytes_late, bytes_early),
-        "tokens_rendered_early_median": rendered_early,
-        "tokens_rendered_late_median": rendered_late,
         "tokens_rendered_total": sum(s.rendered_tokens or 0 for s in samples),
         "decisions": harness.decisions(samples),
         "errors": sum(1 for s in samples if s.error is not None),
     }
 
 
-def plot(results: dict[str, list[Turn]], path: str) -> None:
-    fig, (ax_overhead, ax_bytes, ax_tokens) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
-    colors = {"full": "tab:red", "cache_ref": "tab:blue"}
-    for mode, samples in results.items():
+def compare(per_pass: dict[str, dict[str, Any]], current: str, baseline: str | None) -> dict[str, Any]:
+    """The acceptance ratios of the run (medians, and p99 where the issue asks for it)."""
+    out: dict[str, Any] = {}
+    for lineage in LINEAGES:
+        cache = per_pass.get(f"{current}/cache_ref/{lineage}")
+        full = per_pass.get(f"{current}/full/{lineage}")
+        entry: dict[str, Any] = {}
+        if cache:
+            entry["cache_ref_round_trips"] = cache["round_trips"]
+            entry["cache_ref_overhead_late_over_early"] = cache["overhead_ms"]["late_over_early"]
+        if full:
+            entry["full_db_ms_late_over_early"] = full["db_ms"]["late_over_early"]
+        if cache and baseline and (old := per_pass.get(f"{baseline}/cache_ref/{lineage}")):
+            now_cpu = cache["cpu_ms_per_turn"].get("service")
+            old_cpu = old["cpu_ms_per_turn"].get("service")
+            entry["cache_ref_service_cpu_ms_per_turn"] = {"current": now_cpu, "baseline": old_cpu}
+            entry["cache_ref_service_cpu_current_over_baseline"] = harness.ratio(now_cpu or 0, old_cpu or 0)
+            entry["cache_ref_overhead_median_current_over_baseline"] = harness.ratio(
+                cache["overhead_ms"]["median"], old["overhead_ms"]["median"]
+            )
+            entry["cache_ref_overhead_p99_current_over_baseline"] = harness.ratio(
+                cache["overhead_ms"]["p99"], old["overhead_ms"]["p99"]
+            )
+        if entry:
+            out[lineage] = entry
+    return out
+
+
+def side_by_side(per_pass: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """End-to-end time per turn of every pass, early and late in the conversation: on the same backend,
+    the difference between two targets is what each adds."""
+    return [
+        {
+            "pass": name,
+            "e2e_ms_early_median": summary["e2e_ms"]["early_median"],
+            "e2e_ms_late_median": summary["e2e_ms"]["late_median"],
+            "e2e_ms_p99": summary["e2e_ms"].get("p99"),
+            "bytes_sent_late_median": summary["bytes_sent"]["late_median"],
+            "service_cpu_ms_per_turn": summary["cpu_ms_per_turn"].get("service"),
+            "load_average_before_after": summary["load_average_before_after"],
+            "other_processes_cores": summary["other_processes_cores"],
+        }
+        for name, summary in per_pass.items()
+    ]
+
+
+def plot(results: dict[str, list[Turn]], path: Path) -> None:
+    fig, (ax_e2e, ax_overhead, ax_db) = plt.subplots(3, 1, figsize=(10, 12), sharex=True)
+    for name, samples in results.items():
         depth = [s.turn - 1 for s in samples]
-        color = colors.get(mode)
-        ax_overhead.plot(depth, [s.overhead_ms for s in samples], ".", ms=3, color=color, alpha=0.5)
-        rolling = _rolling_median([s.overhead_ms for s in samples], 9)
-        ax_overhead.plot(depth, rolling, "-", color=color, label=f"{mode} (rolling median of 9)")
-        ax_bytes.plot(depth, [s.bytes_sent for s in samples], "-", color=color, label=mode)
-        rendered = [max(s.rendered_tokens or 0, 1) for s in samples]
-        ax_tokens.plot(depth, rendered, "-", color=color, label=mode)
+        style = "--" if "/full/" in name or name.startswith("direct") else "-"
+        ax_e2e.plot(depth, _rolling_median([s.e2e_ms for s in samples], 9), style, label=name)
+        if any(s.statements for s in samples):
+            ax_overhead.plot(depth, _rolling_median([s.overhead_ms for s in samples], 9), style, label=name)
+            ax_db.plot(depth, _rolling_median([s.db_ms for s in samples], 9), style, label=name)
+    ax_e2e.set_ylabel("end-to-end per turn (ms)")
+    ax_e2e.set_yscale("log")
     ax_overhead.set_ylabel("service overhead (ms)\n(Server-Timing total - backend)")
     ax_overhead.set_ylim(bottom=0)
-    ax_bytes.set_ylabel("bytes posted to the backend")
-    ax_bytes.set_yscale("log")
-    ax_tokens.set_ylabel("prompt tokens the backend rendered")
-    ax_tokens.set_yscale("log")
-    ax_tokens.set_xlabel("conversation depth (turns before this one)")
-    for axis in (ax_overhead, ax_bytes, ax_tokens):
+    ax_db.set_ylabel("database time (ms)")
+    ax_db.set_ylim(bottom=0)
+    ax_db.set_xlabel("conversation depth (turns before this one); rolling medians of 9 turns")
+    for axis in (ax_e2e, ax_overhead, ax_db):
         axis.grid(True, alpha=0.3)
-        axis.legend(loc="upper left")
-    fig.suptitle("convstate: per-turn cost against depth (one conversation, sequential turns, Postgres)")
+        axis.legend(loc="upper left", fontsize=7)
+    fig.suptitle("per-turn cost against depth (sequential turns, one run, same reference backend)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,78 +323,136 @@ def _rolling_median(values: Sequence[float], width: int) -> list[float]:
     return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
 
 
+# --- main ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """The service and migrations of `revision`, from `git archive`, in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="convstate-baseline-") as directory:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", revision, "service", "migrations", "alembic.ini"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(directory, filter="data")
+        yield Path(directory)
+
+
+def _passes(
+    modes: Sequence[str], lineages: Sequence[str], targets: Sequence[Target], direct: bool
+) -> list[Pass]:
+    """convstate's passes with the baseline's right after each (the same machine state), then the other
+    servers', then the backend called directly (a lineage of its own: the client's history)."""
+    passes = [
+        Pass(target, mode, lineage)
+        for lineage in lineages
+        for mode in modes
+        for target in targets
+        if target.convstate
+    ]
+    passes += [Pass(target, "-", lineage) for lineage in lineages for target in targets if target.url]
+    if direct:
+        passes.append(Pass(Target("direct", direct=True), "-", "client-history"))
+    return passes
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--turns", type=int, default=200, help="turns in the measured conversation")
+    parser.add_argument("--turns", type=int, default=200, help="turns in each measured conversation")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of backend modes")
+    parser.add_argument("--lineages", default="chain", help="comma list of chain, conversation")
+    parser.add_argument("--baseline", help="a git revision of convstate to measure beside this checkout")
+    parser.add_argument("--direct", action="store_true", help="also the backend called with the full history")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="another Responses server (with /v1)",
+    )
+    parser.add_argument("--backend-port", type=int, help="the reference backend's port (for --target)")
     parser.add_argument("--max-output-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="record the service with py-spy")
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--name", default=NAME, help="results file name")
     args = parser.parse_args(argv)
     if args.turns < 20:
         parser.error("--turns must be at least 20 (early and late windows)")
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    lineages = [lineage.strip() for lineage in args.lineages.split(",") if lineage.strip()]
+    if not set(lineages) <= set(LINEAGES):
+        parser.error(f"--lineages: {LINEAGES}")
     window = max(3, args.turns // 20)
 
-    results: dict[str, list[Turn]] = {}
-    busy: dict[str, float] = {}
-    cpu: dict[str, dict[str, Any]] = {}
-    harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    with harness.postgres_server() as server:
-        machine = harness.machine(server)
-        postmaster = harness.postmaster_pid(server)
-        for mode in modes:
-            harness.log(f"{mode}: {args.turns} turns")
-            busy[mode] = harness.wait_for_quiet(args.quiet_wait)
-            profile_path = harness.RESULTS / f"{NAME}-{mode}.pyspy.txt" if args.profile else None
-            with harness.fresh_database(server) as database_url:
-                results[mode], cpu[mode] = run_mode(
-                    database_url, mode, args.turns, args.max_output_tokens, profile_path, postmaster
-                )
+    with contextmanager_or_none(args.baseline) as baseline_source:
+        targets = [Target("convstate")]
+        if baseline_source is not None:
+            targets.append(Target(f"baseline@{args.baseline}", source=baseline_source))
+        for spec in args.target:
+            name, _, url = spec.partition("=")
+            if not url:
+                parser.error(f"--target expects NAME=URL, got {spec!r}")
+            targets.append(Target(name, url=url))
+        passes = _passes(modes, lineages, targets, args.direct)
+        results, costs = run(passes, args, window)
 
-    per_mode = {mode: {**summarize_mode(samples, window), **cpu[mode]} for mode, samples in results.items()}
+    per_pass = {name: {**summarize(samples, window), **costs[name]} for name, samples in results.items()}
+    baseline_name = next((t.name for t in targets if t.source is not None), None)
+    figure = harness.RESULTS / f"{args.name}.png"
+    plot(results, figure)
     summary: dict[str, Any] = {
         "benchmark": NAME,
         "turns": args.turns,
         "max_output_tokens": args.max_output_tokens,
-        "machine": machine,
-        "machine_busy_percent_before": busy,
-        "modes": per_mode,
+        "machine": costs.pop("machine"),
+        "passes": per_pass,
+        "comparison": compare(per_pass, "convstate", baseline_name),
+        "side_by_side": side_by_side(per_pass),
+        "plot": str(figure.relative_to(ROOT)),
     }
-    if "full" in per_mode and "cache_ref" in per_mode:
-        full, cache = per_mode["full"], per_mode["cache_ref"]
-        summary["comparison"] = {
-            "bytes_full_over_cache_ref_at_depth_100": harness.ratio(
-                full["bytes_sent_at_depth_100"] or 0, cache["bytes_sent_at_depth_100"] or 0
-            ),
-            "bytes_full_over_cache_ref_late": harness.ratio(
-                full["bytes_sent_late_median"], cache["bytes_sent_late_median"]
-            ),
-            "tokens_rendered_full_over_cache_ref_late": harness.ratio(
-                full["tokens_rendered_late_median"], cache["tokens_rendered_late_median"]
-            ),
-            "overhead_cache_ref_over_full_late": harness.ratio(
-                cache["overhead_ms_late_median"], full["overhead_ms_late_median"]
-            ),
-            "e2e_cache_ref_over_full_late": harness.ratio(
-                cache["e2e_ms_late_median"], full["e2e_ms_late_median"]
-            ),
-        }
-    if "cache_ref" in per_mode:
-        cache = per_mode["cache_ref"]
-        bytes_ratio = summary.get("comparison", {}).get("bytes_full_over_cache_ref_at_depth_100")
-        summary["targets"] = {
-            "cache_ref_overhead_late_within_1.3x_of_early": (cache["overhead_late_over_early"] or 99) <= 1.3,
-            "bytes_full_over_cache_ref_at_depth_100_at_least_20x": bytes_ratio is not None
-            and bytes_ratio >= 20,
-        }
+    harness.write_result(args.name, summary, results)
+
+
+@contextmanager
+def contextmanager_or_none(revision: str | None) -> Iterator[Path | None]:
+    if revision is None:
+        yield None
+        return
+    with checkout(revision) as source:
+        yield source
+
+
+def run(
+    passes: Sequence[Pass], args: argparse.Namespace, window: int
+) -> tuple[dict[str, list[Turn]], dict[str, Any]]:
+    results: dict[str, list[Turn]] = {}
+    costs: dict[str, Any] = {}
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    figure = harness.RESULTS / f"{NAME}.png"
-    plot(results, str(figure))
-    summary["plot"] = str(figure.relative_to(harness.RESULTS.parent.parent))
-    harness.write_result(NAME, summary, results)
+    with (
+        harness.postgres_server() as server,
+        harness.start_backend(port=args.backend_port) as backend,
+    ):
+        harness.log(f"reference backend at {backend.url}")
+        costs["machine"] = harness.machine(server) | {"reference_backend": backend.url}
+        postmaster = harness.postmaster_pid(server)
+        for run_ in passes:
+            harness.log(f"{run_.name}: {args.turns} turns")
+            busy = harness.wait_for_quiet(args.quiet_wait)
+            profile_path = (
+                harness.RESULTS / f"{args.name}-{run_.name.replace('/', '-')}.pyspy.txt"
+                if args.profile and run_.target.convstate
+                else None
+            )
+            results[run_.name], cost = run_pass(
+                run_, server, backend, args.turns, args.max_output_tokens, profile_path, postmaster
+            )
+            costs[run_.name] = {"machine_busy_percent_before": busy, **cost}
+    return results, costs
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3) if denominator else None
 
 
-_TIMING = re.compile(r'(\w+);dur=([0-9.]+)(?:;desc="(\d+) statements, (\d+) round trips")?')
+# Revisions before round trips were counted say only "N statements".
+_TIMING = re.compile(r'(\w+);dur=([0-9.]+)(?:;desc="(\d+) statements(?:, (\d+) round trips)?")?')
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,16 +381,64 @@ def postgres_server() -> Iterator[str]:
 
 
 @contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """An empty database migrated to head, dropped afterwards."""
+def fresh_database(server_url: str, source: Path | None = None) -> Iterator[str]:
+    """An empty database migrated to head (of the service at `source`, default this checkout), dropped
+    afterwards."""
     name = f"convstate_bench_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(url)
+        if source is None:
+            upgrade(url)
+        else:
+            subprocess.run(
+                [sys.executable, "-m", "service.cli", "migrate"],
+                cwd=source,
+                env={**os.environ, "PYTHONPATH": str(source), "CONVSTATE_DATABASE_URL": url},
+                check=True,
+                capture_output=True,
+            )
         yield url
     finally:
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# What Postgres executes (pg_stat_statements, loaded by the throwaway cluster of tests/pg.py): statements
+# of the background workers that are not a turn's are left out (the invalidation feed's polls).
+_BACKGROUND = "%invalidations%"
+
+
+async def _statements(database_url: str, reset: bool) -> int | None:
+    url = make_url(database_url)
+    conn = await asyncpg.connect(**_connect_args(url.set(database="postgres").render_as_string(False)))
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        if reset:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+            return None
+        calls = await conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1) AND query NOT ILIKE $2",
+            url.database,
+            _BACKGROUND,
+        )
+        return int(calls)
+    except asyncpg.PostgresError as error:  # a server without pg_stat_statements preloaded
+        log(f"pg_stat_statements unavailable: {error}")
+        return None
+    finally:
+        await conn.close()
+
+
+def reset_statements(database_url: str) -> None:
+    asyncio.run(_statements(database_url, reset=True))
+
+
+def executed_statements(database_url: str, turns: int) -> float | None:
+    """Statements Postgres executed on the database since the reset, per turn (foreign-key checks,
+    BEGIN and COMMIT included)."""
+    calls = asyncio.run(_statements(database_url, reset=False))
+    return None if calls is None else round(calls / max(turns, 1), 2)
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -398,7 +447,15 @@ def fresh_database(server_url: str) -> Iterator[str]:
 class Process:
     """A server started as its own process, its output in a log file; ready when `probe` answers 200."""
 
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], port: int, probe: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: Mapping[str, str],
+        port: int,
+        probe: str,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -407,7 +464,7 @@ class Process:
         self.log = self._logdir / "output.log"
         self._log_handle = self.log.open("wb")
         self._popen = subprocess.Popen(
-            args, env={**os.environ, **env}, stdout=self._log_handle, stderr=subprocess.STDOUT
+            args, env={**os.environ, **env}, stdout=self._log_handle, stderr=subprocess.STDOUT, cwd=cwd
         )
         self._probe = probe
 
@@ -459,9 +516,9 @@ class Process:
         self.stop()
 
 
-def start_backend(**settings: object) -> Process:
+def start_backend(port: int | None = None, **settings: object) -> Process:
     """`convstate refbackend` with CONVSTATE_REF_* settings; context long enough for 200+ turns."""
-    port = free_port()
+    port = port or free_port()
     env = {f"CONVSTATE_REF_{key.upper()}": str(value) for key, value in settings.items()}
     env.setdefault("CONVSTATE_REF_MAX_MODEL_LEN", "131072")
     args = [sys.executable, "-m", "service.cli", "refbackend", "--host", "127.0.0.1", "--port", str(port)]
@@ -476,6 +533,13 @@ def start_service(database_url: str, backend_url: str, mode: str, **settings: ob
 
 def launch_service(database_url: str, backend_url: str, mode: str, **settings: object) -> Process:
     """`start_service` without waiting for it to be ready: start several at once, then wait for each."""
+    return launch_service_from(None, database_url, backend_url, mode, settings)
+
+
+def launch_service_from(
+    source: Path | None, database_url: str, backend_url: str, mode: str, settings: Mapping[str, object]
+) -> Process:
+    """`launch_service` of the service at `source` (another revision's tree), or this checkout's (None)."""
     api_key = provision_key(database_url, "bench", Role.USER, "bench")
     port = free_port()
     env = {
@@ -483,9 +547,10 @@ def launch_service(database_url: str, backend_url: str, mode: str, **settings: o
         "CONVSTATE_BACKEND_URL": backend_url,
         "CONVSTATE_BACKEND_MODE": mode,
         **{f"CONVSTATE_{key.upper()}": str(value) for key, value in settings.items()},
+        **({"PYTHONPATH": str(source)} if source is not None else {}),
     }
     args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    service = Process("service", args, env, port, "/readyz")
+    service = Process("service", args, env, port, "/readyz", cwd=source)
     service.api_key = api_key
     return service
 
