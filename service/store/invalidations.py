@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import bindparam, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.domain.invalidation import Rule, Scope
@@ -110,10 +110,13 @@ class InvalidationStore:
             return [StoredInvalidation(*row) for row in await conn.execute(query)]
 
 
+# Polled several times a second by every replica: built once (building a query is most of its cost).
+_AFTER = select(*_COLUMNS).where(Invalidation.id > bindparam("last_id")).order_by(Invalidation.id)
+
+
 async def read_after(conn: AsyncConnection, last_id: int) -> list[StoredInvalidation]:
     """The feed after `last_id`, oldest first, on the watcher's own connection."""
-    query = select(*_COLUMNS).where(Invalidation.id > last_id).order_by(Invalidation.id)
-    return [StoredInvalidation(*row) for row in await conn.execute(query)]
+    return [StoredInvalidation(*row) for row in await conn.execute(_AFTER, {"last_id": last_id})]
 
 
 async def listen(conn: AsyncConnection, wake: Callable[[], None]) -> bool:
