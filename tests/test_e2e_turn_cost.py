@@ -17,7 +17,7 @@ from service.store.migrate import upgrade
 from tests.conftest import Service, db_counts, start_service
 
 MODEL = "ref-chatml"
-WARM_UP = 3  # keys, the tenant's salt and every statement prepared on the pooled connection
+WARM_UP = 5  # keys, the tenant's salt and every statement prepared on the pooled connections
 MEASURED = 5
 # Background work on the same database that is not a turn's: the invalidation feed's polls.
 BACKGROUND = "%invalidations%"

@@ -91,6 +91,9 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             # No pre-ping: it would add a round trip to every checkout, twice per turn. Connections are
             # recycled instead, and one that died is discarded by the pool on its first error.
             pool_recycle=1800,
+            # The connection returned last is handed out first: turns keep to the connections whose
+            # statements are already prepared (each first use on a connection costs a round trip).
+            pool_use_lifo=True,
             **_JSON_CODEC,
             connect_args={"server_settings": {"application_name": "convstate"}},
         )
