@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import admin, completions, conversations, errors, health, responses
+from service.api import admin, admin_replay, completions, conversations, errors, health, responses
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
@@ -85,7 +85,12 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             loop.create_task(writer.run()),
             loop.create_task(
-                purge_forever(replay, settings.replay_purge_interval, settings.replay_max_entries)
+                purge_forever(
+                    replay,
+                    settings.replay_purge_interval,
+                    settings.replay_max_entries,
+                    settings.replay_max_bytes,
+                )
             ),
         ]
         try:
@@ -111,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(completions.router)
     app.include_router(admin.router)
+    app.include_router(admin_replay.router)
     return app
 
 

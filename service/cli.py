@@ -1,12 +1,14 @@
-"""The `convstate` command: serve, migrate, refbackend, demo, tenants, keys, admin."""
+"""The `convstate` command: serve, migrate, refbackend, demo, tenants, keys, admin, cache."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
@@ -28,6 +30,8 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(admin_app, name="admin")
 T = TypeVar("T")
+# The replay cache's admin API; the page size of an export and the batch size of an import.
+CACHE_PAGE = 1000
 
 
 @app.command()
@@ -124,8 +128,8 @@ def _on_database(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
-def _echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+def _echo_json(value: Any, *, err: bool = False) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str), err=err)
 
 
 @tenants_app.command("create")
@@ -224,12 +228,12 @@ def admin_connection(
     context.obj = Client(url, key)
 
 
-def _call(context: typer.Context, call: Callable[[Client], Any]) -> None:
+def _call(context: typer.Context, call: Callable[[Client], Any], *, err: bool = False) -> None:
     from convstate_client import ApiError
 
     client: Client = context.obj
     try:
-        _echo_json(call(client))
+        _echo_json(call(client), err=err)
     except ApiError as exc:
         raise SystemExit(f"convstate: {exc}") from None
     finally:
@@ -284,6 +288,117 @@ def admin_rotate_salt(
 def admin_retention(context: typer.Context) -> None:
     """Run a retention pass now."""
     _call(context, lambda client: client.run_retention())
+
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    callback=admin_connection,
+    help="The replay cache of a running service, through its admin API (as `convstate admin`).",
+)
+app.add_typer(cache_app, name="cache")
+
+TenantOption = Annotated[str | None, typer.Option(help="only this tenant's entries")]
+ModelOption = Annotated[str | None, typer.Option(help="only this model's entries")]
+KeyPrefixOption = Annotated[str | None, typer.Option(help="only keys starting with these hex digits")]
+OlderThanOption = Annotated[float | None, typer.Option(help="only entries at least this many seconds old")]
+
+
+@cache_app.command("stats")
+def cache_stats(context: typer.Context, tenant: TenantOption = None, model: ModelOption = None) -> None:
+    """Entries and bytes per tenant and model."""
+    _call(context, lambda client: client.replay_stats(tenant, model))
+
+
+@cache_app.command("list")
+def cache_list(
+    context: typer.Context,
+    tenant: TenantOption = None,
+    model: ModelOption = None,
+    key_prefix: KeyPrefixOption = None,
+    older_than: OlderThanOption = None,
+    limit: int = 100,
+) -> None:
+    """The oldest selected entries (without their requests and replies)."""
+    _call(context, lambda client: client.replay_entries(tenant, model, key_prefix, older_than, limit=limit))
+
+
+@cache_app.command("delete")
+def cache_delete(
+    context: typer.Context,
+    tenant: TenantOption = None,
+    model: ModelOption = None,
+    key_prefix: KeyPrefixOption = None,
+    older_than: OlderThanOption = None,
+) -> None:
+    """Delete the selected entries (name at least one filter; `clear` deletes all)."""
+    _call(context, lambda client: client.replay_delete(tenant, model, key_prefix, older_than))
+
+
+@cache_app.command("clear")
+def cache_clear(context: typer.Context) -> None:
+    """Delete every entry."""
+    _call(context, lambda client: client.replay_delete(all=True))
+
+
+@cache_app.command("export")
+def cache_export(
+    context: typer.Context,
+    tenant: TenantOption = None,
+    model: ModelOption = None,
+    key_prefix: KeyPrefixOption = None,
+    older_than: OlderThanOption = None,
+) -> None:
+    """The selected entries with their requests and replies, as JSONL on stdout, oldest first."""
+
+    def export(client: Client) -> dict[str, int]:
+        after, count = None, 0
+        while True:
+            page = client.replay_entries(
+                tenant, model, key_prefix, older_than, limit=CACHE_PAGE, after=after, whole=True
+            )
+            for entry in page["data"]:
+                typer.echo(json.dumps(entry, separators=(",", ":")))
+            count += len(page["data"])
+            after = page["next"]
+            if after is None:
+                return {"exported": count}
+
+    _call(context, export, err=True)  # stdout is the JSONL
+
+
+@cache_app.command("import")
+def cache_import(
+    context: typer.Context,
+    source: Annotated[Path, typer.Argument(help="a JSONL export (- for stdin)")] = Path("-"),
+) -> None:
+    """Entries from a JSONL export; an existing entry keeps the newer of the two."""
+
+    def load(client: Client) -> dict[str, int]:
+        imported, batch = 0, []
+        with nullcontext(sys.stdin) if str(source) == "-" else source.open() as lines:
+            for line in lines:
+                if line.strip():
+                    batch.append(json.loads(line))
+                if len(batch) == CACHE_PAGE:
+                    imported += client.replay_import(batch)["imported"]
+                    batch = []
+        if batch:
+            imported += client.replay_import(batch)["imported"]
+        return {"imported": imported}
+
+    _call(context, load)
+
+
+@cache_app.command("enable")
+def cache_enable(context: typer.Context, tenant: str) -> None:
+    """The tenant's requests use the replay cache unless they say otherwise."""
+    _call(context, lambda client: client.set_replay_cache(tenant, True))
+
+
+@cache_app.command("disable")
+def cache_disable(context: typer.Context, tenant: str) -> None:
+    """The tenant's requests use the replay cache only when they ask for it."""
+    _call(context, lambda client: client.set_replay_cache(tenant, False))
 
 
 def main() -> None:

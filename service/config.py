@@ -78,11 +78,13 @@ class Settings(BaseSettings):
     artifact_queue_size: int = Field(10_000, ge=1)
     artifact_batch: int = Field(100, ge=1, le=10_000)
 
-    # The replay cache (request-level, for evaluation harnesses): how long an answer is kept, how many are
-    # kept (oldest out first), how long an identical request waits for the one call already under way, and
-    # the lease the process making that call renews (a dead process's claim is taken over after it).
+    # The replay cache (request-level, for evaluation harnesses): how long an answer is kept, how many and
+    # how many bytes of them are kept (oldest out first), how long an identical request waits for the one
+    # call already under way, and the lease the process making that call renews (a dead process's claim
+    # is taken over after it).
     replay_ttl_seconds: float = Field(7 * 86400.0, gt=0)
     replay_max_entries: int = Field(100_000, ge=1)
+    replay_max_bytes: int = Field(1024**3, ge=1)
     replay_wait_seconds: float = Field(120.0, gt=0)
     replay_lease_seconds: float = Field(10.0, ge=1, le=300)
     replay_purge_interval: float = Field(60.0, gt=0, description="seconds between replay-cache purges")

@@ -108,6 +108,10 @@ def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
                 ("GET", "/admin/v1/invalidations"),
                 ("GET", "/admin/v1/stats"),
                 ("POST", "/admin/v1/retention/run"),
+                ("GET", "/admin/v1/replay/stats"),
+                ("GET", "/admin/v1/replay/entries"),
+                ("POST", "/admin/v1/replay/delete"),
+                ("POST", "/admin/v1/replay/import"),
             ]
         },
     }

@@ -1,6 +1,6 @@
 """The replay cache's rows on Postgres and SQLite: one claimant wins however many race, a lapsed or given-up
 claim is taken over, a lost claim cannot fill, refresh never steals a live claim, a new fingerprint
-removes the model's other entries, the purge honours TTL and the size bound (oldest first), and the
+removes the model's other entries, the purge honours TTL and the size bounds (oldest first), and the
 management queries select by tenant, model, key prefix and age; export and import round-trip."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store.db import StatementCounter, create_engine
 from service.store.migrate import upgrade
-from service.store.replay import READY, Claim, ReplayStore, Selection
+from service.store.replay import READY, Claim, Entry, ReplayStore, Selection
 from service.store.tenants import TenantStore
 
 LEASE = 10.0
@@ -174,11 +174,21 @@ async def test_purge_removes_expired_then_the_oldest_beyond_the_bound(fresh_engi
     pending = new_claim(who)
     assert await store.claim(pending, now - 2 * LEASE, LEASE)
     await store.renew(who, pending.key, pending.owner, now + LEASE)
-    assert await store.purge(now + 10, 2) == (1, 2)
+    assert await store.purge(now + 10, 2, 10**12) == (1, 2)
     assert await store.find(who, expired.key) is None
     assert [await store.find(who, claim.key) is not None for claim in claims] == [False, False, True, True]
     assert await store.find(who, pending.key) is not None  # a claim under way is never purged
-    assert await store.purge(now + 10, 2) == (0, 0)
+    assert await store.purge(now + 10, 2, 10**12) == (0, 0)
+
+
+async def test_purge_keeps_the_newest_entries_within_the_byte_bound(fresh_engine: AsyncEngine) -> None:
+    store = ReplayStore(fresh_engine)
+    who, now = tenant(), time.time()
+    claims = [new_claim(who) for _ in range(4)]
+    for age, claim in enumerate(claims):
+        await ready(store, claim, now + age)  # 10 bytes each
+    assert await store.purge(now, 100, 25) == (0, 2)
+    assert [await store.find(who, claim.key) is not None for claim in claims] == [False, False, True, True]
 
 
 async def test_management_selects_by_tenant_model_prefix_and_age(engine: AsyncEngine) -> None:
@@ -215,19 +225,28 @@ async def test_export_and_import_round_trip(engine: AsyncEngine) -> None:
     claims = [new_claim(who) for _ in range(5)]
     for age, claim in enumerate(claims):
         await ready(store, claim, time.time() + age, reply=f"answer {age}")
-    exported = [entry async for entry in store.export(Selection(tenant=who), batch=2)]
+    exported = await export(store, Selection(tenant=who), page=2)
     assert [e.key for e in exported] == [c.key for c in claims]
     assert exported[0].result == {"text": "answer 0"} and exported[0].request == {"model": "m"}
     assert await store.delete(Selection(tenant=who)) == 5
     assert await store.load(exported) == 5
     assert await store.load([]) == 0
-    again = [entry async for entry in store.export(Selection(tenant=who))]
-    assert again == exported
+    assert await export(store, Selection(tenant=who), page=100) == exported
     # An import never replaces a newer entry with an older one.
     older = replace(exported[0], created_at=exported[0].created_at - 1, result={"text": "old"})
     await store.load([older])
     found = await store.find(who, claims[0].key)
     assert found is not None and found.result == {"text": "answer 0"}
+
+
+async def export(store: ReplayStore, selection: Selection, page: int) -> list[Entry]:
+    """Every selected entry, a page at a time, as the admin API's export does."""
+    entries: list[Entry] = []
+    after = None
+    while batch := await store.list(selection, page, after=after, whole=True):
+        entries += batch
+        after = (batch[-1].created_at, batch[-1].key)
+    return entries
 
 
 async def test_a_tenant_opts_in(engine: AsyncEngine) -> None:

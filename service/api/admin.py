@@ -42,6 +42,7 @@ def _tenant(tenant: StoredTenant) -> schemas.Tenant:
         created_at=tenant.created_at,
         response_ttl_days=tenant.response_ttl_days,
         salt_id=tenant.salt_id,
+        replay_cache=tenant.replay_cache,
     )
 
 
@@ -73,11 +74,15 @@ async def get_tenant(tenant_id: str, request: Request) -> schemas.Tenant:
 async def update_tenant(
     tenant_id: str, body: schemas.UpdateTenantBody, request: Request, caller: Admin
 ) -> schemas.Tenant:
-    """Set the tenant's response retention (`null`: the service default); applies to new responses."""
+    """Set the tenant's response retention (`null`: the service default; applies to new responses) and
+    whether its requests use the replay cache by default; fields not sent are left as they are."""
     tenants = request.app.state.tenants
-    updated = await tenants.set_retention(
-        tenant_id, body.response_ttl_days, actor=caller.actor, now=time.time()
-    )
+    now, sent = time.time(), body.model_fields_set
+    updated = await tenants.get(tenant_id)
+    if updated is not None and "response_ttl_days" in sent:
+        updated = await tenants.set_retention(tenant_id, body.response_ttl_days, actor=caller.actor, now=now)
+    if updated is not None and body.replay_cache is not None:
+        updated = await tenants.set_replay_cache(tenant_id, body.replay_cache, actor=caller.actor, now=now)
     return _found(tenant_id, updated)
 
 

@@ -27,7 +27,12 @@ class CreateTenantBody(Body):
 
 
 class UpdateTenantBody(Body):
+    """Only the fields sent change."""
+
     response_ttl_days: float | None = TtlDays
+    replay_cache: bool | None = Field(
+        default=None, description="its requests use the replay cache by default"
+    )
 
 
 class ReasonBody(Body):
@@ -58,6 +63,7 @@ class Tenant(BaseModel):
     created_at: float
     response_ttl_days: float | None = Field(description="None: the service default")
     salt_id: str = Field(description="names the current cache salt without revealing it")
+    replay_cache: bool = Field(description="its requests use the replay cache unless they say otherwise")
 
 
 class Tenants(BaseModel):

@@ -10,11 +10,11 @@ alike, so exactly one claimant wins however many race.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -221,8 +221,9 @@ class ReplayStore:
     # --- bounds -------------------------------------------------------------------------------------
 
     @db_call
-    async def purge(self, now: float, max_entries: int) -> tuple[int, int]:
-        """Delete expired entries, then the oldest beyond `max_entries`: (expired, evicted)."""
+    async def purge(self, now: float, max_entries: int, max_bytes: int) -> tuple[int, int]:
+        """Delete expired entries, then the oldest beyond `max_entries` or beyond `max_bytes` in all:
+        (expired, evicted)."""
         async with self.engine.begin() as conn:
             expired = await conn.execute(
                 delete(ReplayEntry).where(
@@ -230,16 +231,26 @@ class ReplayStore:
                     or_(ReplayEntry.status == READY, ReplayEntry.lease_expires_at < now),
                 )
             )
-            keep = (
-                select(ReplayEntry.created_at)
+            # Newest first: an entry's rank and the bytes of it and every newer one.
+            newer = (
+                select(
+                    ReplayEntry.tenant,
+                    ReplayEntry.key,
+                    func.row_number()
+                    .over(order_by=(ReplayEntry.created_at.desc(), ReplayEntry.key.desc()))
+                    .label("rank"),
+                    func.sum(ReplayEntry.bytes)
+                    .over(order_by=(ReplayEntry.created_at.desc(), ReplayEntry.key.desc()))
+                    .label("total"),
+                )
                 .where(ReplayEntry.status == READY)
-                .order_by(ReplayEntry.created_at.desc())
-                .offset(max_entries - 1)
-                .limit(1)
-                .scalar_subquery()
+                .subquery()
+            )
+            beyond = select(newer.c.tenant, newer.c.key).where(
+                or_(newer.c.rank > max_entries, newer.c.total > literal(max_bytes, BigInteger()))
             )
             evicted = await conn.execute(
-                delete(ReplayEntry).where(ReplayEntry.status == READY, ReplayEntry.created_at < keep)
+                delete(ReplayEntry).where(tuple_(ReplayEntry.tenant, ReplayEntry.key).in_(beyond))
             )
         return int(expired.rowcount), int(evicted.rowcount)
 
@@ -263,41 +274,28 @@ class ReplayStore:
         async with self._reads.connect() as conn:
             return [ModelStats(*row) for row in await conn.execute(query)]
 
-    def _listing(self, selection: Selection, *, whole: bool) -> Select[Any]:
+    @db_call
+    async def list(
+        self, selection: Selection, limit: int, *, after: tuple[float, str] | None = None, whole: bool = False
+    ) -> list[Entry]:
+        """A page of the selected entries, oldest first, after the (created_at, key) of the previous page's
+        last; with `whole`, each with its request and result (an export)."""
         columns = (*_LISTED, ReplayEntry.request, ReplayEntry.result) if whole else _LISTED
-        return select(*columns).where(*selection.where()).order_by(ReplayEntry.created_at, ReplayEntry.key)
-
-    @db_call
-    async def list(self, selection: Selection, limit: int) -> list[Entry]:
-        async with self._reads.connect() as conn:
-            return [
-                Entry(*row) for row in await conn.execute(self._listing(selection, whole=False).limit(limit))
-            ]
-
-    async def export(self, selection: Selection, batch: int = 500) -> AsyncIterator[Entry]:
-        """Every selected entry with its request and result, oldest first, in batches (keyset paging)."""
-        after: tuple[float, str] | None = None
-        while True:
-            query = self._listing(selection, whole=True).limit(batch)
-            if after is not None:
-                query = query.where(
-                    or_(
-                        ReplayEntry.created_at > after[0],
-                        and_(ReplayEntry.created_at == after[0], ReplayEntry.key > after[1]),
-                    )
+        query = (
+            select(*columns)
+            .where(*selection.where())
+            .order_by(ReplayEntry.created_at, ReplayEntry.key)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(
+                or_(
+                    ReplayEntry.created_at > after[0],
+                    and_(ReplayEntry.created_at == after[0], ReplayEntry.key > after[1]),
                 )
-            rows = await self._fetch(query)
-            for row in rows:
-                yield Entry(*row)
-            if len(rows) < batch:
-                return
-            after = (rows[-1].created_at, rows[-1].key)
-
-    @db_call
-    async def _fetch(self, query: Select[Any]) -> Sequence[Any]:
+            )
         async with self._reads.connect() as conn:
-            rows: Sequence[Any] = (await conn.execute(query)).all()
-        return rows
+            return [Entry(*row) for row in await conn.execute(query)]
 
     @db_call
     async def delete(self, selection: Selection) -> int:

@@ -18,6 +18,11 @@ from convstate_client.types import (
     Invalidations,
     Key,
     Keys,
+    ReplayDeleted,
+    ReplayEntries,
+    ReplayEntry,
+    ReplayImported,
+    ReplayStats,
     RetentionRun,
     Stats,
     Tenant,
@@ -150,6 +155,58 @@ def _run_retention() -> Call[RetentionRun]:
     return Call("POST", "/admin/v1/retention/run")
 
 
+def _set_replay_cache(tenant: str, enabled: bool) -> Call[Tenant]:
+    """Whether the tenant's requests use the replay cache by default."""
+    return Call("POST", f"/admin/v1/tenants/{_segment(tenant)}", {"replay_cache": enabled})
+
+
+def _replay_stats(
+    tenant: str | None = None,
+    model: str | None = None,
+    key_prefix: str | None = None,
+    older_than: float | None = None,
+) -> Call[ReplayStats]:
+    """Replay-cache entries and bytes per tenant and model."""
+    params = _query(tenant=tenant, model=model, key_prefix=key_prefix, older_than=older_than)
+    return Call("GET", "/admin/v1/replay/stats", params=params)
+
+
+def _replay_entries(
+    tenant: str | None = None,
+    model: str | None = None,
+    key_prefix: str | None = None,
+    older_than: float | None = None,
+    *,
+    limit: int = 100,
+    after: str | None = None,
+    whole: bool = False,
+) -> Call[ReplayEntries]:
+    """A page of replay-cache entries, oldest first (`next` continues); `whole` adds each one's request and
+    reply, as an export."""
+    params = _query(
+        tenant=tenant, model=model, key_prefix=key_prefix, older_than=older_than, limit=limit, after=after
+    )
+    return Call("GET", "/admin/v1/replay/entries", params={**params, "whole": whole})
+
+
+def _replay_delete(
+    tenant: str | None = None,
+    model: str | None = None,
+    key_prefix: str | None = None,
+    older_than: float | None = None,
+    *,
+    all: bool = False,
+) -> Call[ReplayDeleted]:
+    """Delete the selected replay-cache entries; every entry only with `all=True`."""
+    body = _query(tenant=tenant, model=model, key_prefix=key_prefix, older_than=older_than)
+    return Call("POST", "/admin/v1/replay/delete", {**body, "all": all})
+
+
+def _replay_import(entries: list[ReplayEntry]) -> Call[ReplayImported]:
+    """Entries as exported (up to 1,000 a call)."""
+    return Call("POST", "/admin/v1/replay/import", {"entries": entries})
+
+
 class _Endpoint(Generic[P, T]):
     """Turns a call builder into a method: synchronous on `Client`, a coroutine on `AsyncClient`."""
 
@@ -188,6 +245,11 @@ class _AdminApi:
     invalidations = _Endpoint(_invalidations)
     stats = _Endpoint(_stats)
     run_retention = _Endpoint(_run_retention)
+    set_replay_cache = _Endpoint(_set_replay_cache)
+    replay_stats = _Endpoint(_replay_stats)
+    replay_entries = _Endpoint(_replay_entries)
+    replay_delete = _Endpoint(_replay_delete)
+    replay_import = _Endpoint(_replay_import)
 
 
 def _headers(api_key: str) -> dict[str, str]:

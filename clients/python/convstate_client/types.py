@@ -10,6 +10,7 @@ class Tenant(TypedDict):
     created_at: float
     response_ttl_days: float | None
     salt_id: str
+    replay_cache: bool
 
 
 class Tenants(TypedDict):
@@ -115,3 +116,47 @@ class Stats(TypedDict):
 class RetentionRun(TypedDict):
     deleted_responses: int
     deleted_artifacts: int
+
+
+class ReplayModelStats(TypedDict):
+    tenant: str
+    model: str
+    entries: int
+    bytes: int
+    oldest: float
+    newest: float
+
+
+class ReplayStats(TypedDict):
+    data: list[ReplayModelStats]
+    entries: int
+    bytes: int
+
+
+class ReplayEntry(TypedDict, total=False):
+    """A replay-cache entry; `request` and `result` only in an export (`whole`)."""
+
+    tenant: str
+    key: str
+    endpoint: str
+    model: str
+    fingerprint: str | None
+    status: str
+    bytes: int
+    created_at: float
+    expires_at: float
+    request: dict[str, Any]
+    result: dict[str, Any]
+
+
+class ReplayEntries(TypedDict):
+    data: list[ReplayEntry]
+    next: str | None
+
+
+class ReplayDeleted(TypedDict):
+    deleted: int
+
+
+class ReplayImported(TypedDict):
+    imported: int
