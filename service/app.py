@@ -20,6 +20,7 @@ from service.proxy import Proxy
 from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
+from service.store.events import EventStore
 from service.store.inspect import InspectStore
 from service.store.invalidations import InvalidationStore
 from service.store.keys import KeyStore
@@ -58,7 +59,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         keys.cache_trusted = watcher.fresh
         await watcher.sync()
-        turns = Pipeline(settings, ResponseStore(engine), conversations, tenants, backend, watcher)
+        events = EventStore(engine)
+        turns = Pipeline(settings, ResponseStore(engine), conversations, tenants, backend, watcher, events)
         retention = RetentionStore(engine)
         artifacts = ArtifactStore(engine)
         queue = ArtifactQueue(settings.artifact_queue_size)
@@ -76,12 +78,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.artifacts = artifacts
         app.state.replay = replay
         app.state.proxy = Proxy(settings, backend, tenants, replay)
+        app.state.events = events
         loop = asyncio.get_running_loop()
         workers = [
             loop.create_task(reap_forever(turns.responses, conversations, settings.reaper_interval)),
             loop.create_task(watcher.run()),
             loop.create_task(
-                retain_forever(retention, artifacts, settings.retention_interval, settings.retention_batch)
+                retain_forever(
+                    retention, artifacts, events, settings.retention_interval, settings.retention_batch
+                )
             ),
             loop.create_task(writer.run()),
             loop.create_task(

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     replay_lease_seconds: float = Field(10.0, ge=1, le=300)
     replay_purge_interval: float = Field(60.0, gt=0, description="seconds between replay-cache purges")
 
+    # A background response created with `stream: true` keeps at most this many of its events (then only
+    # its terminal event) for GET /v1/responses/{id}?stream=true, which polls for new ones this often.
+    stream_events_max: int = Field(10_000, ge=8, le=1_000_000)
+    stream_poll_interval: float = Field(0.2, gt=0, le=10)
+
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_input_items: int = Field(2048, ge=1)
     # Browser origins (scheme://host[:port], comma-separated, or *) whose pages may open the Responses

@@ -38,7 +38,7 @@ from service.domain import ids
 from service.domain.chat import chat_options, responses_usage
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.items import Item, Segment, compaction_item
-from service.domain.output import OutputBuilder
+from service.domain.output import OutputBuilder, terminal_event_type
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
 from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, truncated
 from service.errors import (
@@ -50,11 +50,12 @@ from service.errors import (
     ServiceUnavailable,
 )
 from service.store.conversations import ConversationStore, ConversationTurn
+from service.store.events import EventStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.turns import ConversationAppend, TurnStore
 from service.store.unit import unit_of_work
-from service.workers.background import BackgroundRunner
+from service.workers.background import BackgroundRunner, EventRecorder
 from service.workers.canary import Canary
 from service.workers.invalidations import InvalidationWatcher
 from service.workers.tasks import TaskSet
@@ -188,22 +189,32 @@ UNEXPECTED = "The server had an error while processing your request."
 
 
 class TurnStream:
-    """A streamed turn whose backend call has been accepted: its decision, then its events.
+    """A streamed turn whose backend call has been accepted: its decision, then its events, numbered in
+    order (and recorded, for a background turn, so any replica can replay them).
 
     The turn runs in its own task, so a client that goes away mid-stream does not stop it: the turn is
     completed and stored either way."""
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, recorder: EventRecorder | None = None) -> None:
         self.decision = decision
+        self.recorder = recorder
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._sequence = 0
         # Set once a `store: false` turn has completed: what a later turn needs to continue it.
         self.unstored: UnstoredTurn | None = None
 
-    def put(self, event: Event) -> None:
-        self._events.put_nowait(event)
+    def emit(self, event: Event) -> None:
+        """Number the event (from 0, in order) and pass it on."""
+        numbered = {**event, "sequence_number": self._sequence}
+        self._sequence += 1
+        self._events.put_nowait(numbered)
+        if self.recorder is not None:
+            self.recorder.add(numbered)
 
     def end(self) -> None:
         self._events.put_nowait(None)
+        if self.recorder is not None:
+            self.recorder.close()
 
     async def events(self) -> AsyncIterator[Event]:
         while (event := await self._events.get()) is not None:
@@ -256,6 +267,7 @@ class Pipeline:
         tenants: TenantStore,
         backend: BackendClient,
         invalidations: InvalidationWatcher,
+        events: EventStore,
     ) -> None:
         self.settings = settings
         self.responses = responses
@@ -266,7 +278,7 @@ class Pipeline:
         self.canary = Canary(backend, responses, conversations)
         self.invalidations = invalidations
         self.tasks = TaskSet()
-        self.background = BackgroundRunner(self)
+        self.background = BackgroundRunner(self, events)
 
     @property
     def accepting(self) -> bool:
@@ -286,10 +298,19 @@ class Pipeline:
 
     async def stream(self, tenant: str, request: TurnRequest) -> TurnStream:
         """Validation, parent and backend errors raise here, before any event; whatever fails after
-        `response.created` ends the stream with `error` and `response.failed`."""
+        `response.created` ends the stream with `error` and `response.failed`. A background turn is
+        stored as queued and streamed by the background runner, which records its events."""
         with self._admitted():
             turn = await self._prepare(tenant, request)
             async with self._releasing_on_failure(turn):
+                if request.background:
+                    queued = await self._open(turn, "queued")
+                    recorder = self.background.recorder(turn)
+                    stream = TurnStream(turn.decision, recorder)
+                    stream.emit({"type": "response.created", "response": queued})
+                    stream.emit({"type": "response.queued", "response": queued})
+                    await self.background.submit_streamed(turn, stream, recorder)
+                    return stream
                 chat, sent = await self._send(turn, self.backend.open_chat_stream)
                 try:
                     if request.store:
@@ -298,6 +319,9 @@ class Pipeline:
                     await chat.aclose()
                     raise
         stream = TurnStream(sent.decision)
+        started = self._response(turn, "in_progress", [], None)
+        stream.emit({"type": "response.created", "response": started})
+        stream.emit({"type": "response.in_progress", "response": started})
         self.tasks.spawn(self._produce(turn, chat, sent, stream))
         return stream
 
@@ -529,12 +553,15 @@ class Pipeline:
                 self.tasks.spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
         return TurnResult(response, sent.decision, reply.prompt_digest, reply.bytes_sent)
 
+    def expires_at(self, turn: PreparedTurn) -> float:
+        return turn.created_at + self.tenants.response_ttl_seconds(turn.tenant)
+
     def _turn_write(
         self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None
     ) -> TurnWrite:
         return TurnWrite(
             response=response,
-            expires_at=turn.created_at + self.tenants.response_ttl_seconds(turn.tenant),
+            expires_at=self.expires_at(turn),
             input_items=turn.request.input,
             output_items=response.output,
             prefix=prefix,
@@ -582,41 +609,65 @@ class Pipeline:
         await self.release(turn)
         return failed
 
+    async def answer_streamed(self, turn: PreparedTurn, stream: TurnStream) -> None:
+        """Run a started background turn whose events go to `stream` (which the caller ends)."""
+        stream.emit(
+            {"type": "response.in_progress", "response": self._response(turn, "in_progress", [], None)}
+        )
+        try:
+            chat, sent = await self._held(turn, self._send(turn, self.backend.open_chat_stream))
+        except BaseException as exc:
+            await self._end_failed(turn, stream, exc, [])
+            if not isinstance(exc, Exception):
+                raise
+            return
+        await self._produce(turn, chat, sent, stream)
+
     async def _produce(self, turn: PreparedTurn, chat: ChatStream, sent: Sent, stream: TurnStream) -> None:
-        sequence = 0
-
-        def emit(event: Event) -> None:
-            nonlocal sequence
-            stream.put({**event, "sequence_number": sequence})
-            sequence += 1
-
         builder = OutputBuilder()
         try:
-            emit({"type": "response.created", "response": self._response(turn, "in_progress", [], None)})
-            emit({"type": "response.in_progress", "response": self._response(turn, "in_progress", [], None)})
-            reply = await self._held(turn, _relay(chat, builder, emit))
+            reply = await self._held(turn, _relay(chat, builder, stream.emit))
             output = builder.finish(_status(reply))
             for event in builder.drain():
-                emit(event)
+                stream.emit(event)
             result = await self._complete(turn, reply, sent, output)
             if not turn.request.store and turn.history is not None:
                 stream.unstored = UnstoredTurn(
                     result.response, (*turn.history, (False, turn.request.input), (True, output))
                 )
-            emit({"type": f"response.{result.response.status}", "response": result.response})
+            stream.emit({"type": f"response.{result.response.status}", "response": result.response})
         except BaseException as exc:
-            if isinstance(exc, ConvstateError):
-                log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
-            elif isinstance(exc, Exception):
-                log.error("streamed turn %s failed", turn.response_id, exc_info=exc)
-            failed = await self.fail(turn, exc, _partial(builder))
-            emit(_error_event(exc))
-            emit({"type": "response.failed", "response": failed})
+            await self._end_failed(turn, stream, exc, _partial(builder))
             if not isinstance(exc, Exception):
                 raise
         finally:
             await chat.aclose()
             stream.end()
+
+    async def _end_failed(
+        self, turn: PreparedTurn, stream: TurnStream, exc: BaseException, output: list[Item]
+    ) -> None:
+        """Record a running turn that cannot complete as failed and end its stream with `error` and
+        `response.failed`; one cancelled meanwhile (from any replica) ends it with the cancelled response."""
+        if isinstance(exc, ConvstateError):
+            log.warning("streamed turn %s failed: %s", turn.response_id, exc.message)
+        elif isinstance(exc, Exception):
+            log.error("streamed turn %s failed", turn.response_id, exc_info=exc)
+        failed = await self.fail(turn, exc, output)
+        if isinstance(exc, LeaseLost) and (cancelled := await self.cancelled(turn)) is not None:
+            stream.emit({"type": terminal_event_type(cancelled.status), "response": cancelled})
+            return
+        stream.emit(_error_event(exc))
+        stream.emit({"type": "response.failed", "response": failed})
+
+    async def cancelled(self, turn: PreparedTurn) -> StoredResponse | None:
+        """The turn's response if it was cancelled; None otherwise, or if the database cannot say."""
+        try:
+            stored = await self.responses.get(turn.tenant, turn.response_id)
+        except Exception:
+            log.warning("could not read %s back", turn.response_id, exc_info=True)
+            return None
+        return stored if stored is not None and stored.status == "cancelled" else None
 
     # --- what a running turn holds ------------------------------------------------------------------
 

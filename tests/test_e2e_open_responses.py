@@ -146,6 +146,48 @@ def test_background_objects_conform(open_service: Service) -> None:
         conform("ResponseResource", reply.json())
 
 
+def _events(service: Service, method: str, path: str, **options: Any) -> list[dict[str, Any]]:
+    with service.http() as http, http.stream(method, path, **options) as reply:
+        assert reply.status_code == 200
+        return [event for _, event in sse_events(reply)]
+
+
+@pytest.mark.parametrize("turn", ["text", "tools", "reasoning"])
+def test_background_stream_events_conform(open_service: Service, turn: str) -> None:
+    body = {"model": MODEL, **TURNS[turn], "background": True, "stream": True}
+    created = _events(open_service, "POST", "/v1/responses", json=body)
+    path = f"/v1/responses/{created[0]['response']['id']}"
+    replayed = _events(open_service, "GET", path, params={"stream": "true"})
+    resumed = _events(open_service, "GET", path, params={"stream": "true", "starting_after": 2})
+    assert replayed == created and resumed == created[3:]
+    assert [event["type"] for event in created[:2]] == ["response.created", "response.queued"]
+    for event in created:
+        conform_event(event)
+    assert created[-1]["type"] in TERMINAL
+
+
+def test_a_cancelled_background_stream_conforms(open_service: Service, backend_admin: httpx.Client) -> None:
+    backend_admin.post("/admin/stream", json={"chunk_delay_ms": 200}).raise_for_status()
+    try:
+        body = {
+            "model": MODEL,
+            "input": "slowly",
+            "background": True,
+            "stream": True,
+            "max_output_tokens": 200,
+        }
+        with open_service.http() as http, http.stream("POST", "/v1/responses", json=body) as reply:
+            events = sse_events(reply)
+            _, created = next(events)
+            http.post(f"/v1/responses/{created['response']['id']}/cancel").raise_for_status()
+            rest = [event for _, event in events]
+    finally:
+        backend_admin.post("/admin/stream", json={}).raise_for_status()
+    assert rest[-1]["type"] == "response.failed" and rest[-1]["response"]["status"] == "cancelled"
+    for event in [created, *rest]:
+        conform_event(event)
+
+
 def _frames(socket: Any) -> Iterator[dict[str, Any]]:
     while True:
         frame = json.loads(socket.recv(timeout=30))

@@ -1,7 +1,8 @@
 """Several replicas, one service: three `convstate serve` processes on one Postgres behind a round-robin
 front, driven over HTTP with the openai SDK. A chain whose turns alternate replicas keeps every turn and
 its cache hits; a background response created on one replica is cancelled through another; a
-conversation's lock holds across replicas; a replica killed mid-turn loses nothing acknowledged; a rolling
+conversation's lock holds across replicas; a background stream created on one replica is followed and
+resumed through the others; a replica killed mid-turn loses nothing acknowledged; a rolling
 restart of every replica under load loses nothing acknowledged."""
 
 from __future__ import annotations
@@ -142,6 +143,29 @@ def test_a_background_response_created_on_one_replica_is_cancelled_through_anoth
         time.sleep(3.5)  # past the backend's reply: the worker on the first replica must not complete it
     assert first.responses.retrieve(queued.id).status == "cancelled"
     assert third.responses.retrieve(queued.id).output == []
+
+
+def test_a_background_stream_is_followed_and_resumed_through_other_replicas(
+    replicas: ReplicaSet, backend: ServerThread
+) -> None:
+    first, second, third = (client(replica.url, replicas.api_key) for replica in replicas.replicas)
+    httpx.post(f"{backend.url}/admin/stream", json={"chunk_delay_ms": 100}).raise_for_status()
+    try:
+        stream = first.responses.create(
+            model=MODEL, input="a long one", background=True, stream=True, max_output_tokens=40
+        )
+        iterator = iter(stream)
+        opening = next(iterator)
+        assert opening.type == "response.created"
+        followed = list(second.responses.retrieve(opening.response.id, stream=True))
+        created = [opening, *iterator]
+    finally:
+        httpx.post(f"{backend.url}/admin/stream", json={}).raise_for_status()
+    dumped = [event.model_dump(mode="json") for event in created]
+    assert [event.model_dump(mode="json") for event in followed] == dumped
+    assert dumped[-1]["type"] == "response.completed"
+    resumed = third.responses.retrieve(opening.response.id, stream=True, starting_after=3)
+    assert [event.model_dump(mode="json") for event in resumed] == dumped[4:]
 
 
 def _conversation_turn(url: str, api_key: str, conversation: str, text: str) -> httpx.Response:

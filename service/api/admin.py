@@ -273,8 +273,10 @@ async def stats(
 @router.post("/retention/run")
 async def run_retention(request: Request) -> schemas.RetentionRun:
     """A retention pass now, instead of waiting for the worker's next one."""
-    batch = request.app.state.settings.retention_batch
+    state = request.app.state
+    batch = state.settings.retention_batch
     return schemas.RetentionRun(
-        deleted_responses=await retention_pass(request.app.state.retention.purge, batch),
-        deleted_artifacts=await retention_pass(request.app.state.artifacts.purge, batch),
+        deleted_responses=await retention_pass(state.retention.purge, batch),
+        deleted_artifacts=await retention_pass(state.artifacts.purge, batch),
+        deleted_stream_events=await retention_pass(state.events.purge, batch),
     )

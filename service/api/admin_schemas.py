@@ -150,3 +150,4 @@ class Stats(BaseModel):
 class RetentionRun(BaseModel):
     deleted_responses: int
     deleted_artifacts: int
+    deleted_stream_events: int

@@ -57,12 +57,6 @@ def turn_request(
             )
     if body.background and not body.store:
         raise InvalidRequest("background responses require store=true.", param="background")
-    if body.background and body.stream:
-        raise InvalidRequest(
-            "Streaming a background response is not supported; create it, then poll GET /v1/responses/{id}.",
-            param="stream",
-            code="unsupported_value",
-        )
     if isinstance(body.input, list) and len(body.input) > max_items:
         raise InvalidRequest(
             f"'input' may hold at most {max_items} items.", param="input", code="too_many_items"
@@ -253,24 +247,43 @@ async def responses_socket(websocket: WebSocket) -> None:
             return
 
 
-@router.get("/{response_id}", responses=error_responses(404))
+@router.get(
+    "/{response_id}",
+    response_model=None,
+    responses={
+        200: {
+            "description": "The response object; with `stream=true`, its events as Server-Sent Events",
+            "content": {"text/event-stream": {}},
+        },
+        **error_responses(404),
+    },
+)
 async def get_response(
     response_id: str,
     tenant: Tenant,
-    store: Annotated[ResponseStore, Depends(response_store)],
+    turns: Annotated[Pipeline, Depends(pipeline)],
     stream: bool = False,
-) -> JSONBody:
-    if stream:
+    starting_after: Annotated[int | None, Query(ge=-1, le=2**31 - 1)] = None,
+) -> JSONBody | StreamingResponse:
+    stored = await turns.responses.get(tenant, response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    if not stream:
+        return JSONBody(response_object(stored))
+    if await turns.background.events.last(tenant, response_id) is None:
         # Refused loudly: answered as JSON, the SDK's retrieve(stream=True) would yield no events at all.
         raise InvalidRequest(
-            "Streaming a stored response is not supported; retrieve it without 'stream'.",
+            "Only a response created with background=true and stream=true can be streamed again; "
+            "retrieve it without 'stream'.",
             param="stream",
             code="unsupported_value",
         )
-    stored = await store.get(tenant, response_id)
-    if stored is None:
-        raise _not_found(response_id)
-    return JSONBody(response_object(stored))
+    after = -1 if starting_after is None else starting_after
+    return StreamingResponse(
+        _sse(turns.background.follow(tenant, response_id, after)),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache"},
+    )
 
 
 @router.delete("/{response_id}", responses=error_responses(404))

@@ -15,6 +15,15 @@ from service.domain.items import Item
 
 Event = dict[str, Any]
 
+# The events that end a response's stream.
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def terminal_event_type(status: str) -> str:
+    """The event that ends the stream of a response with this final status. OpenAI's events have no
+    cancelled one: a cancelled response ends its stream with `response.failed`, status `cancelled`."""
+    return "response.failed" if status == "cancelled" else f"response.{status}"
+
 
 class OutputBuilder:
     def __init__(self) -> None:

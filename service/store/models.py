@@ -148,6 +148,26 @@ INPUT_SEGMENT = 0
 OUTPUT_SEGMENT = 1
 
 
+class ResponseEvent(Base):
+    """One stream event of a background response created with `stream: true`, as it was emitted: any
+    replica replays them after a sequence number and follows the table until the terminal event."""
+
+    __tablename__ = "response_events"
+
+    response_id: Mapped[str] = mapped_column(
+        Id, ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(Id)
+    type: Mapped[str] = mapped_column(String(64))
+    event: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    created_at: Mapped[float] = mapped_column(Double)
+    # The response's own expiry: the retention worker deletes them then, whatever its lineage does.
+    expires_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index("ix_response_events_expires_at", "expires_at"),)
+
+
 class PrefixRecord(Base):
     """The hot-path row: what the backend rendered for one turn, as hashes and counts, and its handle."""
 

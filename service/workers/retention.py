@@ -1,5 +1,5 @@
-"""Deletes expired rows in bounded batches: responses (with their items and prefix records), and token
-artifacts, which expire sooner."""
+"""Deletes expired rows in bounded batches: responses (with their items and prefix records), token
+artifacts, which expire sooner, and the stream events of background responses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from service.store.artifacts import ArtifactStore
+from service.store.events import EventStore
 from service.store.retention import RetentionStore
 
 log = logging.getLogger("convstate.retention")
@@ -33,11 +34,16 @@ async def retention_pass(purge: Purge, batch: int) -> int:
 
 
 async def retain_forever(
-    responses: RetentionStore, artifacts: ArtifactStore, interval: float, batch: int
+    responses: RetentionStore, artifacts: ArtifactStore, events: EventStore, interval: float, batch: int
 ) -> None:
     """At start-up and then every `interval` seconds, until cancelled."""
     while True:
-        for what, purge in (("responses", responses.purge), ("token artifacts", artifacts.purge)):
+        purges = (
+            ("responses", responses.purge),
+            ("token artifacts", artifacts.purge),
+            ("stream events", events.purge),
+        )
+        for what, purge in purges:
             try:
                 deleted = await retention_pass(purge, batch)
                 if deleted:

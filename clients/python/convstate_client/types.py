@@ -116,6 +116,7 @@ class Stats(TypedDict):
 class RetentionRun(TypedDict):
     deleted_responses: int
     deleted_artifacts: int
+    deleted_stream_events: int
 
 
 class ReplayModelStats(TypedDict):
