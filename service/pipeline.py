@@ -655,6 +655,7 @@ class Pipeline:
             log.error("streamed turn %s failed", turn.response_id, exc_info=exc)
         failed = await self.fail(turn, exc, output)
         if isinstance(exc, LeaseLost) and (cancelled := await self.cancelled(turn)) is not None:
+            await self.release(turn)
             stream.emit({"type": terminal_event_type(cancelled.status), "response": cancelled})
             return
         stream.emit(_error_event(exc))

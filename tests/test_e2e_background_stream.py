@@ -108,6 +108,29 @@ def test_a_cancel_from_another_replica_ends_the_stream(
     assert follower[-1].sequence_number == rest[-1].sequence_number
 
 
+def test_a_cancelled_stream_frees_its_conversation(service: Service, backend_admin: httpx.Client) -> None:
+    client = service.openai()
+    conversation = client.conversations.create().id
+    with slow_stream(backend_admin, 200):
+        stream = client.responses.create(
+            model=MODEL,
+            input="a long one",
+            conversation=conversation,
+            background=True,
+            stream=True,
+            max_output_tokens=200,
+        )
+        events = iter(stream)
+        created = next(events)
+        assert created.type == "response.created"
+        while next(events).type != "response.output_text.delta":
+            pass
+        client.responses.cancel(created.response.id)
+        assert [event.type for event in events][-1] == "response.failed"
+    # The next turn goes through at once, not after the cancelled turn's lease.
+    assert client.responses.create(model=MODEL, input="next", conversation=conversation).status == "completed"
+
+
 def test_a_stream_whose_producer_died_still_ends(service: Service, pg_engine: AsyncEngine) -> None:
     """A response the reaper failed after its process died, with only its first events recorded."""
     events, responses = EventStore(pg_engine), ResponseStore(pg_engine)
