@@ -17,6 +17,7 @@ from service.config import AuthMode, Settings, load_settings
 from service.logs import configure_logging
 from service.pipeline import Pipeline
 from service.proxy import Proxy
+from service.replay import ReplayCache
 from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine
@@ -60,12 +61,15 @@ def create_app(settings: Settings) -> FastAPI:
         keys.cache_trusted = watcher.fresh
         await watcher.sync()
         events = EventStore(engine)
-        turns = Pipeline(settings, ResponseStore(engine), conversations, tenants, backend, watcher, events)
+        replay = ReplayStore(engine)
+        cache = ReplayCache(settings, backend, replay)
+        turns = Pipeline(
+            settings, ResponseStore(engine), conversations, tenants, backend, watcher, events, cache
+        )
         retention = RetentionStore(engine)
         artifacts = ArtifactStore(engine)
         queue = ArtifactQueue(settings.artifact_queue_size)
         writer = ArtifactWriter(queue, artifacts, settings.artifact_batch)
-        replay = ReplayStore(engine)
         app.state.engine = engine
         app.state.pipeline = turns
         app.state.conversations = conversations
@@ -77,7 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.retention = retention
         app.state.artifacts = artifacts
         app.state.replay = replay
-        app.state.proxy = Proxy(settings, backend, tenants, replay)
+        app.state.proxy = Proxy(settings, backend, tenants, cache)
         app.state.events = events
         loop = asyncio.get_running_loop()
         workers = [

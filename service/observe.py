@@ -32,6 +32,8 @@ class RequestStats:
     sql_statements: int = 0
     round_trips: int = 0
     backend_seconds: float = 0.0
+    # How the replay cache answered the request's backend call, if it was asked (x-convstate-cache).
+    cache: str | None = None
 
     def server_timing(self) -> str:
         total = (time.perf_counter() - self.started) * 1000
@@ -66,6 +68,12 @@ def _timed(stage: str) -> Iterator[None]:
                 stats.db_seconds += elapsed
             else:
                 stats.backend_seconds += elapsed
+
+
+def note_cache(result: str) -> None:
+    stats = current.get()
+    if stats is not None:
+        stats.cache = result
 
 
 def in_database() -> AbstractContextManager[None]:

@@ -41,6 +41,7 @@ from service.domain.items import Item, Segment, compaction_item
 from service.domain.output import OutputBuilder, terminal_event_type
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
 from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, truncated
+from service.domain.replay import CachePolicy
 from service.errors import (
     ContextLengthExceeded,
     ConvstateError,
@@ -49,6 +50,7 @@ from service.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from service.replay import ReplayCache
 from service.store.conversations import ConversationStore, ConversationTurn
 from service.store.events import EventStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
@@ -111,6 +113,8 @@ class TurnRequest:
     conversation_id: str | None = None
     # The `previous_response_id`, when the caller kept it unstored: continued without the database.
     unstored_parent: UnstoredTurn | None = None
+    # The replay cache, when the turn goes through it (answered whole only; service/replay.py).
+    replay: CachePolicy | None = None
 
 
 @dataclass(slots=True)
@@ -268,8 +272,10 @@ class Pipeline:
         backend: BackendClient,
         invalidations: InvalidationWatcher,
         events: EventStore,
+        replay: ReplayCache | None = None,
     ) -> None:
         self.settings = settings
+        self.replay = replay
         self.responses = responses
         self.conversations = conversations
         self.turns = TurnStore(responses.engine, responses, conversations)
@@ -537,7 +543,10 @@ class Pipeline:
 
     async def answer(self, turn: PreparedTurn) -> TurnResult:
         """Generate the whole reply (renewing what the turn holds meanwhile) and store it."""
-        reply, sent = await self._held(turn, self._send(turn, self.backend.chat))
+        chat: Callable[[dict[str, Any], dict[str, str]], Awaitable[ChatReply]] = self.backend.chat
+        if turn.request.replay is not None and self.replay is not None:
+            chat = self.replay.chat(turn.tenant, turn.request.replay)
+        reply, sent = await self._held(turn, self._send(turn, chat))
         builder = OutputBuilder()
         builder.whole(reply.content, reply.reasoning, reply.tool_calls, reply.logprobs)
         return await self._complete(turn, reply, sent, builder.finish(_status(reply)))

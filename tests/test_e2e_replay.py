@@ -279,3 +279,61 @@ async def stored_keys(engine: AsyncEngine, keys: list[str]) -> set[str]:
         return {
             row.key for row in await conn.execute(select(ReplayEntry.key).where(ReplayEntry.key.in_(keys)))
         }
+
+
+def test_a_responses_turn_goes_through_the_cache(replay_service: Service, backend: ServerThread) -> None:
+    client = replay_service.openai()
+    question = f"Responses {uuid.uuid4().hex}"
+    before = backend_calls(backend)
+    turns = [
+        client.responses.with_raw_response.create(
+            model=MODEL, input=question, instructions="Be brief.", temperature=0, extra_headers=USE
+        )
+        for _ in range(2)
+    ]
+    assert [turn.headers["x-convstate-cache"] for turn in turns] == ["miss", "hit"]
+    assert backend_calls(backend) == before + 1
+    first, second = (turn.parse() for turn in turns)
+    assert second.id != first.id and second.output_text == first.output_text
+    assert (
+        second.usage is not None
+        and second.usage.input_tokens_details.cached_tokens == second.usage.input_tokens
+    )
+    # The replayed turn is stored like any other: retrievable, and a parent (in full: it holds no handle).
+    assert client.responses.retrieve(second.id).output_text == first.output_text
+    child = client.responses.with_raw_response.create(
+        model=MODEL, input="And then?", previous_response_id=second.id, temperature=0
+    )
+    assert child.parse().status == "completed" and "x-convstate-cache" not in child.headers
+
+
+def test_a_responses_turn_keys_on_its_history(replay_service: Service, backend: ServerThread) -> None:
+    """The same input after two different histories is two entries."""
+    client = replay_service.openai()
+    parents = [
+        client.responses.create(model=MODEL, input=f"History {uuid.uuid4().hex}", temperature=0)
+        for _ in range(2)
+    ]
+    answers = [
+        client.responses.with_raw_response.create(
+            model=MODEL,
+            input="Same question",
+            previous_response_id=parent.id,
+            temperature=0,
+            extra_headers=USE,
+        ).headers["x-convstate-cache"]
+        for parent in parents
+    ]
+    assert answers == ["miss", "miss"]
+
+
+def test_sampled_and_streamed_responses_turns_are_not_cached(replay_service: Service) -> None:
+    client = replay_service.openai()
+    sampled = client.responses.with_raw_response.create(
+        model=MODEL, input=f"Sampled {uuid.uuid4().hex}", temperature=0.9, extra_headers=USE
+    )
+    assert sampled.headers["x-convstate-cache"] == "uncacheable"
+    with client.responses.with_streaming_response.create(
+        model=MODEL, input=f"Streamed {uuid.uuid4().hex}", temperature=0, stream=True, extra_headers=USE
+    ) as streamed:
+        assert "x-convstate-cache" not in streamed.headers

@@ -19,6 +19,7 @@ from service.domain.replay import (
     deterministic,
     replay_key,
     replayed,
+    turn_body,
 )
 from service.errors import InvalidRequest
 
@@ -238,3 +239,22 @@ def test_a_replayed_reply_has_a_new_id_and_every_prompt_token_cached() -> None:
         9,
     )
     assert stored["id"] == "chatcmpl-1"  # the stored reply is untouched
+
+
+def test_a_turn_body_names_its_history_by_content_not_by_handle() -> None:
+    body = {
+        **BASE,
+        "prompt_cache": {
+            "ref": "pc_1",
+            "tokens": 40,
+            "prefix_hash": "ab",
+            "fingerprint": "f",
+            "register": True,
+        },
+    }
+    other_handle = {**body, "prompt_cache": {**body["prompt_cache"], "ref": "pc_2", "register": False}}
+    other_history = {**body, "prompt_cache": {**body["prompt_cache"], "prefix_hash": "cd"}}
+    assert turn_body(body) == turn_body(other_handle)
+    assert turn_body(body) != turn_body(other_history)
+    # Asking for a handle on the full path leaves the same body as not asking.
+    assert turn_body({**BASE, "prompt_cache": {"register": True}}) == turn_body(BASE) == BASE

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisc
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from service import observe
 from service.api.body import CheckedRoute, parse_json
 from service.api.deps import authenticate, current_tenant, pipeline, response_store
 from service.api.errors import convstate_error_response, error_responses, validation_error
@@ -26,6 +27,7 @@ from service.api.schemas import (
     ListQuery,
 )
 from service.domain.items import normalize_input
+from service.domain.replay import HEADER, CachePolicy, Mode, cache_policy
 from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest, UnstoredTurn
 from service.store.responses import ResponseStore, StoredResponse
@@ -132,12 +134,27 @@ async def create_response(
             media_type="text/event-stream",
             headers={"x-convstate-decision": stream.decision.header, "cache-control": "no-cache"},
         )
+    turn.replay = await replay_policy(request, tenant, turn)
     result = await turns.create(tenant, turn)
     headers = {"x-convstate-decision": result.decision.header}
+    stats = observe.current.get()
+    if stats is not None and stats.cache is not None:
+        headers[HEADER] = stats.cache
     if result.prompt_digest:
         headers["x-convstate-prompt-digest"] = result.prompt_digest
     headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
     return JSONBody(response_object(result.response), headers=headers)
+
+
+async def replay_policy(request: Request, tenant: str, turn: TurnRequest) -> CachePolicy | None:
+    """A turn answered whole in the foreground goes through the replay cache when its header or its
+    tenant's default says so (streamed and background turns do not)."""
+    header = request.headers.get(HEADER)
+    if turn.background:
+        return None
+    opted_in = header is None and (await request.app.state.tenants.current(tenant)).replay_cache
+    policy = cache_policy(header, None, opted_in)
+    return None if policy.mode is Mode.BYPASS else policy
 
 
 # Fields of a `response.create` frame that only steer the socket, not the response.

@@ -4,7 +4,9 @@ Pure. The key is the SHA-256 of the canonical request:
 
     ["replay/1", endpoint, model identity, body]
 
-- `endpoint`: `chat.completions` or `completions`.
+- `endpoint`: `chat.completions`, `completions`, or `responses` for a Responses turn, whose body is the
+  chat-completions body the turn sends the backend (`turn_body`): its history is in it, whole or as the
+  cache reference's token count and prefix digest.
 - model identity: the backend's fingerprint parts for the model (model and weights revision, tokenizer,
   renderer, chat template, LoRA), as the `prompt_cache` extension of its model card reports them. A
   backend that reports none of them (upstream vLLM) leaves the model unidentified: its requests are
@@ -62,6 +64,7 @@ IDENTITY_PARTS = ("model", "tokenizer", "renderer", "chat_template", "lora")
 class Endpoint(StrEnum):
     CHAT = "chat.completions"
     COMPLETIONS = "completions"
+    RESPONSES = "responses"  # a Responses turn, keyed on the chat body it sends (turn_body)
 
 
 class Mode(StrEnum):
@@ -171,6 +174,18 @@ def replay_key(
         fingerprint=backend.backend_fingerprint if backend else None,
         refused=refused,
     )
+
+
+def turn_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses turn's backend body as its key sees it. A cache reference names the history by what it
+    holds (its token count, prefix digest and fingerprint), not by the handle that holds it, and asking
+    for a new handle changes nothing generated."""
+    reference = body.get("prompt_cache")
+    if not isinstance(reference, dict):
+        return dict(body)
+    held = {name: value for name, value in reference.items() if name not in ("ref", "register")}
+    rest = {name: value for name, value in body.items() if name != "prompt_cache"}
+    return {**rest, "prompt_cache": held} if held else rest
 
 
 def replayed(endpoint: Endpoint, stored: Mapping[str, Any], new_id: str, created: int) -> dict[str, Any]:
