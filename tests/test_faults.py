@@ -1,4 +1,5 @@
-"""Fault tests with real processes: `kill -9` of a service process mid-stream, a Postgres restart under
+"""Fault tests with real processes: `kill -9` of a service process mid-stream (and mid-background-stream,
+followed from another process), a Postgres restart under
 concurrent streamed turns, and SIGTERM. Afterwards every response id a client saw in `response.created`
 is retrievable with a terminal status, and no conversation stays locked 30 s after its holder died.
 
@@ -178,6 +179,39 @@ def test_kill_9_mid_stream(
             items = http.get(f"/v1/conversations/{conversation_id}/items?order=asc").json()
             # The dead turn appended nothing; the next one did.
             assert [item["role"] for item in items["data"]] == ["user", "assistant"]
+
+
+def test_kill_9_mid_background_stream_is_followed_to_its_end(
+    migrated_urls: dict[str, str], reference_backend: ServerThread, slow_streams: None
+) -> None:
+    """A background stream followed from another replica when the process running it dies: the follower
+    gets every event the dead process recorded, then a terminal event made once the reaper failed it."""
+    database_url = migrated_urls["postgres"]
+    with _serve(database_url, reference_backend.url, **FAST_RECOVERY) as survivor:
+        with _serve(database_url, reference_backend.url, **FAST_RECOVERY) as doomed:
+            turn = StreamedTurn(doomed.url, {"model": MODEL, "input": "a long story", "background": True})
+            assert turn.announced.wait(30) and turn.response_id, turn.status_code
+            deadline = time.monotonic() + 30
+            while "response.output_text.delta" not in turn.kinds:
+                assert time.monotonic() < deadline, turn.kinds
+                time.sleep(0.05)
+            followed: list[dict[str, Any]] = []
+
+            def follow() -> None:
+                with (
+                    _http(survivor) as http,
+                    http.stream("GET", f"/v1/responses/{turn.response_id}?stream=true") as reply,
+                ):
+                    followed.extend(event for _, event in sse_events(reply))
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            doomed.signal(signal.SIGKILL)
+        follower.join(timeout=60)
+        assert not follower.is_alive()
+    assert [event["sequence_number"] for event in followed] == list(range(len(followed)))
+    assert followed[-1]["type"] == "response.failed" and followed[-1]["response"]["status"] == "failed"
+    assert "response.output_text.delta" in [event["type"] for event in followed]
 
 
 def test_postgres_restart_under_concurrent_streams(
