@@ -184,6 +184,8 @@ def test_only_streamed_background_responses_stream_again(service: Service) -> No
     assert (raised.value.code, raised.value.param) == ("unsupported_value", "stream")
     with pytest.raises(openai.NotFoundError):
         list(client.responses.retrieve("resp_" + uuid.uuid4().hex, stream=True))
+    bad = service.http().get(f"/v1/responses/{polled.id}", params={"stream": "true", "starting_after": -2})
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "starting_after"), bad.text
 
 
 async def test_expired_events_are_deleted(pg_engine: AsyncEngine) -> None:
