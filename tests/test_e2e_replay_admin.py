@@ -190,3 +190,23 @@ def test_the_evaluation_guide_example_runs(service: Service, tenant: Credentials
     lines = [line.split(" ", 3) for line in ran.stdout.splitlines()]
     assert [(run, cache) for run, cache, _, _ in lines] == [("1", "miss")] * 3 + [("2", "hit")] * 3
     assert [text for _, _, _, text in lines[:3]] == [text for _, _, _, text in lines[3:]]
+
+
+def test_an_import_beyond_the_columns_range_is_a_400(service: Service, tenant: Credentials) -> None:
+    """An entry's byte count is stored in a 32-bit column: a larger one is refused, not a 500."""
+    entry = {
+        "tenant": tenant.tenant,
+        "key": "ab" * 32,
+        "endpoint": "chat",
+        "model": "ref-chatml",
+        "fingerprint": None,
+        "bytes": 2**32,
+        "created_at": time.time(),
+        "expires_at": time.time() + 60,
+        "request": {},
+        "result": {},
+    }
+    with service.http(service.admin_key) as http:
+        refused = http.post("/admin/v1/replay/import", json={"entries": [entry]})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "entries[0].bytes"

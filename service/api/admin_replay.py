@@ -60,9 +60,9 @@ class EntryBody(BaseModel):
     model: str = Field(max_length=256)
     fingerprint: str | None = Field(max_length=64)
     status: str = "ready"
-    bytes: int = Field(ge=0)
-    created_at: float
-    expires_at: float
+    bytes: int = Field(ge=0, le=2**31 - 1)
+    created_at: float = Field(ge=0)
+    expires_at: float = Field(ge=0)
     request: dict[str, Any]
     result: dict[str, Any]
 
