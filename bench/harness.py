@@ -536,11 +536,30 @@ def launch_service(database_url: str, backend_url: str, mode: str, **settings: o
     return launch_service_from(None, database_url, backend_url, mode, settings)
 
 
+def _provision(database_url: str, source: Path | None) -> str:
+    """A user key of tenant `bench`, made by the service's own code (another revision's tables may
+    differ from this checkout's)."""
+    if source is None:
+        return provision_key(database_url, "bench", Role.USER, "bench")
+    code = (
+        "from service.domain.auth import Role; from service.store.keys import provision_key; "
+        f"print(provision_key({database_url!r}, 'bench', Role.USER, 'bench'))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(source)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def launch_service_from(
     source: Path | None, database_url: str, backend_url: str, mode: str, settings: Mapping[str, object]
 ) -> Process:
     """`launch_service` of the service at `source` (another revision's tree), or this checkout's (None)."""
-    api_key = provision_key(database_url, "bench", Role.USER, "bench")
+    api_key = _provision(database_url, source)
     port = free_port()
     env = {
         "CONVSTATE_DATABASE_URL": database_url,
