@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 from service.errors import LeaseLost
 from service.observe import db_call
@@ -202,17 +203,21 @@ class TurnStore:
 
     async def _fetch(self, statement: _Statement, values: Mapping[str, Any]) -> list[Sequence[Any]]:
         """One statement, one round trip, on a pooled connection's asyncpg driver (no transaction: a
-        single statement commits on its own)."""
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
+        single statement commits on its own). The connection is taken from the pool bare, without the
+        SQLAlchemy connection around it (a third of the CPU of a statement this small)."""
+        pooled = await self.engine.raw_connection()
+        try:
+            driver = pooled.driver_connection
             assert driver is not None
             try:
                 return list(await driver.fetch(statement.sql, *statement.args(values)))
             except BaseException:
                 if driver.is_closed():
-                    await conn.invalidate()  # the pool must not hand a dead connection out again
+                    await greenlet_spawn(pooled.invalidate)  # never handed out again
                 raise
+        finally:
+            # Returning it may close it (past the pool's size), which SQLAlchemy does in a greenlet.
+            await greenlet_spawn(pooled.close)
 
     @db_call
     async def load_parent(self, tenant: str, response_id: str, now: float) -> ParentTurn | None:
