@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from service import observe
 
@@ -127,3 +128,23 @@ class StatementCounter:
 def autocommit(engine: AsyncEngine) -> AsyncEngine:
     """The same pool, without transactions: a single-statement read then costs no BEGIN/ROLLBACK."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Sequence[Any]]:
+    """One statement on Postgres, one round trip, on a pooled connection's asyncpg driver: no result
+    layer, and the connection taken from the pool bare, without the SQLAlchemy connection around it
+    (together most of the CPU of a small statement). No transaction: a single statement commits on its
+    own. `sql` uses asyncpg's $1 parameters; asyncpg prepares it once per connection."""
+    pooled = await engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        assert driver is not None
+        try:
+            return list(await driver.fetch(sql, *args))
+        except BaseException:
+            if driver.is_closed():
+                await greenlet_spawn(pooled.invalidate)  # never handed out again
+            raise
+    finally:
+        # Returning it may close it (past the pool's size), which SQLAlchemy does in a greenlet.
+        await greenlet_spawn(pooled.close)

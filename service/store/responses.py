@@ -31,10 +31,11 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.observe import db_call
-from service.store.db import autocommit
+from service.store.db import autocommit, fetch
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, Item, PrefixRecord, Response
 from service.store.unit import UnitOfWork
 
@@ -244,7 +245,9 @@ def _history(*, lookup: bool) -> Select[Any]:
     )
 
 
-_HISTORY_BY_LOOKUP = _history(lookup=True)
+# Run on the driver (store/db.py `fetch`): a deep history is hundreds of rows, and a result layer costs
+# per row. Its parameters, in order: response_id, tenant.
+_HISTORY_ASYNCPG = str(_history(lookup=True).compile(dialect=asyncpg_dialect()))  # type: ignore[no-untyped-call]
 _HISTORY_BY_JOIN = _history(lookup=False)
 _INSERT_RESPONSE = insert(Response)
 _INSERT_ITEMS = insert(Item)
@@ -295,10 +298,13 @@ class ResponseStore:
     async def history(self, tenant: str, response_id: str) -> list[tuple[bool, list[ItemPayload]]]:
         """Every segment of the lineage ending at `response_id`, oldest first: one query, whose cost
         follows the items it returns (the walk is one index lookup per ancestor, and so are its items)."""
-        query = _HISTORY_BY_LOOKUP if self._postgres else _HISTORY_BY_JOIN
-        params = {"response_id": response_id, "tenant": tenant}
-        async with self._reads.connect() as conn:
-            rows = (await conn.execute(query, params)).all()
+        rows: Sequence[Sequence[Any]]
+        if self._postgres:
+            rows = await fetch(self.engine, _HISTORY_ASYNCPG, response_id, tenant)
+        else:
+            async with self._reads.connect() as conn:
+                params = {"response_id": response_id, "tenant": tenant}
+                rows = (await conn.execute(_HISTORY_BY_JOIN, params)).all()
         segments: list[tuple[bool, list[ItemPayload]]] = []
         current: tuple[str, int] | None = None
         for response_ref, segment, payload in rows:

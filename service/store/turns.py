@@ -13,8 +13,7 @@ Whatever its depth, and in a conversation or not, a turn costs the database two 
 
 Rows travel as one JSON document per table, read by `jsonb_populate_record` into the table's own row
 type, so the statements are written once from the tables and a new column needs no SQL here. The
-statements run on the pool's asyncpg connection directly: they are prepared once per connection and
-their rows come back without a result layer.
+statements run on the pool's asyncpg connection directly (store/db.py `fetch`).
 
 SQLite (the embedded default) has no data-modifying CTEs: there the same steps run as separate
 statements in one transaction, through ResponseStore and ConversationStore.
@@ -29,11 +28,11 @@ from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
 from service.errors import LeaseLost
 from service.observe import db_call
 from service.store.conversations import ConversationStore, ConversationTurn, conversation_locked
+from service.store.db import fetch
 from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT
 from service.store.responses import (
     PREFIX_COLUMNS,
@@ -202,22 +201,7 @@ class TurnStore:
         self._postgres = engine.dialect.name == "postgresql"
 
     async def _fetch(self, statement: _Statement, values: Mapping[str, Any]) -> list[Sequence[Any]]:
-        """One statement, one round trip, on a pooled connection's asyncpg driver (no transaction: a
-        single statement commits on its own). The connection is taken from the pool bare, without the
-        SQLAlchemy connection around it (a third of the CPU of a statement this small)."""
-        pooled = await self.engine.raw_connection()
-        try:
-            driver = pooled.driver_connection
-            assert driver is not None
-            try:
-                return list(await driver.fetch(statement.sql, *statement.args(values)))
-            except BaseException:
-                if driver.is_closed():
-                    await greenlet_spawn(pooled.invalidate)  # never handed out again
-                raise
-        finally:
-            # Returning it may close it (past the pool's size), which SQLAlchemy does in a greenlet.
-            await greenlet_spawn(pooled.close)
+        return await fetch(self.engine, statement.sql, *statement.args(values))
 
     @db_call
     async def load_parent(self, tenant: str, response_id: str, now: float) -> ParentTurn | None:
