@@ -194,7 +194,7 @@ def test_the_evaluation_guide_example_runs(service: Service, tenant: Credentials
 
 def test_an_import_beyond_the_columns_range_is_a_400(service: Service, tenant: Credentials) -> None:
     """An entry's byte count is stored in a 32-bit column: a larger one is refused, not a 500."""
-    entry = {
+    entry: dict[str, Any] = {
         "tenant": tenant.tenant,
         "key": "ab" * 32,
         "endpoint": "chat",
