@@ -197,7 +197,7 @@ def test_an_import_beyond_the_columns_range_is_a_400(service: Service, tenant: C
     entry: dict[str, Any] = {
         "tenant": tenant.tenant,
         "key": "ab" * 32,
-        "endpoint": "chat",
+        "endpoint": "chat.completions",
         "model": "ref-chatml",
         "fingerprint": None,
         "bytes": 2**32,
@@ -210,3 +210,21 @@ def test_an_import_beyond_the_columns_range_is_a_400(service: Service, tenant: C
         refused = http.post("/admin/v1/replay/import", json={"entries": [entry]})
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == "entries[0].bytes"
+
+
+def test_an_import_takes_a_key_twice_once_and_refuses_what_the_table_cannot_hold(
+    service: Service, tenant: Credentials
+) -> None:
+    admin = service.admin()
+    key = cached_chat(service, "ref-chatml", tenant.user_key).headers["x-convstate-cache-key"]
+    (stored,) = admin.replay_entries(tenant.tenant, whole=True)["data"]
+    entry: Any = dict(stored)
+    newer: Any = {**entry, "created_at": entry["created_at"] + 1, "result": {"id": "newer"}}
+    assert admin.replay_import([entry, newer])["imported"] == 1
+    assert admin.replay_entries(tenant.tenant, whole=True)["data"][0]["result"] == {"id": "newer"}
+    bad: Any
+    for bad in ({"bytes": 2**31}, {"endpoint": "embeddings"}, {"status": "pending"}, {"key": key[:10]}):
+        broken: Any = {**entry, **bad}
+        with pytest.raises(ApiError) as refused:
+            admin.replay_import([broken])
+        assert refused.value.status == 400, bad

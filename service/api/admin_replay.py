@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,12 +54,12 @@ class EntryBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str = Field(max_length=64)
+    tenant: str = Field(min_length=1, max_length=64)
     key: str = Field(pattern=r"^[0-9a-f]{64}$")
-    endpoint: str = Field(max_length=32)
+    endpoint: Literal["chat.completions", "completions", "responses"]
     model: str = Field(max_length=256)
     fingerprint: str | None = Field(max_length=64)
-    status: str = "ready"
+    status: Literal["ready"] = "ready"
     bytes: int = Field(ge=0, le=2**31 - 1)
     created_at: float = Field(ge=0)
     expires_at: float = Field(ge=0)
@@ -177,5 +177,11 @@ async def delete(body: DeleteBody, request: Request) -> Deleted:
 @router.post("/import")
 async def import_entries(body: ImportBody, request: Request) -> Imported:
     """Entries as exported (up to 1,000 a call), stored ready; an existing entry keeps the newer one."""
-    loaded = [Entry(**{**entry.model_dump(), "status": "ready"}) for entry in body.entries]
+    # One row per key: a batch that holds a key twice keeps the newer.
+    newest: dict[tuple[str, str], EntryBody] = {}
+    for entry in body.entries:
+        kept = newest.get((entry.tenant, entry.key))
+        if kept is None or entry.created_at > kept.created_at:
+            newest[entry.tenant, entry.key] = entry
+    loaded = [Entry(**entry.model_dump()) for entry in newest.values()]
     return Imported(imported=await _store(request).load(loaded))
