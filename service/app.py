@@ -10,12 +10,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import admin, admin_replay, completions, conversations, errors, health, responses
+from service.api import (
+    admin,
+    admin_replay,
+    completions,
+    conversations,
+    errors,
+    health,
+    prefixes,
+    responses,
+)
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
 from service.logs import configure_logging
 from service.pipeline import Pipeline
+from service.prefixes import Prefixes
 from service.proxy import Proxy
 from service.replay import ReplayCache
 from service.store.artifacts import ArtifactStore
@@ -25,6 +35,7 @@ from service.store.events import EventStore
 from service.store.inspect import InspectStore
 from service.store.invalidations import InvalidationStore
 from service.store.keys import KeyStore
+from service.store.prefixes import PrefixStore
 from service.store.replay import ReplayStore
 from service.store.responses import ResponseStore
 from service.store.retention import RetentionStore
@@ -81,7 +92,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.retention = retention
         app.state.artifacts = artifacts
         app.state.replay = replay
-        app.state.proxy = Proxy(settings, backend, tenants, cache)
+        named = Prefixes(backend, tenants, PrefixStore(engine))
+        app.state.prefixes = named
+        app.state.proxy = Proxy(settings, backend, tenants, cache, named)
         app.state.events = events
         loop = asyncio.get_running_loop()
         workers = [
@@ -124,6 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(conversations.router)
     app.include_router(completions.router)
+    app.include_router(prefixes.router)
     app.include_router(admin.router)
     app.include_router(admin_replay.router)
     return app

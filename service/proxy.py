@@ -4,6 +4,7 @@ tenant's cache salt, answered from the replay cache when the request asks for it
 One request (`Proxy.serve`):
 
 1. **Policy** (`domain.replay.cache_policy`): `use`, `bypass` or `refresh`, and whether to `force`.
+   A named prefix (`convstate_prefix`) is applied to the body first: what follows sees what is sent.
    `bypass` forwards at once and touches no row.
 2. **Key** (`ReplayCache.key`): the model's identity from the backend's card and the canonical request.
    A request the cache refuses (sampling without a seed, an unidentified model) is forwarded.
@@ -24,6 +25,8 @@ from typing import Any
 from service.backends.client import BackendClient
 from service.config import Settings
 from service.domain.completions import Assembler, replay_chunks
+from service.domain.prefixes import EXTENSION as PREFIX
+from service.domain.prefixes import apply_to_chat
 from service.domain.replay import (
     EXTENSION,
     CachePolicy,
@@ -34,6 +37,7 @@ from service.domain.replay import (
     id_prefix,
     replayed,
 )
+from service.prefixes import Prefixes
 from service.replay import Hit, ReplayCache, TimedOut, count
 from service.store.replay import Claim
 from service.store.tenants import TenantStore
@@ -69,12 +73,18 @@ class _Call:
 
 class Proxy:
     def __init__(
-        self, settings: Settings, backend: BackendClient, tenants: TenantStore, cache: ReplayCache
+        self,
+        settings: Settings,
+        backend: BackendClient,
+        tenants: TenantStore,
+        cache: ReplayCache,
+        prefixes: Prefixes,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.tenants = tenants
         self.cache = cache
+        self.prefixes = prefixes
 
     async def serve(
         self,
@@ -86,6 +96,8 @@ class Proxy:
     ) -> Answer:
         stored = await self.tenants.current(tenant)
         policy = cache_policy(header, body.get(EXTENSION), stored.replay_cache)
+        if (named := body.get(PREFIX)) is not None:
+            body = apply_to_chat(body, await self.prefixes.named(tenant, named))
         forwarded = {name: value for name, value in body.items() if name != EXTENSION}
         forwarded["cache_salt"] = stored.cache_salt
         options = forwarded.get("stream_options")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ class Ids:
     item: str
     key: str
     tenant: str
+    prefix: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,12 @@ def _owned(service: Service) -> Ids:
     item = client.conversations.items.list(conversation.id).data[0].id
     assert item is not None
     key = service.admin().keys(service.tenant)["data"][0]["id"]
-    return Ids(response.id, conversation.id, item, key, service.tenant)
+    prefix = f"mine-{uuid.uuid4().hex[:8]}"
+    with service.http() as http:
+        http.post(
+            "/v1/prefixes", json={"name": prefix, "model": MODEL, "instructions": "Mine."}
+        ).raise_for_status()
+    return Ids(response.id, conversation.id, item, key, service.tenant, prefix)
 
 
 def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
@@ -65,6 +72,7 @@ def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
         ("POST", "/v1/responses"): [
             Probe(previous, 400, "previous_response_not_found"),
             Probe({"model": MODEL, "input": "x", "conversation": ids.conversation}, 404),
+            Probe({"model": MODEL, "input": "x", "convstate_prefix": ids.prefix}, 400, "prefix_not_found"),
         ],
         ("WS", "/v1/responses"): [
             Probe(previous, 400, "previous_response_not_found"),
@@ -91,6 +99,11 @@ def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
             Probe({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, 200)
         ],
         ("POST", "/v1/completions"): [Probe({"model": MODEL, "prompt": "x"}, 200)],
+        # Registers the caller's own prefix; naming the first tenant's is refused like an unknown one.
+        ("POST", "/v1/prefixes"): [Probe({"name": "theirs", "model": MODEL, "instructions": "Theirs."}, 200)],
+        ("GET", "/v1/prefixes"): [Probe(None, 200)],
+        ("GET", "/v1/prefixes/{name}"): not_found,
+        ("DELETE", "/v1/prefixes/{name}"): not_found,
         **{
             route: admin
             for route in [
@@ -148,6 +161,7 @@ def _fill(path: str, ids: Ids) -> str:
         "item_id": ids.item,
         "key_id": ids.key,
         "tenant_id": ids.tenant,
+        "name": ids.prefix,
     }
     return re.sub(r"\{(\w+)\}", lambda match: values[match.group(1)], path)
 

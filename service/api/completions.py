@@ -18,6 +18,7 @@ from service.api.body import CheckedRoute
 from service.api.deps import current_tenant
 from service.api.errors import envelope, error_responses
 from service.api.json import JSONBody
+from service.domain.prefixes import EXTENSION as PREFIX
 from service.domain.replay import HEADER, Endpoint
 from service.errors import ConvstateError, InvalidRequest
 from service.proxy import Answer, Proxy
@@ -100,6 +101,12 @@ def check_body(endpoint: Endpoint, body: Any) -> dict[str, Any]:
         )
     if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
         raise InvalidRequest("'stream' must be a boolean.", param="stream", code="invalid_type")
+    if PREFIX in body and (endpoint is not Endpoint.CHAT or not isinstance(body[PREFIX], str)):
+        raise InvalidRequest(
+            f"'{PREFIX}' names a prefix (a string), on chat completions only.",
+            param=PREFIX,
+            code="invalid_value",
+        )
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest(

@@ -27,6 +27,7 @@ from service.api.schemas import (
     ListQuery,
 )
 from service.domain.items import normalize_input
+from service.domain.prefixes import apply_to_responses
 from service.domain.replay import HEADER, CachePolicy, Mode, cache_policy
 from service.errors import Conflict, ConvstateError, InvalidRequest, NotFound
 from service.pipeline import ECHOED_SETTINGS, Pipeline, TurnRequest, UnstoredTurn
@@ -126,6 +127,8 @@ async def create_response(
     tenant: Tenant,
     turns: Annotated[Pipeline, Depends(pipeline)],
 ) -> JSONBody | StreamingResponse:
+    if body.convstate_prefix is not None:
+        body = await with_prefix(request, tenant, body.convstate_prefix)
     turn = turn_request(body, request.state.request_id, request.app.state.settings.max_input_items)
     if body.stream:
         stream = await turns.stream(tenant, turn)
@@ -144,6 +147,15 @@ async def create_response(
         headers["x-convstate-prompt-digest"] = result.prompt_digest
     headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
     return JSONBody(response_object(result.response), headers=headers)
+
+
+async def with_prefix(request: Request, tenant: str, name: str) -> CreateResponseBody:
+    """The request's body as sent, with its named prefix applied (domain/prefixes.py)."""
+    prefix = await request.app.state.prefixes.named(tenant, name)
+    try:
+        return CreateResponseBody.model_validate(apply_to_responses(await request.json(), prefix))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 async def replay_policy(request: Request, tenant: str, turn: TurnRequest) -> CachePolicy | None:

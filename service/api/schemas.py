@@ -120,6 +120,8 @@ class CreateResponseBody(_Strict):
     conversation: ConversationId | ConversationRef | None = None
     # Accepted and echoed: this service keeps its prefix handles as long as the backend does.
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    # This service's extension: start with a named prefix (POST /v1/prefixes; domain/prefixes.py).
+    convstate_prefix: Annotated[str, Field(max_length=64)] | None = None
     # Fields of OpenAI's API this service refuses with 400 `unsupported_parameter` (UNSUPPORTED_FIELDS).
     prompt: Any = None
     prompt_cache_options: Any = None

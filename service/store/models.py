@@ -294,3 +294,19 @@ class ReplayEntry(Base):
         Index("ix_replay_cache_model", "model", "fingerprint"),
         Index("ix_replay_cache_created", "created_at"),
     )
+
+
+class NamedPrefix(Base):
+    """A named prefix of a tenant: instructions, tools and initial input items as registered."""
+
+    __tablename__ = "prefixes"
+
+    tenant: Mapped[str] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(Id, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))
+    instructions: Mapped[str | None] = mapped_column(Text)
+    tools: Mapped[list[Any] | None] = mapped_column(JsonType)
+    input: Mapped[list[Any]] = mapped_column(JsonType)
+    # What the backend counted when the prefix was warmed up.
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Double)
