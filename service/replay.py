@@ -206,7 +206,7 @@ class ReplayCache:
 
 # What of a chat reply a Responses turn keeps: everything its output and usage are made of. The handle
 # and the bytes sent belong to the call that made it; a replayed reply has neither.
-_KEPT = (
+TURN_REPLY_FIELDS = (
     "content",
     "reasoning",
     "tool_calls",
@@ -220,12 +220,12 @@ _KEPT = (
 
 
 def _reply_record(reply: ChatReply) -> dict[str, Any]:
-    return {name: getattr(reply, name) for name in _KEPT}
+    return {name: getattr(reply, name) for name in TURN_REPLY_FIELDS}
 
 
 def _replayed_reply(record: dict[str, Any]) -> ChatReply:
     """Every prompt token counted as cached: none was computed."""
-    kept = {name: record[name] for name in _KEPT}
+    kept = {name: record[name] for name in TURN_REPLY_FIELDS}
     return ChatReply(**kept, cached_tokens=kept["prompt_tokens"], handle=None, bytes_sent=0)
 
 

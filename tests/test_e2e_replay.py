@@ -299,6 +299,15 @@ def test_a_responses_turn_goes_through_the_cache(replay_service: Service, backen
         second.usage is not None
         and second.usage.input_tokens_details.cached_tokens == second.usage.input_tokens
     )
+    # Its entry exports and imports back like any other.
+    admin = replay_service.admin()
+    page = admin.replay_entries(replay_service.tenant, whole=True, limit=1000)["data"]
+    (entry,) = [
+        row
+        for row in page
+        if row["endpoint"] == "responses" and row["result"]["content"] == first.output_text
+    ]
+    assert admin.replay_import([entry])["imported"] == 1
     # The replayed turn is stored like any other: retrievable, and a parent (in full: it holds no handle).
     assert client.responses.retrieve(second.id).output_text == first.output_text
     child = client.responses.with_raw_response.create(

@@ -223,7 +223,13 @@ def test_an_import_takes_a_key_twice_once_and_refuses_what_the_table_cannot_hold
     assert admin.replay_import([entry, newer])["imported"] == 1
     assert admin.replay_entries(tenant.tenant, whole=True)["data"][0]["result"] == {"id": "newer"}
     bad: Any
-    for bad in ({"bytes": 2**31}, {"endpoint": "embeddings"}, {"status": "pending"}, {"key": key[:10]}):
+    for bad in (
+        {"bytes": 2**31},
+        {"endpoint": "embeddings"},
+        {"status": "pending"},
+        {"key": key[:10]},
+        {"endpoint": "responses"},  # a chat completion is not what a Responses turn is rebuilt from
+    ):
         broken: Any = {**entry, **bad}
         with pytest.raises(ApiError) as refused:
             admin.replay_import([broken])

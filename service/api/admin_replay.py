@@ -17,6 +17,7 @@ from service.api.body import CheckedRoute
 from service.api.deps import admin
 from service.api.errors import error_responses
 from service.errors import InvalidRequest
+from service.replay import TURN_REPLY_FIELDS
 from service.store.replay import Entry, ReplayStore, Selection
 
 router = APIRouter(
@@ -179,7 +180,15 @@ async def import_entries(body: ImportBody, request: Request) -> Imported:
     """Entries as exported (up to 1,000 a call), stored ready; an existing entry keeps the newer one."""
     # One row per key: a batch that holds a key twice keeps the newer.
     newest: dict[tuple[str, str], EntryBody] = {}
-    for entry in body.entries:
+    for index, entry in enumerate(body.entries):
+        missing = set(TURN_REPLY_FIELDS) - set(entry.result) if entry.endpoint == "responses" else set()
+        if missing:
+            # A Responses turn is rebuilt from these on a hit: refused here, not answered wrong later.
+            raise InvalidRequest(
+                f"A 'responses' entry's result needs '{sorted(missing)[0]}'.",
+                param=f"entries[{index}].result",
+                code="invalid_value",
+            )
         kept = newest.get((entry.tenant, entry.key))
         if kept is None or entry.created_at > kept.created_at:
             newest[entry.tenant, entry.key] = entry
