@@ -16,6 +16,8 @@ from service.domain.policy import (
     Reason,
     backend_miss,
     decide,
+    reseedable,
+    reseeded,
     truncated,
 )
 
@@ -33,6 +35,7 @@ PARENT = ParentPrefix(
     covers_output=True,
     created_at=NOW - 10,
     conversation_version=None,
+    session_token="bGxtLWQvcG9kLTA=",
 )
 BASE = DecisionInputs(
     mode=BackendMode.CACHE_REF,
@@ -44,6 +47,9 @@ BASE = DecisionInputs(
     backend_epoch="epoch-1",
     now=NOW,
 )
+
+
+AFFINITY = dataclasses.replace(BASE, mode=BackendMode.AFFINITY)
 
 
 def _with_parent(**changes: object) -> DecisionInputs:
@@ -58,6 +64,37 @@ CASES: list[tuple[str, DecisionInputs, Path, str]] = [
     ("hit", BASE, Path.CACHE_REF, "hit"),
     ("hit, handle before the parent's output", _with_parent(covers_output=False), Path.CACHE_REF, "hit"),
     ("affinity hit", dataclasses.replace(BASE, mode=BackendMode.AFFINITY), Path.AFFINITY, "hit"),
+    # The session token routes; it needs no handle (llm-d with an unmodified vLLM has none).
+    (
+        "affinity without a handle",
+        dataclasses.replace(AFFINITY, parent=dataclasses.replace(PARENT, handle_ref=None, handle_epoch=None)),
+        Path.AFFINITY,
+        "hit",
+    ),
+    (
+        "affinity without a session token",
+        dataclasses.replace(AFFINITY, parent=dataclasses.replace(PARENT, session_token=None)),
+        Path.FULL,
+        "no_session_token",
+    ),
+    (
+        "affinity after an invalidation",
+        dataclasses.replace(AFFINITY, parent=dataclasses.replace(PARENT, valid=False)),
+        Path.FULL,
+        "invalidated",
+    ),
+    (
+        "affinity after an edit",
+        dataclasses.replace(AFFINITY, conversation_version=2),
+        Path.FULL,
+        "history_edited",
+    ),
+    (
+        "affinity after a fingerprint change",
+        dataclasses.replace(AFFINITY, current_parts={**PARTS_OK, "chat_template": "other"}),
+        Path.FULL,
+        "fingerprint_mismatch:chat_template",
+    ),
     ("canary", dataclasses.replace(BASE, canary=True), Path.CACHE_REF, "canary"),
     ("mode full", dataclasses.replace(BASE, mode=BackendMode.FULL), Path.FULL, "mode_full"),
     (
@@ -124,6 +161,7 @@ def test_every_reason_is_reachable() -> None:
     produced = {decide(case[1]).reason for case in CASES} | {
         backend_miss("unknown_ref").reason,
         truncated(2).reason,
+        reseeded(backend_miss("unknown_ref")).reason,
     }
     assert produced == set(Reason)
 
@@ -136,3 +174,29 @@ def test_every_fingerprint_part_is_checked() -> None:
 def test_header_format() -> None:
     assert Decision(Path.CACHE_REF, Reason.HIT).header == "cache_ref; reason=hit"
     assert backend_miss("expired").header == "full; reason=backend_miss:expired"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        (BASE, True),  # a hit whose handle the backend then refuses
+        (dataclasses.replace(BASE, backend_epoch="epoch-2"), True),
+        (_with_parent(handle_expires_at=NOW), True),
+        (
+            dataclasses.replace(BASE, backend_epoch="epoch-2", current_parts={**PARTS_OK, "tokenizer": "x"}),
+            False,
+        ),
+        (dataclasses.replace(BASE, backend_epoch="epoch-2", current_parts={**PARTS_OK, "lora": None}), False),
+        (_with_parent(valid=False), False),
+        (_with_parent(covers_output=None), False),
+        (dataclasses.replace(BASE, conversation_version=3), False),
+        (dataclasses.replace(BASE, backend_epoch=None), False),
+        (AFFINITY, False),
+    ],
+)
+def test_reseed_only_when_the_handle_alone_failed(inputs: DecisionInputs, expected: bool) -> None:
+    assert reseedable(inputs, decide(inputs)) is expected
+
+
+def test_a_reseed_says_what_it_replaced() -> None:
+    assert reseeded(backend_miss("unknown_ref")).header == "cache_ref; reason=reseed:backend_miss:unknown_ref"

@@ -15,9 +15,17 @@ from typing import Any
 
 import xxhash
 
-from service.domain.fingerprint import SAMPLING_FIELDS, BackendModelInfo, turn_parts
+from service.domain.fingerprint import SAMPLING_FIELDS, BackendModelInfo, combined_fingerprint, turn_parts
 from service.domain.items import ChatMessage, Item, Segment, history_messages, segment_messages
-from service.domain.policy import BackendMode, Decision, DecisionInputs, ParentPrefix, Path, decide
+from service.domain.policy import (
+    BackendMode,
+    Decision,
+    DecisionInputs,
+    ParentPrefix,
+    Path,
+    decide,
+    reseedable,
+)
 from service.errors import InvalidRequest
 
 # A parent in one of these states has no output yet: a child would render a history without it.
@@ -25,6 +33,10 @@ IN_FLIGHT = frozenset({"queued", "in_progress"})
 # States whose output is whole as stored: `incomplete` was cut by max_output_tokens, and its handle
 # covers exactly the text that was stored. A failed or cancelled turn never offers its handle.
 OFFERS_HANDLE = frozenset({"completed", "incomplete"})
+# llm-d's session-affinity hints (see service/backends/reference/router.py for what llm-d does).
+SESSION_ID_HEADER = "x-session-id"
+SESSION_TOKEN_HEADER = "x-session-token"
+SESSION_COOKIE = "llm-d-session"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,10 @@ class TurnInputs:
     now: float
     canary: bool = False
     invalidated_since: float | None = None
+    # The lineage's first response (this turn's own id for a first turn): names its llm-d session.
+    lineage_root: str | None = None
+    # Ask the backend for the token ids of a stored turn (for its token artifact).
+    token_ids: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,12 @@ class TurnPlan:
     # the parent's record). The record stores sent_parts(body) instead, from what was really sent.
     parts: dict[str, str | None]
     cache_body: dict[str, Any] | None = field(default=None)
+    # Routing hints for llm-d, sent as headers with whichever body goes.
+    headers: dict[str, str] = field(default_factory=dict)
+    # When the parent's handle fails or is gone: the cache body without its prefix, to be completed by
+    # `seed_body` with the parent's token ids (their fingerprint must be `seed_fingerprint`).
+    seed_base: dict[str, Any] | None = None
+    seed_fingerprint: str | None = None
 
     def full_body(self, history: Sequence[Segment]) -> dict[str, Any]:
         """The whole history, then this turn's input, with the request's instructions first."""
@@ -93,6 +115,13 @@ class TurnPlan:
         body["messages"] = history_messages(self.render.instructions, history)
         return body
 
+    def seed_body(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> dict[str, Any]:
+        """The seed base with the parent's ids in place of its handle (docs/backend-protocol.md)."""
+        assert self.seed_base is not None
+        cache = self.seed_base["prompt_cache"]
+        seed = {**cache["seed"], "prompt_token_ids": prompt_ids, "output_token_ids": output_ids}
+        return {**self.seed_base, "prompt_cache": {**cache, "seed": seed}}
+
     def sent_parts(self, body: Mapping[str, Any]) -> dict[str, str | None]:
         """The fingerprint of `body`, which this plan built: the record's parts. The cache body adds to the
         input only the parent's assistant output, which holds no media, so its parts are the plan's own
@@ -100,6 +129,11 @@ class TurnPlan:
         if body is self.cache_body:
             return self.parts
         return _parts(self.backend, self.render, body["messages"])
+
+
+def session_id(lineage_root: str) -> str:
+    """A stable llm-d session id per lineage that reveals no response id."""
+    return "cs-" + xxhash.xxh3_64_hexdigest(lineage_root.encode())
 
 
 def cache_salt_id(salt: str) -> str:
@@ -126,39 +160,82 @@ def plan_turn(inputs: TurnInputs) -> TurnPlan:
         )
     input_messages = segment_messages(render.input)
     base: dict[str, Any] = {"model": render.model, "cache_salt": render.cache_salt, **render.settings}
+    if inputs.store and inputs.token_ids:
+        # The ids go to the token artifacts (reseed, append-safety, diagnostics); a sampling field.
+        base["return_token_ids"] = True
     if inputs.mode is not BackendMode.FULL and inputs.store:
         base["prompt_cache"] = {"register": True}
     parts = _parts(inputs.backend, render, input_messages)
     backend = inputs.backend
-    decision = decide(
-        DecisionInputs(
-            mode=inputs.mode,
-            has_parent=inputs.has_parent,
-            store=inputs.store,
-            parent=parent.prefix if parent is not None else None,
-            parent_completed=parent is not None and parent.status in OFFERS_HANDLE,
-            current_parts=parts,
-            backend_epoch=backend.epoch if backend else None,
-            now=inputs.now,
-            invalidated_since=inputs.invalidated_since,
-            conversation_version=inputs.conversation_version,
-            canary=inputs.canary,
-        )
+    decision_inputs = DecisionInputs(
+        mode=inputs.mode,
+        has_parent=inputs.has_parent,
+        store=inputs.store,
+        parent=parent.prefix if parent is not None else None,
+        parent_completed=parent is not None and parent.status in OFFERS_HANDLE,
+        current_parts=parts,
+        backend_epoch=backend.epoch if backend else None,
+        now=inputs.now,
+        invalidated_since=inputs.invalidated_since,
+        conversation_version=inputs.conversation_version,
+        canary=inputs.canary,
     )
-    plan = TurnPlan(decision, render, backend, input_messages, base, parts)
-    if decision.path is not Path.CACHE_REF or parent is None or parent.prefix is None:
+    decision = decide(decision_inputs)
+    headers = _routing_headers(inputs, decision)
+    plan = TurnPlan(decision, render, backend, input_messages, base, parts, headers=headers)
+    if parent is None or parent.prefix is None:
         return plan
     record = parent.prefix
     marginal = [] if record.covers_output else segment_messages(parent.output, output=True)
-    cache_body = {
-        **base,
-        "messages": [*marginal, *input_messages],
-        "prompt_cache": {
-            "ref": record.handle_ref,
-            "tokens": record.safe_tokens,
-            "prefix_hash": record.prefix_hash,
-            "fingerprint": record.backend_fingerprint,
-            "register": "prompt_cache" in base,
-        },
-    }
-    return TurnPlan(decision, render, backend, input_messages, base, parts, cache_body)
+    register = "prompt_cache" in base
+    cache_body = None
+    if decision.path is Path.CACHE_REF:
+        cache_body = {
+            **base,
+            "messages": [*marginal, *input_messages],
+            "prompt_cache": {
+                "ref": record.handle_ref,
+                "tokens": record.safe_tokens,
+                "prefix_hash": record.prefix_hash,
+                "fingerprint": record.backend_fingerprint,
+                "register": register,
+            },
+        }
+    seed_base = None
+    if backend is not None and backend.seeds and reseedable(decision_inputs, decision):
+        seed_base = {
+            **base,
+            "messages": [*marginal, *input_messages],
+            "prompt_cache": {
+                "seed": {"covers_output": record.covers_output},
+                "fingerprint": record.backend_fingerprint,
+                "register": register,
+            },
+        }
+    return TurnPlan(
+        decision,
+        render,
+        backend,
+        input_messages,
+        base,
+        parts,
+        cache_body,
+        headers,
+        seed_base,
+        combined_fingerprint(record.fingerprint_parts or {}) if seed_base is not None else None,
+    )
+
+
+def _routing_headers(inputs: TurnInputs, decision: Decision) -> dict[str, str]:
+    """In affinity mode: the lineage's session id always, and the parent's session token while its
+    record holds (an invalidation, a fingerprint change or an edit decides full and drops it)."""
+    if inputs.mode is not BackendMode.AFFINITY or inputs.lineage_root is None:
+        return {}
+    headers = {SESSION_ID_HEADER: session_id(inputs.lineage_root)}
+    parent = inputs.parent
+    token = parent.prefix.session_token if parent is not None and parent.prefix is not None else None
+    if decision.path is Path.AFFINITY and token is not None:
+        # llm-d reads it as a header (earlier versions) or its cookie (current ones).
+        headers[SESSION_TOKEN_HEADER] = token
+        headers["cookie"] = f"{SESSION_COOKIE}={token}"
+    return headers

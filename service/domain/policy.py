@@ -50,6 +50,8 @@ class Reason(StrEnum):
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     BACKEND_MISS = "backend_miss"
     TRUNCATED = "truncated"
+    NO_SESSION_TOKEN = "no_session_token"
+    RESEED = "reseed"
 
 
 _PART_REASONS = {
@@ -90,6 +92,8 @@ class ParentPrefix:
     covers_output: bool | None
     created_at: float
     conversation_version: int | None
+    # llm-d's session token from the parent's reply: the replica that holds the lineage's KV.
+    session_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,49 +124,99 @@ def first_part_difference(
     return None
 
 
-def decide(inputs: DecisionInputs) -> Decision:
-    def full(reason: Reason, detail: str | None = None) -> Decision:
-        return Decision(Path.FULL, reason, detail)
+def _full(reason: Reason, detail: str | None = None) -> Decision:
+    return Decision(Path.FULL, reason, detail)
 
+
+def _lineage(inputs: DecisionInputs) -> Decision | None:
+    """FULL unless the turn continues a stored, completed, valid and unedited parent record."""
     if inputs.mode is BackendMode.FULL:
-        return full(Reason.MODE_FULL)
+        return _full(Reason.MODE_FULL)
     if not inputs.has_parent:
-        return full(Reason.NO_PARENT)
+        return _full(Reason.NO_PARENT)
     if not inputs.store:
-        return full(Reason.STORE_FALSE)
+        return _full(Reason.STORE_FALSE)
     parent = inputs.parent
     if parent is None:
-        return full(Reason.NO_RECORD)
+        return _full(Reason.NO_RECORD)
     if not inputs.parent_completed:
         # A failed, cancelled or cut-off turn: what the backend holds need not be what history says.
-        return full(Reason.PARENT_NOT_COMPLETED)
+        return _full(Reason.PARENT_NOT_COMPLETED)
     if not parent.valid or (
         inputs.invalidated_since is not None and inputs.invalidated_since >= parent.created_at
     ):
-        return full(Reason.INVALIDATED)
+        return _full(Reason.INVALIDATED)
     if parent.conversation_version != inputs.conversation_version:
-        return full(Reason.HISTORY_EDITED)
+        return _full(Reason.HISTORY_EDITED)
+    return None
+
+
+def _handle(inputs: DecisionInputs, parent: ParentPrefix) -> Decision | None:
+    """FULL unless the parent's handle is live in the backend's current epoch."""
     if parent.handle_ref is None or parent.handle_epoch is None or parent.handle_expires_at is None:
-        return full(Reason.NO_HANDLE)
+        return _full(Reason.NO_HANDLE)
     if parent.covers_output is None or not parent.safe_tokens or parent.prefix_hash is None:
-        return full(Reason.NOT_SAFE_BOUNDARY)
+        return _full(Reason.NOT_SAFE_BOUNDARY)
     if inputs.backend_epoch is None:
-        return full(Reason.BACKEND_UNKNOWN)
+        return _full(Reason.BACKEND_UNKNOWN)
     if inputs.backend_epoch != parent.handle_epoch:
-        return full(Reason.BACKEND_EPOCH_CHANGED)
+        return _full(Reason.BACKEND_EPOCH_CHANGED)
     if parent.handle_expires_at <= inputs.now:
-        return full(Reason.HANDLE_EXPIRED)
+        return _full(Reason.HANDLE_EXPIRED)
+    return None
+
+
+def _fingerprint(inputs: DecisionInputs, parent: ParentPrefix) -> Decision | None:
+    """FULL unless every fingerprint part is known on both sides and equal."""
     if parent.fingerprint_parts is None:
-        return full(Reason.FINGERPRINT_UNKNOWN)
+        return _full(Reason.FINGERPRINT_UNKNOWN)
     difference = first_part_difference(parent.fingerprint_parts, inputs.current_parts)
-    if difference is not None:
-        part, unknown = difference
-        if unknown:
-            return full(Reason.FINGERPRINT_UNKNOWN, part)
-        reason = _PART_REASONS.get(part)
-        return full(reason) if reason else full(Reason.FINGERPRINT_MISMATCH, part)
+    if difference is None:
+        return None
+    part, unknown = difference
+    if unknown:
+        return _full(Reason.FINGERPRINT_UNKNOWN, part)
+    reason = _PART_REASONS.get(part)
+    return _full(reason) if reason else _full(Reason.FINGERPRINT_MISMATCH, part)
+
+
+def decide(inputs: DecisionInputs) -> Decision:
+    """`cache_ref` continues the parent's handle; `affinity` sends everything with the parent's llm-d
+    session token, so the turn lands on the replica holding the lineage's KV (the token is a routing
+    hint, not a claim about tokens: no handle is needed, and a backend restart only costs the KV)."""
+    refused = _lineage(inputs)
+    if refused is not None:
+        return refused
+    parent = inputs.parent
+    assert parent is not None  # _lineage refuses a missing record
+    if inputs.mode is BackendMode.AFFINITY:
+        if parent.session_token is None:
+            return _full(Reason.NO_SESSION_TOKEN)
+        refused = _fingerprint(inputs, parent)
+    else:
+        refused = _handle(inputs, parent) or _fingerprint(inputs, parent)
+    if refused is not None:
+        return refused
     path = Path.AFFINITY if inputs.mode is BackendMode.AFFINITY else Path.CACHE_REF
     return Decision(path, Reason.CANARY if inputs.canary else Reason.HIT)
+
+
+# Decisions after which the parent's prefix may be rebuilt from its token ids: its handle was refused
+# (a miss) or is known to be gone, while everything else about the lineage still holds.
+_RESEED_AFTER = frozenset({Reason.HIT, Reason.CANARY, Reason.BACKEND_EPOCH_CHANGED, Reason.HANDLE_EXPIRED})
+
+
+def reseedable(inputs: DecisionInputs, decision: Decision) -> bool:
+    """On the cache path, whether the parent's record may be continued from its ids instead of its
+    handle: the handle alone failed (every lineage and fingerprint check holds)."""
+    parent = inputs.parent
+    return (
+        inputs.mode is BackendMode.CACHE_REF
+        and decision.reason in _RESEED_AFTER
+        and parent is not None
+        and parent.covers_output is not None
+        and _fingerprint(inputs, parent) is None
+    )
 
 
 def truncated(dropped_segments: int) -> Decision:
@@ -174,3 +228,9 @@ def truncated(dropped_segments: int) -> Decision:
 def backend_miss(code: str) -> Decision:
     """The backend refused the handle; the turn was re-sent in full within the same request."""
     return Decision(Path.FULL, Reason.BACKEND_MISS, code)
+
+
+def reseeded(after: Decision) -> Decision:
+    """The parent's prefix was rebuilt on the backend from its stored token ids (the handle failed or
+    was gone: `after`) and the turn sent only its new messages."""
+    return Decision(Path.CACHE_REF, Reason.RESEED, after.label)

@@ -21,10 +21,13 @@ SHORT = 24  # output tokens per turn: enough to answer, cheap on two cores
 
 
 def _decisions(mode: str, turns: int) -> list[str]:
-    """The plugin issues a handle for every turn, so after the first one the handle is used (sent in
-    `cache_ref`, routed on in `affinity`)."""
+    """The plugin issues a handle for every turn, so after the first one `cache_ref` uses it. `affinity`
+    routes on llm-d's session token, which a vLLM without llm-d in front never sets: its turns go in
+    full (with the lineage's x-session-id)."""
     if mode == "full":
         return ["full; reason=mode_full"] * turns
+    if mode == "affinity":
+        return ["full; reason=no_parent"] + ["full; reason=no_session_token"] * (turns - 1)
     return ["full; reason=no_parent"] + [f"{mode}; reason=hit"] * (turns - 1)
 
 

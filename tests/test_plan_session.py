@@ -1,0 +1,106 @@
+"""The turn plan's part in artifacts, reseed and llm-d routing: token ids asked for stored turns, the
+session hints of affinity mode, and the seed body that replaces a failed handle."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from service.domain import plan as planning
+from service.domain.chat import chat_options
+from service.domain.fingerprint import combined_fingerprint
+from service.domain.policy import BackendMode, ParentPrefix, Path
+from tests.test_fingerprint import BACKEND
+
+INPUT = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+OUTPUT = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "yo"}]}]
+TOKEN = "bGxtLWQvcG9kLTA="
+
+
+def _inputs(mode: BackendMode, **changes: Any) -> planning.TurnInputs:
+    render = planning.RenderInputs("m", "Be brief.", INPUT, chat_options({}), "salt")
+    inputs = planning.TurnInputs(
+        render=render,
+        mode=mode,
+        store=True,
+        backend=dataclasses.replace(BACKEND, seeds=True),
+        parent=None,
+        has_parent=True,
+        conversation_version=None,
+        now=1.0,
+        lineage_root="resp_root",
+        token_ids=True,
+    )
+    return dataclasses.replace(inputs, **changes)
+
+
+def _with_parent(inputs: planning.TurnInputs, **prefix_changes: Any) -> planning.TurnInputs:
+    prefix = ParentPrefix(
+        valid=True,
+        fingerprint_parts=planning.plan_turn(inputs).parts,
+        handle_ref="pc_1",
+        backend_fingerprint="f",
+        handle_epoch="e",
+        handle_expires_at=2e9,
+        safe_tokens=10,
+        prefix_hash="ab",
+        covers_output=False,
+        created_at=0.0,
+        conversation_version=None,
+        session_token=TOKEN,
+    )
+    parent = planning.ParentState(
+        "resp_1", "completed", OUTPUT, dataclasses.replace(prefix, **prefix_changes)
+    )
+    return dataclasses.replace(inputs, parent=parent)
+
+
+def test_stored_turns_ask_for_token_ids_as_a_sampling_field() -> None:
+    stored = planning.plan_turn(_inputs(BackendMode.FULL))
+    assert stored.full_body([])["return_token_ids"] is True
+    unstored = planning.plan_turn(_inputs(BackendMode.FULL, store=False))
+    assert "return_token_ids" not in unstored.full_body([])
+    # Asking for ids changes nothing that is rendered: the fingerprint is the same.
+    assert stored.parts == unstored.parts
+
+
+def test_affinity_sends_the_lineage_session_and_the_parent_token_while_its_record_holds() -> None:
+    first = planning.plan_turn(_inputs(BackendMode.AFFINITY, has_parent=False))
+    session = planning.session_id("resp_root")
+    assert first.headers == {"x-session-id": session}
+    assert session.startswith("cs-") and "resp_root" not in session
+    hit = planning.plan_turn(_with_parent(_inputs(BackendMode.AFFINITY)))
+    assert hit.decision.path is Path.AFFINITY
+    assert hit.headers == {
+        "x-session-id": session,
+        "x-session-token": TOKEN,
+        "cookie": f"llm-d-session={TOKEN}",
+    }
+    assert hit.cache_body is None  # the full history goes; the token only routes it
+    invalidated = planning.plan_turn(_with_parent(_inputs(BackendMode.AFFINITY), valid=False))
+    assert invalidated.headers == {"x-session-id": session}
+    # Other modes send no routing hints.
+    assert planning.plan_turn(_with_parent(_inputs(BackendMode.CACHE_REF))).headers == {}
+
+
+def test_the_seed_body_is_the_cache_body_with_ids_in_place_of_the_handle() -> None:
+    inputs = _with_parent(_inputs(BackendMode.CACHE_REF))
+    hit = planning.plan_turn(inputs)
+    assert hit.cache_body is not None and hit.seed_base is not None
+    assert hit.seed_fingerprint == combined_fingerprint(hit.parts)
+    body = hit.seed_body([1, 2, 3], [4])
+    assert body["messages"] == hit.cache_body["messages"]  # the parent's reply, then the input
+    assert body["prompt_cache"] == {
+        "seed": {"covers_output": False, "prompt_token_ids": [1, 2, 3], "output_token_ids": [4]},
+        "fingerprint": "f",
+        "register": True,
+    }
+    assert hit.sent_parts(body) == hit.parts
+    restarted = planning.plan_turn(
+        dataclasses.replace(inputs, backend=dataclasses.replace(BACKEND, seeds=True, epoch="e2"))
+    )
+    assert restarted.decision.reason == "backend_epoch_changed" and restarted.seed_base is not None
+    # Without the backend's support, after an invalidation, or in another mode: no seed.
+    assert planning.plan_turn(dataclasses.replace(inputs, backend=BACKEND)).seed_base is None
+    assert planning.plan_turn(_with_parent(_inputs(BackendMode.CACHE_REF), valid=False)).seed_base is None
+    assert planning.plan_turn(_with_parent(_inputs(BackendMode.AFFINITY))).seed_base is None
