@@ -252,6 +252,18 @@ def admin_conversation(context: typer.Context, conversation_id: str) -> None:
     _call(context, lambda client: client.conversation_turns(conversation_id))
 
 
+@admin_app.command("artifact")
+def admin_artifact(context: typer.Context, response_id: str, around: int = 16) -> None:
+    """A turn's token ids and where its prompt leaves its parent's ids, as text (`around` ids each side)."""
+    _call(context, lambda client: client.artifact(response_id, around))
+
+
+@admin_app.command("append-safety")
+def admin_append_safety(context: typer.Context, model: str | None = None) -> None:
+    """Observed append-safety per model and template."""
+    _call(context, lambda client: client.append_safety(model))
+
+
 @admin_app.command("invalidate")
 def admin_invalidate(
     context: typer.Context,

@@ -116,6 +116,8 @@ def _probes(ids: Ids) -> dict[tuple[str, str], list[Probe]]:
                 ("POST", "/admin/v1/keys"),
                 ("POST", "/admin/v1/keys/{key_id}/revoke"),
                 ("GET", "/admin/v1/responses/{response_id}/lineage"),
+                ("GET", "/admin/v1/responses/{response_id}/artifact"),
+                ("GET", "/admin/v1/append_safety"),
                 ("GET", "/admin/v1/conversations/{conversation_id}/turns"),
                 ("POST", "/admin/v1/invalidations"),
                 ("GET", "/admin/v1/invalidations"),

@@ -4,6 +4,7 @@ Admin keys are the operators' keys: they see and act on every tenant. Every rout
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from typing import Annotated
@@ -14,10 +15,12 @@ from service.api import admin_schemas as schemas
 from service.api.body import CheckedRoute
 from service.api.deps import admin
 from service.api.errors import error_responses
+from service.domain.artifacts import observe_append, unpack
 from service.domain.auth import Principal
 from service.domain.invalidation import Scope, Subject, fingerprint_key, handle_state
 from service.domain.stats import Summary, summarize
 from service.errors import InvalidRequest, NotFound
+from service.store.artifacts import StoredArtifact
 from service.store.inspect import InspectedTurn
 from service.store.invalidations import Change, StoredInvalidation
 from service.store.keys import StoredKey, tenant_not_found
@@ -32,6 +35,7 @@ router = APIRouter(
     responses=error_responses(400, 401, 403, 500, 503),
 )
 NOT_FOUND = error_responses(404)
+log = logging.getLogger("convstate.admin")
 
 Admin = Annotated[Principal, Depends(admin)]
 
@@ -173,6 +177,8 @@ def _turn(request: Request, turn: InspectedTurn, now: float) -> schemas.Turn:
             epoch=turn.handle_epoch,
             expires_at=turn.handle_expires_at,
         ),
+        append_safe=turn.append_safe,
+        divergence=turn.divergence,
     )
 
 
@@ -193,6 +199,88 @@ async def inspect_conversation(conversation_id: str, request: Request) -> schema
     now = time.time()
     return schemas.Inspection(
         object="conversation", id=conversation_id, turns=[_turn(request, t, now) for t in turns]
+    )
+
+
+async def _text(request: Request, model: str, token_ids: list[int]) -> str | None:
+    """Ids as text through the backend's /detokenize; None (logged) when the backend cannot say."""
+    try:
+        text: str = await request.app.state.pipeline.backend.detokenize(model, token_ids)
+    except Exception:
+        log.warning("could not detokenize %d ids of %s", len(token_ids), model, exc_info=True)
+        return None
+    return text
+
+
+async def _divergence(
+    request: Request, artifact: StoredArtifact, parent: StoredArtifact, prompt: list[int], context: int
+) -> schemas.Divergence:
+    expected = unpack(parent.prompt_ids) + unpack(parent.output_ids)
+    observation = observe_append(expected, [], prompt)
+    at = observation.divergence
+    window = None if at is None else slice(max(at - context, 0), at + context)
+    return schemas.Divergence(
+        parent_id=parent.response_id,
+        parent_tokens=len(expected),
+        comparable=parent.fingerprint is not None and parent.fingerprint == artifact.fingerprint,
+        append_safe=observation.append_safe,
+        divergence=at,
+        window_start=None if window is None else window.start,
+        parent_text=None if window is None else await _text(request, artifact.model, expected[window]),
+        text=None if window is None else await _text(request, artifact.model, prompt[window]),
+    )
+
+
+@router.get("/responses/{response_id}/artifact", responses=NOT_FOUND)
+async def artifact(
+    response_id: str, request: Request, context: Annotated[int, Query(ge=0, le=512)] = 16
+) -> schemas.Artifact:
+    """A turn's token artifact: the prompt and output ids the backend reported, and where the prompt
+    leaves its parent's prompt + output ids, with `context` ids on each side as text (the backend's
+    /detokenize)."""
+    store = request.app.state.artifacts
+    found: StoredArtifact | None = await store.get(response_id)
+    if found is None:
+        raise NotFound(f"No token artifact found for response '{response_id}'.", param="response_id")
+    prompt = unpack(found.prompt_ids)
+    parent = await store.get(found.parent_id) if found.parent_id else None
+    return schemas.Artifact(
+        response_id=found.response_id,
+        tenant=found.tenant,
+        model=found.model,
+        template=found.template,
+        parent_id=found.parent_id,
+        fingerprint=found.fingerprint,
+        decision=found.decision,
+        prompt_tokens=found.prompt_count,
+        output_tokens=found.output_count,
+        prompt_token_ids=prompt,
+        output_token_ids=unpack(found.output_ids),
+        append_safe=found.append_safe,
+        divergence=await _divergence(request, found, parent, prompt, context) if parent else None,
+        diagnostic=found.diagnostic,
+        created_at=found.created_at,
+        expires_at=found.expires_at,
+    )
+
+
+@router.get("/append_safety")
+async def append_safety(request: Request, model: str | None = None) -> schemas.AppendSafety:
+    """Observed append-safety per model and template: turns compared with their parent's ids, how many
+    were an exact continuation, and how many contradicted a record's safe-boundary claim."""
+    groups = await request.app.state.artifacts.append_safety(model)
+    return schemas.AppendSafety(
+        data=[
+            schemas.AppendSafetyGroup(
+                model=group.model,
+                template=group.template,
+                observed=group.observed,
+                append_safe=group.safe,
+                rate=group.safe / group.observed,
+                contradicted=group.contradicted,
+            )
+            for group in groups
+        ]
     )
 
 

@@ -116,6 +116,11 @@ class Turn(BaseModel):
     fingerprint: str | None
     fingerprint_parts: dict[str, Any] | None
     handle: Handle
+    append_safe: bool | None = Field(
+        description="observed from the token artifacts: the parent's prompt + output ids are a prefix of "
+        "this prompt (null: no artifact yet, or another fingerprint)"
+    )
+    divergence: int | None = Field(description="where they differ when not append-safe")
 
 
 class Inspection(BaseModel):
@@ -145,6 +150,52 @@ class StatsGroup(BaseModel):
 class Stats(BaseModel):
     total: StatsGroup
     groups: list[StatsGroup]
+
+
+class Divergence(BaseModel):
+    """Where this turn's prompt ids leave its parent's prompt + output ids, and the text around it."""
+
+    parent_id: str
+    parent_tokens: int = Field(description="the parent's prompt + output ids")
+    comparable: bool = Field(description="same known fingerprint: a divergence is then the template's")
+    append_safe: bool
+    divergence: int | None = Field(description="the first differing index; null when append-safe")
+    window_start: int | None
+    parent_text: str | None = Field(description="the parent's ids around the divergence, detokenized")
+    text: str | None = Field(description="this prompt's ids around the divergence, detokenized")
+
+
+class Artifact(BaseModel):
+    object: Literal["token_artifact"] = "token_artifact"
+    response_id: str
+    tenant: str
+    model: str
+    template: str | None
+    parent_id: str | None
+    fingerprint: str | None
+    decision: str
+    prompt_tokens: int
+    output_tokens: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    append_safe: bool | None = Field(description="as the writer observed it; null when not comparable")
+    divergence: Divergence | None = Field(description="null when the parent has no artifact")
+    diagnostic: dict[str, Any] | None = Field(description="set when it contradicted its parent's claim")
+    created_at: float
+    expires_at: float
+
+
+class AppendSafetyGroup(BaseModel):
+    model: str
+    template: str | None = Field(description="the chat_template fingerprint part")
+    observed: int
+    append_safe: int
+    rate: float
+    contradicted: int
+
+
+class AppendSafety(BaseModel):
+    data: list[AppendSafetyGroup]
 
 
 class RetentionRun(BaseModel):

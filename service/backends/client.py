@@ -633,6 +633,13 @@ class BackendClient:
         self._raise_for_status(response.status, response.body)
         return list(orjson.loads(response.body)["tokens"])
 
+    async def detokenize(self, model: str, token_ids: list[int]) -> str:
+        with in_backend():
+            body = orjson.dumps({"model": model, "tokens": token_ids})
+            response = await self._post("/detokenize", body, {})
+        self._raise_for_status(response.status, response.body)
+        return str(orjson.loads(response.body)["prompt"])
+
     async def model_info(self, model: str) -> BackendModelInfo | None:
         """The model's card from a /v1/models answer at most backend_info_ttl old; None if not served."""
         if time.monotonic() - self._models_fetched_at > self._settings.backend_info_ttl:

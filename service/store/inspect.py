@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain.stats import DecisionCount
 from service.observe import db_call
 from service.store.db import autocommit
-from service.store.models import PrefixRecord, Response
+from service.store.models import PrefixRecord, Response, TokenArtifact
 
 
 @dataclass(slots=True)
@@ -47,6 +47,9 @@ class InspectedTurn:
     handle_epoch: str | None
     handle_expires_at: float | None
     record_created_at: float | None
+    # Observed append-safety against the parent's ids (None: no artifact yet, or not comparable).
+    append_safe: bool | None
+    divergence: int | None
 
 
 _TURN_COLUMNS = (
@@ -79,11 +82,17 @@ _TURN_COLUMNS = (
     PrefixRecord.handle_epoch,
     PrefixRecord.handle_expires_at,
     PrefixRecord.created_at,
+    TokenArtifact.append_safe,
+    TokenArtifact.divergence,
 )
 
 
 def _turns() -> Select[Any]:
-    return select(*_TURN_COLUMNS).outerjoin(PrefixRecord, PrefixRecord.response_id == Response.id)
+    return (
+        select(*_TURN_COLUMNS)
+        .outerjoin(PrefixRecord, PrefixRecord.response_id == Response.id)
+        .outerjoin(TokenArtifact, TokenArtifact.response_id == Response.id)
+    )
 
 
 class InspectStore:

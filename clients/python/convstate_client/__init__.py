@@ -2,7 +2,11 @@
 
 from convstate_client.client import ApiError, AsyncClient, Client, Decision, decision
 from convstate_client.types import (
+    AppendSafety,
+    AppendSafetyGroup,
+    Artifact,
     CreatedKey,
+    Divergence,
     Handle,
     Inspection,
     Invalidation,
@@ -25,10 +29,14 @@ from convstate_client.types import (
 
 __all__ = [
     "ApiError",
+    "AppendSafety",
+    "AppendSafetyGroup",
+    "Artifact",
     "AsyncClient",
     "Client",
     "CreatedKey",
     "Decision",
+    "Divergence",
     "Handle",
     "Inspection",
     "Invalidation",

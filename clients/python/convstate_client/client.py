@@ -12,6 +12,8 @@ from urllib.parse import quote
 import httpx
 
 from convstate_client.types import (
+    AppendSafety,
+    Artifact,
     CreatedKey,
     Inspection,
     Invalidation,
@@ -132,6 +134,17 @@ def _conversation_turns(conversation_id: str) -> Call[Inspection]:
     return Call("GET", f"/admin/v1/conversations/{_segment(conversation_id)}/turns")
 
 
+def _artifact(response_id: str, context: int = 16) -> Call[Artifact]:
+    """A turn's token artifact: its prompt and output ids, and where its prompt leaves its parent's
+    prompt + output ids, with `context` ids on each side as text."""
+    return Call("GET", f"/admin/v1/responses/{_segment(response_id)}/artifact", params={"context": context})
+
+
+def _append_safety(model: str | None = None) -> Call[AppendSafety]:
+    """Observed append-safety per model and template."""
+    return Call("GET", "/admin/v1/append_safety", params=_query(model=model))
+
+
 def _invalidate(
     scope: Scope, key: str | None = None, *, reason: str, part: str | None = None
 ) -> Call[Invalidation]:
@@ -241,6 +254,8 @@ class _AdminApi:
     revoke_key = _Endpoint(_revoke_key)
     lineage = _Endpoint(_lineage)
     conversation_turns = _Endpoint(_conversation_turns)
+    artifact = _Endpoint(_artifact)
+    append_safety = _Endpoint(_append_safety)
     invalidate = _Endpoint(_invalidate)
     invalidations = _Endpoint(_invalidations)
     stats = _Endpoint(_stats)

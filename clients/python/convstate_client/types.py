@@ -71,6 +71,8 @@ class Turn(TypedDict):
     fingerprint: str | None
     fingerprint_parts: dict[str, Any] | None
     handle: Handle
+    append_safe: bool | None
+    divergence: int | None
 
 
 class Inspection(TypedDict):
@@ -111,6 +113,50 @@ class StatsGroup(TypedDict):
 class Stats(TypedDict):
     total: StatsGroup
     groups: list[StatsGroup]
+
+
+class Divergence(TypedDict):
+    parent_id: str
+    parent_tokens: int
+    comparable: bool
+    append_safe: bool
+    divergence: int | None
+    window_start: int | None
+    parent_text: str | None
+    text: str | None
+
+
+class Artifact(TypedDict):
+    object: str
+    response_id: str
+    tenant: str
+    model: str
+    template: str | None
+    parent_id: str | None
+    fingerprint: str | None
+    decision: str
+    prompt_tokens: int
+    output_tokens: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    append_safe: bool | None
+    divergence: Divergence | None
+    diagnostic: dict[str, Any] | None
+    created_at: float
+    expires_at: float
+
+
+class AppendSafetyGroup(TypedDict):
+    model: str
+    template: str | None
+    observed: int
+    append_safe: int
+    rate: float
+    contradicted: int
+
+
+class AppendSafety(TypedDict):
+    data: list[AppendSafetyGroup]
 
 
 class RetentionRun(TypedDict):
