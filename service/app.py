@@ -74,13 +74,22 @@ def create_app(settings: Settings) -> FastAPI:
         events = EventStore(engine)
         replay = ReplayStore(engine)
         cache = ReplayCache(settings, backend, replay)
-        turns = Pipeline(
-            settings, ResponseStore(engine), conversations, tenants, backend, watcher, events, cache
-        )
         retention = RetentionStore(engine)
         artifacts = ArtifactStore(engine)
         queue = ArtifactQueue(settings.artifact_queue_size)
         writer = ArtifactWriter(queue, artifacts, settings.artifact_batch)
+        turns = Pipeline(
+            settings,
+            ResponseStore(engine),
+            conversations,
+            tenants,
+            backend,
+            watcher,
+            events,
+            artifacts,
+            queue,
+            cache,
+        )
         app.state.engine = engine
         app.state.pipeline = turns
         app.state.conversations = conversations

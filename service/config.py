@@ -14,6 +14,13 @@ from sqlalchemy.exc import ArgumentError
 from service.domain.policy import BackendMode
 
 
+class ReseedMode(StrEnum):
+    """How a turn continues after its parent's handle failed or is gone (CONVSTATE_RESEED)."""
+
+    ARTIFACT = "artifact"  # from the parent's stored token ids, when the backend takes seeds
+    RENDER = "render"  # the whole history, rendered again
+
+
 class AuthMode(StrEnum):
     API_KEY = "api_key"
     NONE = "none"  # development only: every caller is the admin of the `default` tenant
@@ -74,9 +81,11 @@ class Settings(BaseSettings):
     # Token artifacts (raw prompt and output ids per turn, the cold path): kept this long (never longer
     # than their response), queued in process for the writer up to this many turns (then dropped and
     # counted), written this many per transaction.
+    token_artifacts: bool = True
     artifact_ttl_days: float = Field(7.0, gt=0)
     artifact_queue_size: int = Field(10_000, ge=1)
     artifact_batch: int = Field(100, ge=1, le=10_000)
+    reseed: ReseedMode = ReseedMode.ARTIFACT
 
     # The replay cache (request-level, for evaluation harnesses): how long an answer is kept, how many and
     # how many bytes of them are kept (oldest out first), how long an identical request waits for the one

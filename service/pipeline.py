@@ -10,7 +10,13 @@ The story of a turn (`create` and `stream` below):
    miss, or without one, the full body from the stored history (one query); `truncation=auto` drops the
    oldest history until it fits. The fingerprint recorded is that of the body actually sent.
 3. **Persist** (`_write`): response, items, prefix record and the conversation append in one round trip
-   (store/turns.py), committed before the id is returned.
+   (store/turns.py), committed before the id is returned. Then the token ids the backend reported go to
+   the artifact writer's queue (in process, never waited for: service/workers/artifacts.py).
+
+When the parent's handle fails (a typed miss) or is known to be gone (a backend restart, expiry), the
+parent's prefix is rebuilt on the backend from its stored token ids (`_reseed`, CONVSTATE_RESEED=artifact)
+instead of sending and rendering the whole history, when the backend takes seeds and the ids were
+produced under the same fingerprint; otherwise the full path.
 
 A turn always ends. One answered whole is stored in one unit of work when it completes (nothing before:
 its id has not left the service). A streamed or background turn's row is inserted, in progress or
@@ -33,14 +39,15 @@ from typing import Any, TypeVar
 
 from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
-from service.config import Settings
+from service.config import ReseedMode, Settings
 from service.domain import ids
+from service.domain.artifacts import TurnTokens, unpack
 from service.domain.chat import chat_options, responses_usage
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.items import Item, Segment, compaction_item
 from service.domain.output import OutputBuilder, terminal_event_type
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
-from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, truncated
+from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, reseeded, truncated
 from service.domain.replay import CachePolicy
 from service.errors import (
     ContextLengthExceeded,
@@ -51,12 +58,14 @@ from service.errors import (
     ServiceUnavailable,
 )
 from service.replay import ReplayCache
+from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore, ConversationTurn
 from service.store.events import EventStore
 from service.store.responses import ParentTurn, PrefixWrite, ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.turns import ConversationAppend, TurnStore
 from service.store.unit import unit_of_work
+from service.workers.artifacts import ArtifactQueue
 from service.workers.background import BackgroundRunner, EventRecorder
 from service.workers.canary import Canary
 from service.workers.invalidations import InvalidationWatcher
@@ -190,6 +199,9 @@ HEARTBEAT_SECONDS = 1.0
 
 SHUT_DOWN = "The service shut down before this response finished; create it again."
 UNEXPECTED = "The server had an error while processing your request."
+# Decisions that continued the parent's record (its handle, its seed or its session): they relied on its
+# claim of a safe boundary.
+RELIED = frozenset({Reason.HIT, Reason.CANARY, Reason.RESEED})
 
 
 class TurnStream:
@@ -259,6 +271,7 @@ def _parent_prefix(parent: ParentTurn) -> ParentPrefix | None:
         covers_output=record.covers_output,
         created_at=record.created_at,
         conversation_version=record.conversation_version,
+        session_token=record.session_token,
     )
 
 
@@ -272,11 +285,15 @@ class Pipeline:
         backend: BackendClient,
         invalidations: InvalidationWatcher,
         events: EventStore,
+        artifacts: ArtifactStore,
+        artifact_queue: ArtifactQueue,
         replay: ReplayCache | None = None,
     ) -> None:
         self.settings = settings
         self.replay = replay
         self.responses = responses
+        self.artifacts = artifacts
+        self.artifact_queue = artifact_queue
         self.conversations = conversations
         self.turns = TurnStore(responses.engine, responses, conversations)
         self.tenants = tenants
@@ -452,6 +469,8 @@ class Pipeline:
                 conversation_version=conversation.version if conversation is not None else None,
                 now=now,
                 canary=random.random() < self.settings.canary_fraction,
+                lineage_root=parent.response.lineage_root if parent else response_id,
+                token_ids=self.settings.token_artifacts,
             )
         )
         return PreparedTurn(
@@ -469,9 +488,10 @@ class Pipeline:
     async def _send(
         self, turn: PreparedTurn, send: Callable[[dict[str, Any], dict[str, str]], Awaitable[T]]
     ) -> tuple[T, Sent]:
-        """Send by the decided path; a typed miss on the cache path is resent in full at once."""
+        """Send by the decided path; a typed miss on the cache path is reseeded or resent in full at once."""
         headers = {"x-request-id": turn.request.request_id} if turn.request.request_id else {}
         plan = turn.plan
+        headers.update(plan.headers)
         decision = plan.decision
         if plan.cache_body is not None:
             try:
@@ -483,6 +503,10 @@ class Pipeline:
             except ContextLengthExceeded:
                 if turn.request.settings.get("truncation") != "auto":
                     raise
+        if plan.seed_base is not None and self.settings.reseed is ReseedMode.ARTIFACT:
+            sent = await self._reseed(turn, send, headers, decision)
+            if sent is not None:
+                return sent
         history = await self._history(turn)
         try:
             body = plan.full_body(history)
@@ -500,6 +524,35 @@ class Pipeline:
                 if dropped >= len(history):
                     raise
                 dropped = min(2 * dropped, len(history))
+
+    async def _reseed(
+        self,
+        turn: PreparedTurn,
+        send: Callable[[dict[str, Any], dict[str, str]], Awaitable[T]],
+        headers: dict[str, str],
+        after: Decision,
+    ) -> tuple[T, Sent] | None:
+        """Send the parent's stored token ids in place of its handle (one read of the cold table, only
+        here: never on a hit); None, to go the full way, when its artifact is missing or was produced under
+        another fingerprint, or the backend refuses the seed."""
+        plan, parent = turn.plan, turn.parent
+        assert parent is not None  # a plan has a seed only with a parent record
+        stored = await self.artifacts.seed(turn.tenant, parent.response.id)
+        if stored is None or stored.fingerprint is None or stored.fingerprint != plan.seed_fingerprint:
+            return None
+        prompt_ids, output_ids = await asyncio.to_thread(
+            lambda: (unpack(stored.prompt_ids), unpack(stored.output_ids))
+        )
+        body = plan.seed_body(prompt_ids, output_ids)
+        try:
+            return await send(body, headers), Sent(reseeded(after), plan.sent_parts(body))
+        except BackendMiss as miss:
+            log.info("backend refused the seed (%s); resending %s in full", miss.code, turn.response_id)
+            metrics.fallbacks.labels(miss.code).inc()
+        except ContextLengthExceeded:
+            if turn.request.settings.get("truncation") != "auto":
+                raise
+        return None
 
     async def _history(self, turn: PreparedTurn) -> Sequence[Segment]:
         """The history before this turn: one query, from the conversation or the lineage (none for an
@@ -557,13 +610,39 @@ class Pipeline:
         response = self._response(turn, _status(reply), output, reply)
         _count(reply, sent.decision)
         if turn.request.store:
-            await self._write(turn, response, _prefix_write(reply, sent, turn, self.backend.base_url))
+            prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
+            await self._write(turn, response, prefix)
+            self._offer_artifact(turn, reply, sent, prefix)
             if sent.decision.reason is Reason.CANARY and reply.handle is not None:
                 self.tasks.spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
         return TurnResult(response, sent.decision, reply.prompt_digest, reply.bytes_sent)
 
     def expires_at(self, turn: PreparedTurn) -> float:
         return turn.created_at + self.tenants.response_ttl_seconds(turn.tenant)
+
+    def _offer_artifact(self, turn: PreparedTurn, reply: ChatReply, sent: Sent, prefix: PrefixWrite) -> None:
+        """Hand the committed turn's token ids to the artifact writer (dropped and counted if its queue is
+        full: the turn never waits)."""
+        if reply.prompt_token_ids is None or reply.output_token_ids is None:
+            return
+        decision = sent.decision
+        expires_at = self.expires_at(turn)
+        self.artifact_queue.offer(
+            TurnTokens(
+                response_id=turn.response_id,
+                tenant=turn.tenant,
+                model=turn.request.model,
+                parent_id=turn.parent.response.id if turn.parent else None,
+                fingerprint=prefix.fingerprint,
+                template=sent.parts.get("chat_template"),
+                decision=decision.header,
+                relied_on_parent=decision.reason in RELIED,
+                prompt_ids=reply.prompt_token_ids,
+                output_ids=reply.output_token_ids,
+                created_at=turn.created_at,
+                expires_at=min(expires_at, turn.created_at + self.settings.artifact_ttl_days * 86400),
+            )
+        )
 
     def _turn_write(
         self, turn: PreparedTurn, response: StoredResponse, prefix: PrefixWrite | None
@@ -832,4 +911,5 @@ def _prefix_write(reply: ChatReply, sent: Sent, turn: PreparedTurn, endpoint: st
         handle_epoch=handle.epoch if handle else None,
         handle_expires_at=handle.expires_at if handle else None,
         conversation_version=turn.conversation_version,
+        session_token=reply.session_token,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -138,6 +139,20 @@ def trusting_backend() -> Iterator[ServerThread]:
 def backend_admin(reference_backend: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=reference_backend.url) as client:
         yield client
+
+
+def wait_for_artifact(
+    admin: convstate_client.Client, response_id: str, seconds: float = 15.0
+) -> convstate_client.Artifact:
+    """The writer stores a committed turn's ids within a bounded delay (one batch)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return admin.artifact(response_id)
+        except convstate_client.ApiError as error:
+            if error.status != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 _DB_TIMING = re.compile(r'db;dur=[0-9.]+;desc="(\d+) statements, (\d+) round trips"')

@@ -23,6 +23,7 @@ from service.domain.artifacts import (
     unpack,
 )
 from service.domain.items import normalize_input
+from service.domain.prefix import token_digest
 from service.store.artifacts import ArtifactStore
 from service.store.models import PrefixRecord
 from service.store.responses import ResponseStore, TurnWrite
@@ -68,33 +69,48 @@ def test_append_safety_is_an_exact_prefix_of_prompt_then_output() -> None:
     assert observe_append([1, 2], [3], [1, 2]) == AppendObservation(False, 2)  # ends inside the parent
 
 
-def test_a_contradiction_needs_a_claim_a_child_relying_on_it_and_unsafe_ids() -> None:
-    child = turn_tokens("c", "t", "p", [1, 2, 9], [])
-    claim = ParentClaim(FINGERPRINT, True, ([1, 2], [3]))
+def test_a_contradiction_is_a_relied_on_claim_the_prompt_ids_disprove() -> None:
+    # The parent's record claims the next prompt starts with [1, 2, 3]; this child's starts [1, 2, 9].
+    child = turn_tokens("c", "t", "p", [1, 2, 9, 4], [])
+    claim = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 3]), ([1, 2], [3]))
     observed = observe_turn(child, claim)
     assert observed.observation == AppendObservation(False, 2)
     assert observed.diagnostic is not None
     assert observed.diagnostic["kind"] == CONTRADICTED
-    assert observed.diagnostic["expected"] == [1, 2, 3] and observed.diagnostic["observed"] == [1, 2, 9]
+    assert observed.diagnostic["observed_prefix_hash"] == token_digest([1, 2, 9])
+    assert observed.diagnostic["expected"] == [1, 2, 3] and observed.diagnostic["observed"] == [1, 2, 9, 4]
     assert observe_turn(child, replace(claim, claimed_safe=False)).diagnostic is None
     assert observe_turn(replace(child, relied_on_parent=False), claim).diagnostic is None
     assert observe_turn(replace(child, prompt_ids=[1, 2, 3, 4]), claim).diagnostic is None
+    assert observe_turn(replace(child, prompt_ids=[1, 2]), claim).diagnostic is not None  # too short
+    # Generated ids the template re-renders otherwise are not append-safe, but the claim (about the
+    # re-rendered reply) holds: no contradiction.
+    rerendered = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 8]), ([1, 2], [3]))
+    unsafe = observe_turn(replace(child, prompt_ids=[1, 2, 8, 4]), rerendered)
+    assert unsafe.observation == AppendObservation(False, 2) and unsafe.diagnostic is None
+    # The claim is checked even before the parent's own ids are stored.
+    assert observe_turn(child, replace(claim, tokens=None)).diagnostic is not None
+    assert observe_turn(child, replace(claim, tokens=None)).observation is None
     # Another (or an unknown) fingerprint renders another prompt by design: nothing to compare.
-    assert observe_turn(child, replace(claim, fingerprint="00" * 16)).observation is None
+    assert observe_turn(child, replace(claim, fingerprint="00" * 16)) == observe_turn(child, None)
     assert (
         observe_turn(replace(child, fingerprint=None), replace(claim, fingerprint=None)).observation is None
     )
-    assert observe_turn(child, replace(claim, tokens=None)).observation is None
 
 
-async def _stored_turns(engine: AsyncEngine, tenant: str, depth: int) -> list[str]:
-    """A lineage of `depth` stored turns, each with a prefix record claiming a safe boundary."""
+async def _stored_turns(
+    engine: AsyncEngine, tenant: str, depth: int, claims: list[list[int]] | None = None
+) -> list[str]:
+    """A lineage of `depth` stored turns, each with a prefix record claiming a safe boundary: that the
+    next prompt starts with its claim's ids."""
     store, ids, parent = ResponseStore(engine), [], None
     for level in range(depth):
         response = stored_response(tenant, previous_response_id=parent, depth=level)
+        claim = claims[level] if claims else [level]
+        record = replace(prefix_write("pc"), safe_tokens=len(claim), prefix_hash=token_digest(claim))
         async with unit_of_work(engine) as uow:
             await store.write_turn(
-                uow, TurnWrite(response, time.time() + 60, normalize_input("hi"), [], prefix_write("pc"))
+                uow, TurnWrite(response, time.time() + 60, normalize_input("hi"), [], record)
             )
         ids.append(response.id)
         parent = response.id
@@ -117,11 +133,13 @@ async def test_the_writer_stores_batches_observes_parents_and_invalidates_contra
     engine: AsyncEngine,
 ) -> None:
     tenant = uuid.uuid4().hex
-    a, b, c, d = await _stored_turns(engine, tenant, 4)
+    # Each record claims its prompt and output ids start the next prompt.
+    claims = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0]]
+    a, b, c, d = await _stored_turns(engine, tenant, 4, claims)
     store = ArtifactStore(engine)
     writer = ArtifactWriter(ArtifactQueue(10), store, batch=10)
     # a alone first; then b (parent in the table), c (parent in the same batch, append-safe) and d
-    # (diverges from c's ids although c's record claimed a safe boundary).
+    # (diverges from c's ids, which c's record claimed it would start with).
     assert await writer.write([turn_tokens(a, tenant, None, [1, 2, 3], [4, 5])]) == 1
     assert (
         await writer.write(
@@ -142,6 +160,9 @@ async def test_the_writer_stores_batches_observes_parents_and_invalidates_contra
     assert fourth is not None and (fourth.append_safe, fourth.divergence) == (False, 7)
     assert fourth.diagnostic is not None and fourth.diagnostic["parent_id"] == c
     assert await store.get(d, "another tenant") is None
+    seed = await store.seed(tenant, a)
+    assert seed is not None and seed.fingerprint == FINGERPRINT and unpack(seed.output_ids) == [4, 5]
+    assert await store.seed("another tenant", a) is None
     assert await _record_status(engine, c) == ("invalidated", CONTRADICTED)
     assert await _record_status(engine, b) == ("valid", None)
     [counts] = [row for row in await store.append_safety("m") if row.template == "tpl"]

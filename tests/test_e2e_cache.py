@@ -19,7 +19,8 @@ from tests.oracle import full_render_digest
 
 @pytest.fixture
 def cache_service(service_factory: Any) -> Service:
-    service: Service = service_factory("postgres", backend_mode="cache_ref")
+    """Misses here are resent whole; reseeding from token artifacts is tests/test_e2e_artifacts.py's."""
+    service: Service = service_factory("postgres", backend_mode="cache_ref", reseed="render")
     return service
 
 

@@ -23,7 +23,7 @@ from service.errors import ServiceUnavailable
 from service.serving import ServerThread, free_port
 from service.store.migrate import upgrade
 from service.store.responses import ResponseStore
-from tests.conftest import UNPROVISIONED, Service, start_service, start_service_as
+from tests.conftest import UNPROVISIONED, Service, start_service, start_service_as, wait_for_artifact
 
 MODEL = "ref-chatml"
 
@@ -113,6 +113,8 @@ def test_connections_dropped_by_the_database_are_a_503_then_recover(
         http = service.http()
         first = http.post("/v1/responses", json={"model": MODEL, "input": "warm the pool"})
         assert first.status_code == 200, first.text
+        # Once the turn's token artifact is stored, nothing else is about to use the pool.
+        wait_for_artifact(service.admin(), first.json()["id"])
         database = url.rsplit("/", 1)[1]
 
         async def terminate() -> None:

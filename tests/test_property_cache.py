@@ -10,7 +10,9 @@ reasoning effort, response format and parallel tool calls change, images come by
 whose bytes change, and the backend restarts, evicts or expires handles. A child sent while its
 background parent is still running must be refused. The oracle keeps its own copy of the history as
 chat messages, built here independently of the service's item conversion, and asks the backend for a
-full render. Runs a bounded, derandomized number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and
+full render. Afterwards each turn's token artifact must show its observed append-safety exactly where
+the template profile breaks it (reasoning dropped from history, a late system message merged into the
+first block). Runs a bounded, derandomized number of examples in CI; CONVSTATE_PROPERTY_EXAMPLES and
 CONVSTATE_PROPERTY_TURNS raise it.
 """
 
@@ -28,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.serving import ServerThread
-from tests.conftest import MediaServer, Service, start_service
+from tests.conftest import MediaServer, Service, start_service, wait_for_artifact
 from tests.oracle import assistant_message, full_render_digest, recorded_digest
 
 EXAMPLES = int(os.environ.get("CONVSTATE_PROPERTY_EXAMPLES", "20"))
@@ -257,12 +259,15 @@ def run_conversation(
     model: str,
     in_conversation: bool,
     turns: list[Turn],
+    observations: list[tuple[str, bool]],
 ) -> list[tuple[str, str]]:
-    """Runs one conversation; returns each turn's (decision, delivery)."""
+    """Runs one conversation; returns each turn's (decision, delivery), and adds to `observations` the
+    append-safety each turn's artifact must show when it shares its parent's fingerprint."""
     conversation = plain.http().post("/v1/conversations", json={}).json()["id"] if in_conversation else None
     history: list[dict[str, Any]] = []
     pending_calls: list[dict[str, Any]] = []
     previous: str | None = None
+    previous_response: dict[str, Any] | None = None
     decisions: list[tuple[str, str]] = []
     stale_before = admin.get("/stats").json()["stale_reuses"]
     for turn in turns:
@@ -347,6 +352,14 @@ def run_conversation(
         stale = admin.get("/stats").json()["stale_reuses"]
         assert stale == stale_before, f"turn {len(decisions)} ({decision}) continued from stale KV"
         decisions.append((decision, turn.delivery))
+        if previous_response is not None and previous_response["status"] == "completed":
+            # (A reply cut by max_output_tokens ends without the end-of-message token its re-render
+            # has: whether its ids still continue depends on where the cut fell, so it is not asserted.)
+            reasoned = any(item["type"] == "reasoning" for item in previous_response["output"])
+            trimmed = model == "ref-reasoning-trim" and reasoned
+            merged = model == "ref-system-once" and any(item.get("role") == "developer" for item in items)
+            observations.append((response["id"], not (trimmed or merged)))
+        previous_response = response
         history.append(assistant_message(response["output"]))
         pending_calls = [item for item in response["output"] if item["type"] == "function_call"]
         previous = response["id"]
@@ -382,6 +395,7 @@ def test_cache_path_renders_exactly_the_full_history(
     canary = start_service(migrated_urls["postgres"], url, backend_mode="cache_ref", canary_fraction=1.0)
     images = Images(media_server)
     seen: set[tuple[str, str]] = set()
+    observations: list[tuple[str, bool]] = []
     turns_run = 0
 
     @settings(
@@ -395,7 +409,9 @@ def test_cache_path_renders_exactly_the_full_history(
         nonlocal turns_run
         model, in_conversation, turns = conversation
         with httpx.Client(base_url=url) as admin:
-            decisions = run_conversation(plain, canary, admin, images, model, in_conversation, turns)
+            decisions = run_conversation(
+                plain, canary, admin, images, model, in_conversation, turns, observations
+            )
         seen.update(decisions)
         turns_run += len(decisions)
 
@@ -404,6 +420,9 @@ def test_cache_path_renders_exactly_the_full_history(
         # The canary re-renders every hit of the canary service in full, off the hot path: against a
         # faithful backend it must never find a mismatch (a false one would invalidate good records).
         canary_checks = _canary_counts(canary)
+        artifacts = [
+            (wait_for_artifact(plain.admin(), response_id), safe) for response_id, safe in observations
+        ]
     finally:
         plain.server.stop()
         canary.server.stop()
@@ -419,3 +438,15 @@ def test_cache_path_renders_exactly_the_full_history(
     assert "full; reason=fingerprint_unknown:media" in decisions, "no image by URL was exercised"
     assert "full; reason=tools_changed" in decisions
     assert "full; reason=fingerprint_mismatch:response_format" in decisions
+    # Observed append-safety, wherever the turn shares its parent's fingerprint (else nothing to compare).
+    compared = [(artifact, safe) for artifact, safe in artifacts if artifact["append_safe"] is not None]
+    wrong = [
+        (a["response_id"], a["model"], a["append_safe"], safe)
+        for a, safe in compared
+        if a["append_safe"] != safe
+    ]
+    assert not wrong, f"observed append-safety differs from the template's: {wrong}"
+    assert any(not safe for _, safe in compared) and any(safe for _, safe in compared)
+    unsafe = sorted({a["model"] for a, safe in compared if not safe})
+    print(f"append-safety: {len(compared)} turns compared, unsafe ones on {unsafe}")
+    assert all(artifact["diagnostic"] is None for artifact, _ in artifacts)

@@ -81,3 +81,4 @@ def test_round_robin_ignores_tokens_and_streams_pass_through(replicas: list[Serv
         assert http.get("/v1/models").json()["data"][0]["id"] == "ref-chatml"
         log = http.get("/router/log").json()
         assert log[-1]["request_id"] == "req-s" and log[-1]["replica"] in NAMES
+        assert not any(row["pinned"] for row in log)

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.domain.prefix import pack_tokens
+from service.domain.prefix import pack_tokens, token_digest
 
 # zlib's fastest level: token ids compress about 2x at level 1 and barely better above it.
 COMPRESSION_LEVEL = 1
@@ -80,11 +80,13 @@ def observe_append(
 
 @dataclass(frozen=True, slots=True)
 class ParentClaim:
-    """What the writer knows of a turn's parent: its record's fingerprint and safe-boundary claim, and its
-    token ids when its artifact exists."""
+    """What the writer knows of a turn's parent: its record's fingerprint and safe-boundary claim (the
+    first `safe_tokens` ids of the next prompt digest to `prefix_hash`), and its ids if stored."""
 
     fingerprint: str | None
     claimed_safe: bool
+    safe_tokens: int | None
+    prefix_hash: str | None
     tokens: tuple[Sequence[int], Sequence[int]] | None  # (prompt, output)
 
 
@@ -95,32 +97,41 @@ class Observed:
 
 
 def observe_turn(turn: TurnTokens, parent: ParentClaim | None) -> Observed:
-    """The observation for one turn against its parent. Comparable only under the same known fingerprint
-    (another template, tools or instructions render another prompt by design). A contradiction is a
-    parent record that claimed a safe boundary, a child that relied on it, and ids that say otherwise."""
-    if (
-        parent is None
-        or parent.tokens is None
-        or parent.fingerprint is None
-        or parent.fingerprint != turn.fingerprint
-    ):
+    """The observation for one turn against its parent, comparable only under the same known fingerprint
+    (another template, tools or instructions render another prompt by design).
+
+    A contradiction is a parent record that claimed a safe boundary, a child that relied on it, and a
+    prompt whose first `safe_tokens` ids are not the ones the claim names: the canary's check, on the
+    ids the backend really generated from. (Generated ids that the template re-renders differently are
+    not one: the claim is about the re-rendered reply; that shows as `append_safe` false.)"""
+    if parent is None or parent.fingerprint is None or parent.fingerprint != turn.fingerprint:
         return Observed(None, None)
-    parent_prompt, parent_output = parent.tokens
-    observation = observe_append(parent_prompt, parent_output, turn.prompt_ids)
-    if observation.append_safe or not (parent.claimed_safe and turn.relied_on_parent):
+    observation = None
+    if parent.tokens is not None:
+        observation = observe_append(*parent.tokens, turn.prompt_ids)
+    if not (parent.claimed_safe and turn.relied_on_parent and parent.safe_tokens and parent.prefix_hash):
         return Observed(observation, None)
-    expected = [*parent_prompt, *parent_output]
-    at = observation.divergence or 0
-    window = slice(max(at - DIAGNOSTIC_WINDOW, 0), at + DIAGNOSTIC_WINDOW)
-    diagnostic = {
+    claimed = turn.prompt_ids[: parent.safe_tokens]
+    found = token_digest(claimed)
+    if len(claimed) == parent.safe_tokens and found == parent.prefix_hash:
+        return Observed(observation, None)
+    diagnostic: dict[str, Any] = {
         "kind": CONTRADICTED,
         "parent_id": turn.parent_id,
-        "divergence": at,
-        "parent_tokens": len(expected),
-        "window_start": window.start,
-        "expected": expected[window],
-        "observed": list(turn.prompt_ids[window]),
+        "claimed_tokens": parent.safe_tokens,
+        "claimed_prefix_hash": parent.prefix_hash,
+        "observed_prefix_hash": found,
     }
+    if observation is not None and observation.divergence is not None and parent.tokens is not None:
+        expected = [*parent.tokens[0], *parent.tokens[1]]
+        at = observation.divergence
+        window = slice(max(at - DIAGNOSTIC_WINDOW, 0), at + DIAGNOSTIC_WINDOW)
+        diagnostic.update(
+            divergence=at,
+            window_start=window.start,
+            expected=expected[window],
+            observed=list(turn.prompt_ids[window]),
+        )
     return Observed(observation, diagnostic)
 
 

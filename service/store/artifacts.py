@@ -27,6 +27,8 @@ class ParentRow:
 
     fingerprint: str | None
     claimed_safe: bool
+    safe_tokens: int | None
+    prefix_hash: str | None
     prompt_ids: bytes | None
     output_ids: bytes | None
 
@@ -49,6 +51,15 @@ class StoredArtifact:
     diagnostic: dict[str, Any] | None
     created_at: float
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SeedTokens:
+    """What a reseed needs of a turn's artifact: the fingerprint and the packed ids."""
+
+    fingerprint: str | None
+    prompt_ids: bytes
+    output_ids: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,8 @@ class ArtifactStore:
                 PrefixRecord.response_id,
                 PrefixRecord.fingerprint,
                 PrefixRecord.safe_boundary,
+                PrefixRecord.safe_tokens,
+                PrefixRecord.prefix_hash,
                 TokenArtifact.prompt_ids,
                 TokenArtifact.output_ids,
             )
@@ -87,7 +100,7 @@ class ArtifactStore:
         )
         async with self._reads.connect() as conn:
             rows = await conn.execute(query)
-            return {row[0]: ParentRow(row[1], bool(row[2]), row[3], row[4]) for row in rows}
+            return {row[0]: ParentRow(row[1], bool(row[2]), *row[3:]) for row in rows}
 
     @db_call
     async def write(self, rows: Sequence[Mapping[str, Any]], contradicted: Collection[str]) -> int:
@@ -116,6 +129,16 @@ class ArtifactStore:
         async with self._reads.connect() as conn:
             row = (await conn.execute(query)).first()
         return StoredArtifact(*row) if row else None
+
+    @db_call
+    async def seed(self, tenant: str, response_id: str) -> SeedTokens | None:
+        """A turn's ids for reseeding its prefix (only after its handle failed: never on a hit)."""
+        query = select(TokenArtifact.fingerprint, TokenArtifact.prompt_ids, TokenArtifact.output_ids).where(
+            TokenArtifact.response_id == response_id, TokenArtifact.tenant == tenant
+        )
+        async with self._reads.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return SeedTokens(*row) if row else None
 
     @db_call
     async def append_safety(self, model: str | None = None) -> list[AppendSafetyCount]:

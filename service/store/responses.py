@@ -79,6 +79,7 @@ class StoredPrefix:
     covers_output: bool | None
     conversation_version: int | None
     created_at: float
+    session_token: str | None
 
 
 @dataclass(slots=True)
@@ -110,6 +111,7 @@ class PrefixWrite:
     handle_epoch: str | None
     handle_expires_at: float | None
     conversation_version: int | None
+    session_token: str | None = None
 
 
 @dataclass(slots=True)
@@ -161,6 +163,7 @@ PREFIX_COLUMNS = (
     PrefixRecord.covers_output,
     PrefixRecord.conversation_version,
     PrefixRecord.created_at,
+    PrefixRecord.session_token,
 )
 _N_RESPONSE = len(RESPONSE_COLUMNS)
 _N_PREFIX = len(PREFIX_COLUMNS)

@@ -69,7 +69,9 @@ def _build(
                 tokens = (earlier.prompt_ids, earlier.output_ids)
             elif record.prompt_ids is not None and record.output_ids is not None:
                 tokens = (unpack(record.prompt_ids), unpack(record.output_ids))
-            claim = ParentClaim(record.fingerprint, record.claimed_safe, tokens)
+            claim = ParentClaim(
+                record.fingerprint, record.claimed_safe, record.safe_tokens, record.prefix_hash, tokens
+            )
         observed = observe_turn(turn, claim)
         rows.append(artifact_row(turn, observed))
         if observed.observation is not None:

@@ -32,6 +32,7 @@ class Exchange:
     sent: bytes = b""  # as vLLM received it
     status: int = 0
     prompt_token_ids: list[int] | None = None
+    output_token_ids: list[int] | None = None  # a stream's chunks' ids, concatenated
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 
@@ -97,6 +98,9 @@ async def _relay(upstream: httpx.Response, exchange: Exchange, skew: Rewrite | N
 def _note(exchange: Exchange, data: dict[str, Any]) -> None:
     if data.get("prompt_token_ids") is not None:
         exchange.prompt_token_ids = list(data["prompt_token_ids"])
+    for choice in data.get("choices") or []:
+        if choice.get("token_ids") is not None:
+            exchange.output_token_ids = [*(exchange.output_token_ids or []), *choice["token_ids"]]
     if data.get("usage"):
         exchange.usage = data["usage"]
     if isinstance(data.get("error"), dict):

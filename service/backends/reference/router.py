@@ -13,7 +13,8 @@ the same with two policies:
 - `round_robin`: every request goes to the next replica, tokens ignored (load-only routing).
 
 Every reply carries the token of the replica that served it, both ways. `GET /router/log` lists
-`(x-request-id, replica)` per routed chat completion, so a benchmark can tell where each turn ran.
+`(x-request-id, replica, pinned)` per routed chat completion (pinned: its session token chose the
+replica), so tests and benchmarks can tell where each turn ran and why.
 """
 
 from __future__ import annotations
@@ -70,23 +71,24 @@ class Replica:
 class Router:
     replicas: list[Replica]
     policy: Policy
-    log: list[tuple[str | None, str]] = field(default_factory=list)
+    log: list[tuple[str | None, str, bool]] = field(default_factory=list)
     _turns: itertools.cycle[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self._turns = itertools.cycle(range(len(self.replicas)))
 
-    def pick(self, headers: Mapping[str, str]) -> Replica:
+    def pick(self, headers: Mapping[str, str]) -> tuple[Replica, bool]:
+        """The replica for a request, and whether its session token chose it."""
         if self.policy == "session" and (token := request_token(headers)) is not None:
             target = token_target(token)
             for replica in self.replicas:
                 if replica.name == target:
-                    return replica
+                    return replica, True
         start = next(self._turns)
         if self.policy == "round_robin":
-            return self.replicas[start]
+            return self.replicas[start], False
         order = self.replicas[start:] + self.replicas[:start]
-        return min(order, key=lambda replica: replica.in_flight)
+        return min(order, key=lambda replica: replica.in_flight), False
 
 
 def create_router(replicas: Sequence[tuple[str, str]], policy: Policy = "session") -> FastAPI:
@@ -135,13 +137,14 @@ def create_router(replicas: Sequence[tuple[str, str]], policy: Policy = "session
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        replica = router.pick(request.headers)
-        router.log.append((request.headers.get("x-request-id"), replica.name))
+        replica, pinned = router.pick(request.headers)
+        router.log.append((request.headers.get("x-request-id"), replica.name, pinned))
         return await forward(request, replica)
 
     @app.get("/router/log")
     async def routed() -> Response:
-        return JSONResponse([{"request_id": rid, "replica": name} for rid, name in router.log])
+        rows = [{"request_id": rid, "replica": name, "pinned": pinned} for rid, name, pinned in router.log]
+        return JSONResponse(rows)
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def other(request: Request, path: str) -> Response:
