@@ -181,7 +181,9 @@ def test_affinity_keeps_a_lineage_on_its_replica_while_its_record_holds(
     migrated_urls: dict[str, str], replicas: tuple[list[ServerThread], str]
 ) -> None:
     _, router_url = replicas
-    service = start_service(migrated_urls["postgres"], router_url, backend_mode="affinity")
+    # By host name: a client cookie jar keeps cookies from names, not from IP addresses.
+    backend_url = router_url.replace("127.0.0.1", "localhost")
+    service = start_service(migrated_urls["postgres"], backend_url, backend_mode="affinity")
     # An invalidation also covers records made within the max lag (and a clock margin) after it.
     lag = service.settings.invalidation_max_lag
     try:

@@ -454,6 +454,9 @@ class BackendClient:
                 ),
                 json_serialize=lambda value: orjson.dumps(value).decode(),
                 headers=_auth_headers(settings),
+                # Never keep the backend's cookies: llm-d's session cookie names the replica of one
+                # lineage, and a shared jar would send it with every other tenant's turns.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
