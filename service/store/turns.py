@@ -12,7 +12,8 @@ Whatever its depth, and in a conversation or not, a turn costs the database two 
   conversation row locked by its turn, so a lost lock or a row finished elsewhere writes nothing.
 
 Rows travel as one JSON document per table, read by `jsonb_populate_record` into the table's own row
-type, so the statements are written once from the tables and a new column needs no SQL here. The
+type, so the statements are written once from the tables and a new column needs no SQL here (a column
+missing from the document is NULL, not its server default). The
 statements run on the pool's asyncpg connection directly (store/db.py `fetch`).
 
 SQLite (the embedded default) has no data-modifying CTEs: there the same steps run as separate
