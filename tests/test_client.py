@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from convstate_client import ApiError, AsyncClient, Client, Decision, decision
 
-from tests.conftest import Service
+from tests.conftest import Service, wait_for_artifact
 
 MODEL = "ref-chatml"
 
@@ -116,6 +116,12 @@ def test_the_commands(cache_service: Service) -> None:
     assert invalidated.returncode == 0 and '"actor": "key_' in invalidated.stdout, invalidated.stderr
     wrong = _convstate("admin", "invalidate", "planet", "x", **admin)
     assert wrong.returncode == 1 and "400" in wrong.stderr
+    turn = cache_service.openai().responses.create(model=MODEL, input="ids, please")
+    wait_for_artifact(cache_service.admin(), turn.id)
+    artifact = _convstate("admin", "artifact", turn.id, "--around", "4", **admin)
+    assert artifact.returncode == 0 and '"prompt_token_ids"' in artifact.stdout, artifact.stderr
+    rates = _convstate("admin", "append-safety", "--model", MODEL, **admin)
+    assert rates.returncode == 0 and '"data"' in rates.stdout, rates.stderr
 
     key_id = _convstate("keys", "list", "--tenant", tenant, **database).stdout.split()[0]
     assert _convstate("keys", "revoke", key_id, **database).returncode == 0
