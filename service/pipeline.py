@@ -638,6 +638,7 @@ class Pipeline:
                 decision=decision.header,
                 relied_on_parent=decision.reason in RELIED,
                 prompt_ids=reply.prompt_token_ids,
+                prompt_start=reply.prompt_token_ids_start,
                 output_ids=reply.output_token_ids,
                 created_at=turn.created_at,
                 expires_at=min(expires_at, turn.created_at + self.settings.artifact_ttl_days * 86400),

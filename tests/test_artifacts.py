@@ -169,6 +169,37 @@ async def test_the_writer_stores_batches_observes_parents_and_invalidates_contra
     assert (counts.observed, counts.safe, counts.contradicted) >= (3, 2, 1)
 
 
+async def test_a_prompt_reported_after_the_handle_is_made_whole_from_the_parents_ids(
+    engine: AsyncEngine,
+) -> None:
+    """After a ref the backend reports the prompt's ids from `prompt_start` on; the writer puts the
+    parent's first ids in front (from the table, or from the same batch), and where the parent's artifact
+    is missing it keeps the rest, uncompared, and never offers it as a seed."""
+    tenant = uuid.uuid4().hex
+    claims = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0]]
+    a, b, c, orphan_parent = await _stored_turns(engine, tenant, 4, claims)
+    [orphan] = await _stored_turns(engine, tenant, 1)
+    store = ArtifactStore(engine)
+    writer = ArtifactWriter(ArtifactQueue(10), store, batch=10)
+    await writer.write([turn_tokens(a, tenant, None, [1, 2, 3], [4, 5])])
+    await writer.write(
+        [
+            replace(turn_tokens(b, tenant, a, [4, 5, 6], [7]), prompt_start=3),
+            replace(turn_tokens(c, tenant, b, [7, 8], [9]), prompt_start=6),
+            replace(turn_tokens(orphan, tenant, orphan_parent, [8, 9], [1]), prompt_start=7),
+        ]
+    )
+    second, third, partial = [await store.get(x, tenant) for x in (b, c, orphan)]
+    assert second is not None and unpack(second.prompt_ids) == [1, 2, 3, 4, 5, 6]
+    assert third is not None and unpack(third.prompt_ids) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert (second.prompt_start, second.prompt_count, second.append_safe) == (0, 6, True)
+    assert (third.prompt_start, third.prompt_count, third.append_safe) == (0, 8, True)
+    assert partial is not None and unpack(partial.prompt_ids) == [8, 9]
+    assert (partial.prompt_start, partial.prompt_count, partial.append_safe) == (7, 9, None)
+    assert await store.seed(tenant, c) is not None
+    assert await store.seed(tenant, orphan) is None
+
+
 async def test_an_artifact_of_a_response_deleted_meanwhile_is_skipped(engine: AsyncEngine) -> None:
     tenant = uuid.uuid4().hex
     [kept] = await _stored_turns(engine, tenant, 1)

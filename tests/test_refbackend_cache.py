@@ -64,6 +64,7 @@ class Conversation:
         self.history: list[dict[str, Any]] = []
         self.handle: dict[str, Any] | None = None
         self.covered = 0  # history messages the handle covers
+        self.prompt_ids: list[int] = []  # of the turn that registered the handle
 
     def prompt_cache(self, **overrides: Any) -> dict[str, Any]:
         assert self.handle is not None
@@ -83,7 +84,7 @@ class Conversation:
         return self.client.post("/v1/chat/completions", json=body)
 
     def turn(self, new: list[dict[str, Any]]) -> dict[str, Any]:
-        reply = self.send(new)
+        reply = self.send(new, return_token_ids=True)
         assert reply.status_code == 200, reply.text
         data: dict[str, Any] = reply.json()
         self.history += new
@@ -92,6 +93,13 @@ class Conversation:
         full_body = {"model": self.model, "messages": self.history, **self.settings}
         rendered = self.client.post("/tokenize", json=full_body).json()
         assert data["prompt_digest"] == rendered["prompt_digest"]
+        # After a ref only the ids past the registering prompt's body are reported (at most its
+        # 3-token generation prompt before the new part): the reply does not grow with the history.
+        start = data.get("prompt_token_ids_start", 0)
+        assert (start == 0) is (self.handle is None)
+        assert start >= len(self.prompt_ids) - 3
+        self.prompt_ids = [*self.prompt_ids[:start], *data["prompt_token_ids"]]
+        assert self.prompt_ids == rendered["tokens"]
         assert data["usage"]["prompt_tokens"] == rendered["count"]
         full = self.client.post("/v1/chat/completions", json=full_body).json()
         assert full["choices"][0]["message"] == data["choices"][0]["message"]

@@ -243,7 +243,8 @@ async def artifact(
     if found is None:
         raise NotFound(f"No token artifact found for response '{response_id}'.", param="response_id")
     prompt = unpack(found.prompt_ids)
-    parent = await store.get(found.parent_id) if found.parent_id else None
+    # Ids compare only when both prompts are whole.
+    parent = await store.get(found.parent_id) if found.parent_id and not found.prompt_start else None
     return schemas.Artifact(
         response_id=found.response_id,
         tenant=found.tenant,
@@ -254,10 +255,15 @@ async def artifact(
         decision=found.decision,
         prompt_tokens=found.prompt_count,
         output_tokens=found.output_count,
+        prompt_token_ids_start=found.prompt_start,
         prompt_token_ids=prompt,
         output_token_ids=unpack(found.output_ids),
         append_safe=found.append_safe,
-        divergence=await _divergence(request, found, parent, prompt, context) if parent else None,
+        divergence=(
+            await _divergence(request, found, parent, prompt, context)
+            if parent and not parent.prompt_start
+            else None
+        ),
         diagnostic=found.diagnostic,
         created_at=found.created_at,
         expires_at=found.expires_at,

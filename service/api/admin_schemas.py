@@ -176,10 +176,16 @@ class Artifact(BaseModel):
     decision: str
     prompt_tokens: int
     output_tokens: int
+    prompt_token_ids_start: int = Field(
+        description="0 when prompt_token_ids is the whole prompt; else the index of its first id (the "
+        "ids before it were reported with the parent, whose artifact was missing)"
+    )
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     append_safe: bool | None = Field(description="as the writer observed it; null when not comparable")
-    divergence: Divergence | None = Field(description="null when the parent has no artifact")
+    divergence: Divergence | None = Field(
+        description="null when the parent has no artifact or either prompt is not whole"
+    )
     diagnostic: dict[str, Any] | None = Field(description="set when it contradicted its parent's claim")
     created_at: float
     expires_at: float

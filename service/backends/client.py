@@ -98,9 +98,12 @@ class ChatReply:
     bytes_sent: int
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     cache_write_tokens: int = 0
-    # What the backend generated from and generated (`return_token_ids`), when it reported them.
+    # What the backend generated from and generated (`return_token_ids`), when it reported them. After a
+    # prompt_cache ref the prompt's ids start at `prompt_token_ids_start`: the ones before are the
+    # handle's, which the turn that registered it reported.
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None
+    prompt_token_ids_start: int = 0
     # llm-d's session token: names the replica that served this turn (its KV lives there).
     session_token: str | None = None
 
@@ -125,6 +128,10 @@ def _token_ids(value: Any) -> list[int] | None:
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return value
     return None
+
+
+def _ids_start(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def parse_handle(data: Any) -> PromptCacheHandle | None:
@@ -360,6 +367,7 @@ class ChatStream(EventStream):
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
         self._prompt_ids: list[int] | None = None
+        self._prompt_ids_start = 0
         self._output_ids: list[int] | None = None
 
     async def deltas(self) -> AsyncIterator[ChunkDelta]:
@@ -374,7 +382,9 @@ class ChatStream(EventStream):
         if chunk.get("prompt_cache"):
             self._handle = parse_handle(chunk["prompt_cache"])
         # return_token_ids: the prompt's ids ride on the first chunk, the output's on each chunk.
-        self._prompt_ids = _token_ids(chunk.get("prompt_token_ids")) or self._prompt_ids
+        if (prompt_ids := _token_ids(chunk.get("prompt_token_ids"))) is not None:
+            self._prompt_ids = prompt_ids
+            self._prompt_ids_start = _ids_start(chunk.get("prompt_token_ids_start"))
         for choice in chunk.get("choices") or []:
             if (ids := _token_ids(choice.get("token_ids"))) is not None:
                 self._output_ids = [*(self._output_ids or []), *ids]
@@ -420,6 +430,7 @@ class ChatStream(EventStream):
             cache_write_tokens=cache_write,
             prompt_token_ids=self._prompt_ids,
             output_token_ids=self._output_ids,
+            prompt_token_ids_start=self._prompt_ids_start,
             session_token=reply_session_token(self._response.headers),
         )
 
@@ -571,6 +582,7 @@ class BackendClient:
             cache_write_tokens=cache_write,
             prompt_token_ids=_token_ids(data.get("prompt_token_ids")),
             output_token_ids=_token_ids(choice.get("token_ids")),
+            prompt_token_ids_start=_ids_start(data.get("prompt_token_ids_start")),
             session_token=reply_session_token(response.headers),
         )
 

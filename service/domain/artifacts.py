@@ -6,6 +6,10 @@ parent's: a turn is *append-safe* when its parent's prompt ids followed by the p
 exact prefix of its own prompt ids, i.e. the backend could have continued from the KV it already computed
 for the parent. Templates that rewrite history (reasoning dropped from earlier turns, system messages
 merged into the first block) break that, at the index `divergence`.
+
+A turn that continued its parent's handle is told only the prompt ids from `prompt_start` on: the ones
+before are, by the protocol, the first ids of the parent's prompt, so the writer puts those in front
+(`whole_prompt`), which keeps a reply's size independent of the conversation's length.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.domain.prefix import pack_tokens, token_digest
@@ -54,10 +58,21 @@ class TurnTokens:
     # The turn continued its parent's record (a cache-path or affinity hit): it relied on the parent's
     # claim of a safe boundary.
     relied_on_parent: bool
-    prompt_ids: Sequence[int]
+    prompt_ids: Sequence[int]  # from `prompt_start` on
     output_ids: Sequence[int]
     created_at: float
     expires_at: float
+    prompt_start: int = 0
+
+
+def whole_prompt(turn: TurnTokens, parent_prompt: Sequence[int] | None) -> TurnTokens:
+    """The turn with its whole prompt: the parent's first `prompt_start` ids put in front of what the
+    backend reported. Unchanged when it has it already, or when the parent's whole prompt is unknown (its
+    artifact was dropped or expired, or is itself partial): then the artifact keeps only the rest."""
+    start = turn.prompt_start
+    if start == 0 or parent_prompt is None or len(parent_prompt) < start:
+        return turn
+    return replace(turn, prompt_ids=[*parent_prompt[:start], *turn.prompt_ids], prompt_start=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +119,12 @@ def observe_turn(turn: TurnTokens, parent: ParentClaim | None) -> Observed:
     prompt whose first `safe_tokens` ids are not the ones the claim names: the canary's check, on the
     ids the backend really generated from. (Generated ids that the template re-renders differently are
     not one: the claim is about the re-rendered reply; that shows as `append_safe` false.)"""
-    if parent is None or parent.fingerprint is None or parent.fingerprint != turn.fingerprint:
+    if (
+        parent is None
+        or parent.fingerprint is None
+        or parent.fingerprint != turn.fingerprint
+        or turn.prompt_start  # only the end of the prompt is known
+    ):
         return Observed(None, None)
     observation = None
     if parent.tokens is not None:
@@ -146,8 +166,9 @@ def artifact_row(turn: TurnTokens, observed: Observed) -> Mapping[str, Any]:
         "parent_id": turn.parent_id,
         "fingerprint": turn.fingerprint,
         "decision": turn.decision,
-        "prompt_count": len(turn.prompt_ids),
+        "prompt_count": turn.prompt_start + len(turn.prompt_ids),
         "output_count": len(turn.output_ids),
+        "prompt_start": turn.prompt_start,
         "prompt_ids": pack(turn.prompt_ids),
         "output_ids": pack(turn.output_ids),
         "append_safe": observation.append_safe if observation else None,

@@ -31,6 +31,12 @@ class ParentRow:
     prefix_hash: str | None
     prompt_ids: bytes | None
     output_ids: bytes | None
+    prompt_start: int | None
+
+    @property
+    def has_whole_ids(self) -> bool:
+        """Its artifact exists and holds the whole prompt."""
+        return self.prompt_ids is not None and self.output_ids is not None and self.prompt_start == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,7 @@ class StoredArtifact:
     decision: str
     prompt_count: int
     output_count: int
+    prompt_start: int
     prompt_ids: bytes
     output_ids: bytes
     append_safe: bool | None
@@ -94,6 +101,7 @@ class ArtifactStore:
                 PrefixRecord.prefix_hash,
                 TokenArtifact.prompt_ids,
                 TokenArtifact.output_ids,
+                TokenArtifact.prompt_start,
             )
             .outerjoin(TokenArtifact, TokenArtifact.response_id == PrefixRecord.response_id)
             .where(PrefixRecord.response_id.in_(list(response_ids)))
@@ -132,9 +140,12 @@ class ArtifactStore:
 
     @db_call
     async def seed(self, tenant: str, response_id: str) -> SeedTokens | None:
-        """A turn's ids for reseeding its prefix (only after its handle failed: never on a hit)."""
+        """A turn's ids for reseeding its prefix (only after its handle failed: never on a hit); only a
+        whole prompt can seed."""
         query = select(TokenArtifact.fingerprint, TokenArtifact.prompt_ids, TokenArtifact.output_ids).where(
-            TokenArtifact.response_id == response_id, TokenArtifact.tenant == tenant
+            TokenArtifact.response_id == response_id,
+            TokenArtifact.tenant == tenant,
+            TokenArtifact.prompt_start == 0,
         )
         async with self._reads.connect() as conn:
             row = (await conn.execute(query)).first()

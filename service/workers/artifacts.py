@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service import metrics
-from service.domain.artifacts import ParentClaim, TurnTokens, artifact_row, observe_turn, unpack
+from service.domain.artifacts import ParentClaim, TurnTokens, artifact_row, observe_turn, unpack, whole_prompt
 from service.store.artifacts import ArtifactStore, ParentRow
 
 log = logging.getLogger("convstate.artifacts")
@@ -56,19 +56,22 @@ def _build(
     batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow]
 ) -> tuple[list[Mapping[str, Any]], dict[str, str]]:
     """Rows for the batch and the contradicted parent records (id -> model). A parent written in the same
-    batch is compared from the batch itself."""
-    in_batch = {turn.response_id: turn for turn in batch}
+    batch is taken from the batch itself (in order: its own prompt is whole by then)."""
+    in_batch: dict[str, TurnTokens] = {}
     rows, contradicted = [], {}
-    for turn in batch:
+    for reported in batch:
         claim = None
-        record = parents.get(turn.parent_id) if turn.parent_id else None
+        tokens = None
+        record = parents.get(reported.parent_id) if reported.parent_id else None
+        earlier = in_batch.get(reported.parent_id or "")
+        if earlier is not None and not earlier.prompt_start:
+            tokens = (earlier.prompt_ids, earlier.output_ids)
+        elif record is not None and record.has_whole_ids:
+            assert record.prompt_ids is not None and record.output_ids is not None
+            tokens = (unpack(record.prompt_ids), unpack(record.output_ids))
+        turn = whole_prompt(reported, tokens[0] if tokens else None)
+        in_batch[turn.response_id] = turn
         if record is not None:
-            earlier = in_batch.get(turn.parent_id or "")
-            tokens = None
-            if earlier is not None:
-                tokens = (earlier.prompt_ids, earlier.output_ids)
-            elif record.prompt_ids is not None and record.output_ids is not None:
-                tokens = (unpack(record.prompt_ids), unpack(record.output_ids))
             claim = ParentClaim(
                 record.fingerprint, record.claimed_safe, record.safe_tokens, record.prefix_hash, tokens
             )

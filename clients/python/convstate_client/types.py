@@ -137,6 +137,7 @@ class Artifact(TypedDict):
     decision: str
     prompt_tokens: int
     output_tokens: int
+    prompt_token_ids_start: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     append_safe: bool | None

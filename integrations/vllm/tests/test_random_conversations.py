@@ -137,6 +137,7 @@ def converse(cache: PromptCache, online: Any, rng: random.Random, tally: Tally) 
     handle: dict[str, Any] | None = None
     carried: list[dict[str, Any]] = []  # a reply the handle does not cover is sent again
     last_reply: dict[str, Any] | None = None
+    registering: list[int] = []  # the prompt ids of the turn that registered `handle`
     for _ in range(rng.randint(2, 6)):
         new = new_messages(rng, last_reply)
         whole = [*history, *new]
@@ -150,6 +151,11 @@ def converse(cache: PromptCache, online: Any, rng: random.Random, tally: Tally) 
             try:
                 turn = run(cache.continue_from(request, cache_request))
                 tally.note("continued")
+                # The reply reports ids from `reported_from` on; the caller has the ones before from
+                # the registering turn.
+                start = turn.reported_from
+                if not 0 < start <= len(registering) or turn.ids[:start] != registering[:start]:
+                    tally.note("wrong start")
             except Miss as miss:
                 assert miss.code == "not_appendable", miss
                 tally.note("refused")
@@ -161,6 +167,7 @@ def converse(cache: PromptCache, online: Any, rng: random.Random, tally: Tally) 
             tally.note("wrong prompt")
         last_reply = reply(rng, tools)
         handle = run(cache.register(turn, request, last_reply))
+        registering = turn.ids
         history = [*whole, last_reply]
         if handle is None:
             tally.note("no handle")
@@ -187,7 +194,7 @@ def test_random_conversations(online: Any, name: str, appends: str) -> None:
         converse(cache, renderer, rng, tally)
     counts = tally.counts
     print(name, dict(counts))
-    assert counts["wrong prompt"] == 0 and counts["wrong handle"] == 0, counts
+    assert counts["wrong prompt"] == counts["wrong handle"] == counts["wrong start"] == 0, counts
     if appends == "all":
         assert counts["refused"] == 0 and counts["no handle"] == 0 and counts["continued"] > 500, counts
     elif appends == "most":

@@ -117,6 +117,13 @@ class Prompt:
     base: TokenChain | None  # the handle's tokens the prompt continues, if any
     system_open: bool
     last: Message
+    # Where the ids a reply reports begin: after those the continued handle shares with the prompt that
+    # registered it (the caller stored them with that turn); 0 for a full render or a seed.
+    reported_from: int = 0
+
+    @property
+    def reported_ids(self) -> list[int]:
+        return self.tokens[self.reported_from :]
 
     @property
     def body_new(self) -> list[int]:
@@ -242,10 +249,12 @@ class Backend:
         """The prompt of a chat request: continued from a verified handle, or rendered in full."""
         pc = req.prompt_cache
         base: TokenChain | None = None
+        reported_from = 0
         if pc is not None and (pc.ref is not None or pc.seed is not None):
             if pc.ref is not None:
                 handle = self._verify(pc.ref, pc, req, now)
                 base, system_open, previous = handle.chain, handle.system_open, handle.last_message
+                reported_from = handle.shared_tokens
                 self.counters.hits += 1
             else:
                 assert pc.seed is not None
@@ -270,7 +279,7 @@ class Backend:
         self.counters.tokens_rendered += len(new)
         tokens = (base.tokens().tolist() if base else []) + new
         self._check_length(len(tokens), req.max_tokens)
-        return Prompt(tokens, new, len(gen), base, appended.system_open, last)
+        return Prompt(tokens, new, len(gen), base, appended.system_open, last, reported_from)
 
     def _verify(self, ref: str, pc: PromptCacheRequest, req: ChatRequest, now: float) -> Handle:
         """The handle checks, in the protocol's order; each failure is a typed 409. Without
@@ -372,6 +381,7 @@ class Backend:
             context_hash=req.ctx.context_hash,
             fingerprint=self.fingerprints[req.model],
             chain=chain,
+            shared_tokens=prompt.body_len,
             system_open=prompt.system_open and not safe,
             last_message=reply if safe else prompt.last,
             now=now,
@@ -482,10 +492,22 @@ class Backend:
             "system_fingerprint": None,
             "usage": self.usage(turn),
             "prompt_logprobs": None,
-            "prompt_token_ids": turn.prompt.tokens if req.return_token_ids else None,
             "kv_transfer_params": None,
+            **self.prompt_ids(turn),
             **self.extension_fields(turn),
         }
+
+    @staticmethod
+    def prompt_ids(turn: Turn) -> dict[str, Any]:
+        """`prompt_token_ids` as return_token_ids asks; after a ref, only those from
+        `prompt_token_ids_start` on (the protocol's extension: the reply's size does not grow with the
+        conversation)."""
+        if not turn.request.return_token_ids:
+            return {"prompt_token_ids": None}
+        prompt = turn.prompt
+        if prompt.reported_from:
+            return {"prompt_token_ids": prompt.reported_ids, "prompt_token_ids_start": prompt.reported_from}
+        return {"prompt_token_ids": prompt.tokens}
 
     async def stream(self, turn: Turn, completion_id: str) -> AsyncIterator[bytes]:
         """OpenAI chat.completion.chunk events as vLLM sends them; the extension fields ride on the
@@ -507,7 +529,7 @@ class Backend:
                 item["token_ids"] = ids
             return item
 
-        prompt_ids = {"prompt_token_ids": turn.prompt.tokens} if req.return_token_ids else {}
+        prompt_ids = self.prompt_ids(turn) if req.return_token_ids else {}
         yield event([choice({"role": "assistant", "content": ""}, None)], **prompt_ids)
         events, rest = turn.completion.stream_deltas(self.encoder, self.settings.stream_chunk_tokens)
         abort_after = None

@@ -92,6 +92,9 @@ class Handle:
     context_hash: str
     fingerprint: str  # the model's fingerprint when the handle's KV was computed
     chain: TokenChain
+    # How many of the chain's first ids are also the first ids of the prompt of the turn that registered
+    # it: a turn continuing the handle reports only its prompt ids after those (the caller has the rest).
+    shared_tokens: int
     system_open: bool  # the prefix ends inside the leading system block
     # The message the prefix ends with, for generation after an empty append (None for a seeded prefix,
     # which holds ids only: it must be followed by at least one message).
@@ -115,6 +118,7 @@ class HandleRegistry:
         context_hash: str,
         fingerprint: str,
         chain: TokenChain,
+        shared_tokens: int,
         system_open: bool,
         last_message: Message | None,
         now: float,
@@ -126,6 +130,7 @@ class HandleRegistry:
             context_hash=context_hash,
             fingerprint=fingerprint,
             chain=chain,
+            shared_tokens=shared_tokens,
             system_open=system_open,
             last_message=last_message,
             expires_at=now + self.ttl_seconds,

@@ -49,6 +49,9 @@ class Turn:
     messages: list[Message]  # base's messages, then the new ones: what the template renders
     text: str  # the render, generation prompt included
     ids: list[int]  # its token ids, handed to the engine
+    # The reply reports the prompt's ids from here on: the ones before are the continued handle's that
+    # the turn registering it reported already.
+    reported_from: int = 0
 
 
 def reply_message(content: str | None, reasoning: str | None, tool_calls: list[dict[str, Any]]) -> Message:
@@ -163,7 +166,9 @@ class PromptCache:
             raise Miss("not_appendable", str(exc)) from None
         ids = [*base.token_ids(), *await renderer.encode(text[base.text_length :], request)]
         renderer.check_length(ids, request)
-        return Turn(model, identity.fingerprint, params, context, base, new, messages, text, ids)
+        return Turn(
+            model, identity.fingerprint, params, context, base, new, messages, text, ids, handle.shared
+        )
 
     async def render_full(self, request: Any) -> Turn | None:
         """The prompt of a request without a reference that asks for a handle, rendered and tokenized as
@@ -205,7 +210,7 @@ class PromptCache:
             head = await self._head(turn, cut, request)
             ids = [*head, *await renderer.encode(after[cut:], request)]
             prefix = self._link(turn, [*turn.new_messages, reply], ids, after)
-            tokens, covers = prefix.count, True
+            tokens, covers, shared = prefix.count, True, len(head)
         else:
             before = await renderer.text(turn.messages, turn.params, generation_prompt=False)
             if len(before) < low or not turn.text.startswith(before):
@@ -218,13 +223,14 @@ class PromptCache:
             reply_tokens = (
                 await renderer.encode(after[len(before) :], request) if after.startswith(before) else []
             )
-            tokens, covers = prefix.count + len(reply_tokens), False
+            tokens, covers, shared = prefix.count + len(reply_tokens), False, prefix.count
         handle = self.registry.add(
             model=turn.model,
             cache_salt=request.cache_salt,
             context=turn.context,
             fingerprint=turn.fingerprint,
             prefix=prefix,
+            shared=shared,
         )
         return {
             "ref": handle.ref,

@@ -73,6 +73,9 @@ class Handle:
     context: str  # digest of everything besides the messages that shapes the render
     fingerprint: str  # the model's fingerprint when the handle was made
     prefix: Prefix
+    # How many of the prefix's first ids are also the first ids of the registering turn's prompt: a turn
+    # continuing the handle reports only its prompt ids after those (the caller has the rest).
+    shared: int
     expires_at: float
 
 
@@ -91,7 +94,14 @@ class Registry:
         return self._clock()
 
     def add(
-        self, *, model: str, cache_salt: str | None, context: str, fingerprint: str, prefix: Prefix
+        self,
+        *,
+        model: str,
+        cache_salt: str | None,
+        context: str,
+        fingerprint: str,
+        prefix: Prefix,
+        shared: int,
     ) -> Handle:
         handle = Handle(
             ref="pc_" + secrets.token_hex(16),
@@ -100,6 +110,7 @@ class Registry:
             context=context,
             fingerprint=fingerprint,
             prefix=prefix,
+            shared=shared,
             expires_at=self._clock() + self.ttl,
         )
         self._handles[handle.ref] = handle

@@ -151,12 +151,24 @@ class _Reply:
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
 
-    def _prompt_ids(self, ids: list[int]) -> None:
+    def _prompt_ids(self, carrier: dict[str, Any]) -> None:
+        """Note the prompt ids the engine reports in `carrier` (a body or chunk), and leave in it what the
+        caller asked for: none; or, after a ref, only those past the handle's part of the registering
+        prompt, which the caller has (`prompt_token_ids_start`), so the reply does not grow with the
+        conversation; else all."""
+        ids = carrier["prompt_token_ids"]
         self.digest = token_digest(ids)
         if self.turn is not None and ids != self.turn.ids:
             # The engine did not run the prompt the plugin built: never hand out a handle for it.
             log.error("convstate: the engine ran other prompt token ids than the plugin built; no handle")
             self.register = False
+        start = self.turn.reported_from if self.turn is not None else 0
+        if not self.wants_ids:
+            # Set to null, not removed: vLLM sends them as null when they were not asked for.
+            carrier["prompt_token_ids"] = None
+        elif start:
+            carrier["prompt_token_ids"] = ids[start:]
+            carrier["prompt_token_ids_start"] = start
 
     async def _handle(self) -> dict[str, Any] | None:
         if not self.register or self.turn is None:
@@ -169,7 +181,7 @@ class _Reply:
         return await self.cache.register(self.turn, self.request, message)
 
     async def whole(self, body: dict[str, Any]) -> dict[str, Any]:
-        self._prompt_ids(body["prompt_token_ids"])
+        self._prompt_ids(body)
         message = body["choices"][0]["message"] if body["choices"] else {}
         self._content.append(message.get("content") or "")
         self._reasoning.append(message.get("reasoning") or "")
@@ -179,7 +191,6 @@ class _Reply:
         if handle is not None:
             body["prompt_cache"] = handle
         if not self.wants_ids:
-            body["prompt_token_ids"] = None
             for choice in body["choices"]:
                 choice["token_ids"] = None
         return body
@@ -216,14 +227,11 @@ class _Reply:
             )
 
     def _note(self, chunk: dict[str, Any]) -> bool:
-        """Take what the reply needs from a chunk; True if token ids were removed from it."""
+        """Take what the reply needs from a chunk; True if its token ids were taken out or cut."""
         changed = False
-        # Set to null, not removed: vLLM sends them as null when they were not asked for.
         if chunk.get("prompt_token_ids") is not None:
-            self._prompt_ids(chunk["prompt_token_ids"])
-            if not self.wants_ids:
-                chunk["prompt_token_ids"] = None
-                changed = True
+            self._prompt_ids(chunk)
+            changed = not self.wants_ids or "prompt_token_ids_start" in chunk
         for choice in chunk.get("choices") or []:
             if not self.wants_ids and choice.get("token_ids") is not None:
                 choice["token_ids"] = None
