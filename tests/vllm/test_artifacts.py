@@ -52,6 +52,10 @@ def test_artifacts_hold_the_ids_vllm_reported_and_the_append_safety_of_its_templ
     for artifact, (_, exchange) in zip(artifacts, turns, strict=True):
         assert artifact["prompt_token_ids"] == exchange.prompt_token_ids
         assert artifact["output_token_ids"] == exchange.output_token_ids
+    # On the cache path vLLM reported only the ids past the handle's part; the artifacts are whole.
+    starts = [exchange.prompt_token_ids_start for _, exchange in turns]
+    assert all(starts[1:]) if mode == "cache_ref" else not any(starts)
+    assert all(artifact["prompt_token_ids_start"] == 0 for artifact in artifacts)
     # Every later turn has its parent's ids under the same fingerprint: an observation, safe or not.
     assert all(artifact["append_safe"] is not None for artifact in artifacts[1:])
     report: dict[str, Any] = {
