@@ -105,7 +105,7 @@ class Recorder:
     def _note(self, exchange: Exchange, data: dict[str, Any]) -> None:
         if data.get("prompt_token_ids") is not None:
             start = exchange.prompt_token_ids_start = int(data.get("prompt_token_ids_start") or 0)
-            ref = (exchange.body.get("prompt_cache") or {}).get("ref")
+            ref = str((exchange.body.get("prompt_cache") or {}).get("ref") or "")
             base = self.registering.get(ref, []) if start else []
             # Unknown when the registering turn did not pass through here: a test using it then fails.
             whole = len(base) >= start
