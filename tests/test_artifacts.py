@@ -221,6 +221,16 @@ async def test_a_full_queue_drops_and_counts_without_waiting() -> None:
     assert [turn.response_id for turn in await asyncio.wait_for(queue.take(10), 1)] == ["r0", "r1"]
 
 
+async def test_a_batch_gathers_for_a_while_after_its_first_turn() -> None:
+    """Sequential turns come one at a time: without the linger each would be a transaction of its own."""
+    queue = ArtifactQueue(10)
+    queue.offer(turn_tokens("r0", "t", None, [0], []))
+    taking = asyncio.create_task(queue.take(10, linger=0.3))
+    await asyncio.sleep(0.05)
+    queue.offer(turn_tokens("r1", "t", None, [1], []))
+    assert [turn.response_id for turn in await asyncio.wait_for(taking, 5)] == ["r0", "r1"]
+
+
 async def test_expired_artifacts_go_in_bounded_batches(engine: AsyncEngine) -> None:
     tenant = uuid.uuid4().hex
     turns = await _stored_turns(engine, tenant, 3)
