@@ -7,8 +7,9 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import metrics
@@ -198,6 +199,33 @@ async def test_a_prompt_reported_after_the_handle_is_made_whole_from_the_parents
     assert (partial.prompt_start, partial.prompt_count, partial.append_safe) == (7, 9, None)
     assert await store.seed(tenant, c) is not None
     assert await store.seed(tenant, orphan) is None
+
+
+async def test_the_writer_prepares_the_same_statements_whatever_its_batch_size(
+    pg_engine: AsyncEngine,
+) -> None:
+    """An IN list of each length is another prepared statement: batches of every size would push a turn's
+    own statements out of the connections' statement caches, and turns would prepare them again."""
+    tenant = uuid.uuid4().hex
+    turns = await _stored_turns(pg_engine, tenant, 12, [[1]] * 12)
+    texts: set[str] = set()
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        texts.add(statement)
+
+    event.listen(pg_engine.sync_engine, "before_cursor_execute", note)
+    writer = ArtifactWriter(ArtifactQueue(10), ArtifactStore(pg_engine), batch=10)
+    try:
+        await writer.write([turn_tokens(turns[1], tenant, turns[0], [1, 2], [3])])
+        after_one = set(texts)
+        start = 2
+        for size in (2, 3, 4):
+            batch = turns[start : start + size]
+            await writer.write([turn_tokens(x, tenant, turns[0], [1, 2], [3]) for x in batch])
+            start += size
+    finally:
+        event.remove(pg_engine.sync_engine, "before_cursor_execute", note)
+    assert texts == after_one
 
 
 async def test_an_artifact_of_a_response_deleted_meanwhile_is_skipped(engine: AsyncEngine) -> None:

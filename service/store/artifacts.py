@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.artifacts import CONTRADICTED
 from service.observe import db_call
-from service.store.db import autocommit
+from service.store.db import autocommit, one_of
 from service.store.models import PrefixRecord, Response, TokenArtifact
 
 
@@ -104,7 +104,7 @@ class ArtifactStore:
                 TokenArtifact.prompt_start,
             )
             .outerjoin(TokenArtifact, TokenArtifact.response_id == PrefixRecord.response_id)
-            .where(PrefixRecord.response_id.in_(list(response_ids)))
+            .where(one_of(self.engine, PrefixRecord.response_id, list(response_ids)))
         )
         async with self._reads.connect() as conn:
             rows = await conn.execute(query)
@@ -116,14 +116,18 @@ class ArtifactStore:
         invalidate the records in `contradicted`, in one transaction; how many artifacts were written."""
         async with self.engine.begin() as conn:
             wanted = [row["response_id"] for row in rows]
-            existing = set((await conn.execute(select(Response.id).where(Response.id.in_(wanted)))).scalars())
+            found = await conn.execute(select(Response.id).where(one_of(self.engine, Response.id, wanted)))
+            existing = set(found.scalars())
             kept = [row for row in rows if row["response_id"] in existing]
             if kept:
                 await conn.execute(_INSERT, kept)
             if contradicted:
                 await conn.execute(
                     update(PrefixRecord)
-                    .where(PrefixRecord.response_id.in_(list(contradicted)), PrefixRecord.status == "valid")
+                    .where(
+                        one_of(self.engine, PrefixRecord.response_id, list(contradicted)),
+                        PrefixRecord.status == "valid",
+                    )
                     .values(status="invalidated", invalid_reason=CONTRADICTED)
                 )
         return len(kept)

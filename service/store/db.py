@@ -6,9 +6,11 @@ from collections.abc import Sequence, Sized
 from typing import Any
 
 import orjson
-from sqlalchemy import event
+from sqlalchemy import ColumnElement, String, any_, event, literal
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.util import greenlet_spawn
 
 from service import observe
@@ -100,6 +102,18 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
         )
         event.listen(engine.sync_engine, "connect", _count_asyncpg)
     return engine
+
+
+def one_of(
+    engine: AsyncEngine, column: InstrumentedAttribute[str], values: Sequence[str]
+) -> ColumnElement[bool]:
+    """`column IN values` as one statement whatever the number of values: `= ANY($1)` on Postgres. An IN
+    list of each length is another prepared statement, and batches of varying size (the artifact writer's)
+    would push the turn's own statements out of each connection's statement cache, so that turns prepare
+    them again."""
+    if engine.dialect.name == "postgresql":
+        return column == any_(literal(list(values), ARRAY(String)))
+    return column.in_(list(values))
 
 
 class StatementCounter:
