@@ -131,15 +131,12 @@ class Proxy:
         return reply
 
     async def _stream(self, tenant: str, call: _Call, key: ReplayKey, policy: CachePolicy) -> Answer:
-        outcome = await self.cache.resolve(tenant, call.endpoint, key, policy)
+        outcome, result = await self.cache.decide(tenant, call.endpoint, key, policy)
         if isinstance(outcome, Hit):
-            count(call.endpoint, "coalesced" if outcome.coalesced else "hit")
             chunks = replay_chunks(call.endpoint, _fresh(call.endpoint, outcome.reply), call.include_usage)
-            return Answer("hit", key.key, chunks=_iterate(chunks))
+            return Answer(result, key.key, chunks=_iterate(chunks))
         if isinstance(outcome, TimedOut):
-            return await self._uncached(call, "wait_timeout", key.key)
-        result = "refresh" if policy.mode is Mode.REFRESH else "miss"
-        count(call.endpoint, result)
+            return await self._send(call, result, key.key)
         # The backend always reports usage: the stored reply needs it even if this client did not ask.
         options = call.body.get("stream_options")
         usage = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -166,7 +163,12 @@ class Proxy:
             await self.cache.fill(claim, assembler.reply())
 
     async def _uncached(self, call: _Call, result: str, key: str | None) -> Answer:
+        """A request the cache does not see (bypassed or refused): counted here, then sent."""
         count(call.endpoint, result)
+        return await self._send(call, result, key)
+
+    async def _send(self, call: _Call, result: str, key: str | None) -> Answer:
+        """The backend's answer as is, streamed or whole."""
         if call.stream:
             events = await self.backend.forward_stream(call.path, call.body, call.headers)
             return Answer(result, key, chunks=events.events())

@@ -150,6 +150,22 @@ class ReplayCache:
         if not await self.store.fill(claim.tenant, claim.key, claim.owner, reply, size, time.time(), ttl):
             log.warning("replay entry %s was taken over before it was filled; not stored", claim.key)
 
+    async def decide(
+        self, tenant: str, endpoint: Endpoint, key: ReplayKey, policy: CachePolicy
+    ) -> tuple[Hit | Owned | TimedOut, str]:
+        """`resolve`, counted in the metrics: the outcome and how the request is answered
+        (`x-convstate-cache`). Whoever acts on the outcome counts nothing more."""
+        outcome = await self.resolve(tenant, endpoint, key, policy)
+        if isinstance(outcome, Hit):
+            count(endpoint, "coalesced" if outcome.coalesced else "hit")
+            return outcome, "hit"
+        if isinstance(outcome, TimedOut):
+            result = "wait_timeout"
+        else:
+            result = "refresh" if policy.mode is Mode.REFRESH else "miss"
+        count(endpoint, result)
+        return outcome, result
+
     async def through(
         self,
         tenant: str,
@@ -163,15 +179,11 @@ class ReplayCache:
     ) -> tuple[T, str]:
         """A whole reply through the cache (`call` asks the backend; `stored` is what of its answer is
         kept, `replay` what a hit answers), and how it was answered (`x-convstate-cache`)."""
-        outcome = await self.resolve(tenant, endpoint, key, policy)
+        outcome, result = await self.decide(tenant, endpoint, key, policy)
         if isinstance(outcome, Hit):
-            count(endpoint, "coalesced" if outcome.coalesced else "hit")
-            return replay(outcome.reply), "hit"
+            return replay(outcome.reply), result
         if isinstance(outcome, TimedOut):
-            count(endpoint, "wait_timeout")
-            return await call(), "wait_timeout"
-        result = "refresh" if policy.mode is Mode.REFRESH else "miss"
-        count(endpoint, result)
+            return await call(), result
         async with self.leased(outcome.claim):
             answer = await call()
             await self.fill(outcome.claim, stored(answer))

@@ -6,6 +6,7 @@ call, nondeterministic requests refused unless forced, and a model reload emptyi
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,21 @@ def replay_service(migrated_urls: dict[str, str], backend: ServerThread) -> Iter
 def backend_calls(backend: ServerThread) -> int:
     calls: int = httpx.get(backend.url + "/stats").json()["requests"]
     return calls
+
+
+def counted(service: Service) -> dict[str, float]:
+    """The replay cache's chat completions counts by result (/metrics)."""
+    text = httpx.get(service.url + "/metrics").text
+    pattern = r'convstate_replay_requests_total\{endpoint="chat.completions",result="(\w+)"\} (\S+)'
+    return {result: float(value) for result, value in re.findall(pattern, text)}
+
+
+def added(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {
+        result: value - before.get(result, 0.0)
+        for result, value in after.items()
+        if value != before.get(result)
+    }
 
 
 def question() -> list[ChatCompletionMessageParam]:
@@ -93,6 +109,7 @@ def test_a_sampling_change_is_a_miss(replay_service: Service, backend: ServerThr
 def test_streamed_hit_replays_the_stored_content(replay_service: Service, backend: ServerThread) -> None:
     client = replay_service.openai()
     messages = question()
+    counts = counted(replay_service)
     whole = chat(client, messages).parse()
     before = backend_calls(backend)
     with client.chat.completions.with_streaming_response.create(
@@ -113,11 +130,13 @@ def test_streamed_hit_replays_the_stored_content(replay_service: Service, backen
     )
     assert {c.id for c in chunks} != {whole.id} and len({c.id for c in chunks}) == 1
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert added(counts, counted(replay_service)) == {"miss": 1, "hit": 1}
 
 
 def test_streamed_miss_is_stored_whole(replay_service: Service, backend: ServerThread) -> None:
     client = replay_service.openai()
     messages = question()
+    counts = counted(replay_service)
     before = backend_calls(backend)
     stream = client.chat.completions.create(
         model=MODEL, messages=messages, temperature=0, max_tokens=24, stream=True, extra_headers=USE
@@ -131,6 +150,7 @@ def test_streamed_miss_is_stored_whole(replay_service: Service, backend: ServerT
     assert (
         reply.choices[0].message.content == text and reply.usage is not None and reply.usage.total_tokens > 0
     )
+    assert added(counts, counted(replay_service)) == {"miss": 1, "hit": 1}
 
 
 def test_completions_are_cached_too(replay_service: Service, backend: ServerThread) -> None:
