@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
@@ -311,8 +314,52 @@ app.add_typer(cache_app, name="cache")
 
 TenantOption = Annotated[str | None, typer.Option(help="only this tenant's entries")]
 ModelOption = Annotated[str | None, typer.Option(help="only this model's entries")]
-KeyPrefixOption = Annotated[str | None, typer.Option(help="only keys starting with these hex digits")]
-OlderThanOption = Annotated[float | None, typer.Option(help="only entries at least this many seconds old")]
+
+
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """The entries a cache command acts on, as the admin API filters them."""
+
+    tenant: str | None
+    model: str | None
+    key_prefix: str | None
+    older_than: float | None
+
+    def filters(self) -> tuple[str | None, str | None, str | None, float | None]:
+        return self.tenant, self.model, self.key_prefix, self.older_than
+
+
+# The selection's options, declared once for every command that takes a `_Selection` (`_selecting`).
+_SELECTION_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+    for name, annotation in (
+        ("tenant", TenantOption),
+        ("model", ModelOption),
+        ("key_prefix", Annotated[str | None, typer.Option(help="only keys starting with these hex digits")]),
+        (
+            "older_than",
+            Annotated[float | None, typer.Option(help="only entries at least this many seconds old")],
+        ),
+    )
+]
+
+
+def _selecting(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the selection's options in place of its `selection` parameter: typer reads the
+    signature, so the options are given to it there."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [parameter for parameter in signature.parameters.values() if parameter.name != "selection"]
+    names = [option.name for option in _SELECTION_OPTIONS]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        selection = _Selection(*(kwargs.pop(name) for name in names))
+        command(*args, selection=selection, **kwargs)
+
+    parameters = [*own, *_SELECTION_OPTIONS]
+    run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return run
 
 
 @cache_app.command("stats")
@@ -322,28 +369,17 @@ def cache_stats(context: typer.Context, tenant: TenantOption = None, model: Mode
 
 
 @cache_app.command("list")
-def cache_list(
-    context: typer.Context,
-    tenant: TenantOption = None,
-    model: ModelOption = None,
-    key_prefix: KeyPrefixOption = None,
-    older_than: OlderThanOption = None,
-    limit: int = 100,
-) -> None:
+@_selecting
+def cache_list(context: typer.Context, selection: _Selection, limit: int = 100) -> None:
     """The oldest selected entries (without their requests and replies)."""
-    _call(context, lambda client: client.replay_entries(tenant, model, key_prefix, older_than, limit=limit))
+    _call(context, lambda client: client.replay_entries(*selection.filters(), limit=limit))
 
 
 @cache_app.command("delete")
-def cache_delete(
-    context: typer.Context,
-    tenant: TenantOption = None,
-    model: ModelOption = None,
-    key_prefix: KeyPrefixOption = None,
-    older_than: OlderThanOption = None,
-) -> None:
+@_selecting
+def cache_delete(context: typer.Context, selection: _Selection) -> None:
     """Delete the selected entries (name at least one filter; `clear` deletes all)."""
-    _call(context, lambda client: client.replay_delete(tenant, model, key_prefix, older_than))
+    _call(context, lambda client: client.replay_delete(*selection.filters()))
 
 
 @cache_app.command("clear")
@@ -353,21 +389,14 @@ def cache_clear(context: typer.Context) -> None:
 
 
 @cache_app.command("export")
-def cache_export(
-    context: typer.Context,
-    tenant: TenantOption = None,
-    model: ModelOption = None,
-    key_prefix: KeyPrefixOption = None,
-    older_than: OlderThanOption = None,
-) -> None:
+@_selecting
+def cache_export(context: typer.Context, selection: _Selection) -> None:
     """The selected entries with their requests and replies, as JSONL on stdout, oldest first."""
 
     def export(client: Client) -> dict[str, int]:
         after, count = None, 0
         while True:
-            page = client.replay_entries(
-                tenant, model, key_prefix, older_than, limit=CACHE_PAGE, after=after, whole=True
-            )
+            page = client.replay_entries(*selection.filters(), limit=CACHE_PAGE, after=after, whole=True)
             for entry in page["data"]:
                 typer.echo(json.dumps(entry, separators=(",", ":")))
             count += len(page["data"])
