@@ -203,10 +203,24 @@ def test_affinity_keeps_a_lineage_on_its_replica_while_its_record_holds(
             )
             previous = raw.parse().id
             decisions.append(raw.headers["x-convstate-decision"])
+        client.responses.create(
+            model=MODEL,
+            input="one more",
+            previous_response_id=previous,
+            max_output_tokens=16,
+            safety_identifier="alice",
+            extra_headers={"x-request-id": f"{tag}-own"},
+        )
         routed = {row["request_id"]: row for row in httpx.get(f"{router_url}/router/log").json()}
         rows = [routed[f"{tag}-{turn}"] for turn in range(8)]
+        own = routed[f"{tag}-own"]
     finally:
         service.server.stop()
+    # The whole lineage is one session, in the header and as the body's `user`; a client's own identity
+    # goes as it sent it.
+    (session,) = {row["session_id"] for row in [*rows, own]}
+    assert session.startswith("cs-") and [row["user"] for row in rows] == [session] * 8
+    assert own["user"] == "alice"
     assert decisions == [
         "full; reason=no_parent",
         *["affinity; reason=hit"] * 3,

@@ -8,7 +8,7 @@ from typing import Any
 
 from service.domain import plan as planning
 from service.domain.chat import chat_options
-from service.domain.fingerprint import combined_fingerprint
+from service.domain.fingerprint import ENVELOPE_FIELDS, SAMPLING_FIELDS, combined_fingerprint
 from service.domain.policy import BackendMode, ParentPrefix, Path
 from tests.test_fingerprint import BACKEND
 
@@ -81,6 +81,31 @@ def test_affinity_sends_the_lineage_session_and_the_parent_token_while_its_recor
     assert invalidated.headers == {"x-session-id": session}
     # Other modes send no routing hints.
     assert planning.plan_turn(_with_parent(_inputs(BackendMode.CACHE_REF))).headers == {}
+
+
+def test_affinity_names_the_lineage_as_the_user_unless_the_client_named_one() -> None:
+    session = planning.session_id("resp_root")
+    hit = planning.plan_turn(_with_parent(_inputs(BackendMode.AFFINITY)))
+    assert hit.full_body([])["user"] == session
+    # Only in affinity mode, and a client's own user (or safety identifier) goes as it sent it.
+    assert "user" not in planning.plan_turn(_with_parent(_inputs(BackendMode.CACHE_REF))).full_body([])
+    inputs = _inputs(BackendMode.AFFINITY)
+    own = dataclasses.replace(inputs.render, settings=chat_options({"safety_identifier": "alice"}))
+    assert planning.plan_turn(dataclasses.replace(inputs, render=own)).full_body([])["user"] == "alice"
+    # The hint renders nothing: the fingerprint is the other modes'.
+    assert hit.parts == planning.plan_turn(_with_parent(_inputs(BackendMode.CACHE_REF))).parts
+
+
+def test_every_field_a_plan_adds_is_declared_outside_the_fingerprint() -> None:
+    """The request's settings reach the fingerprint (test_fingerprint); whatever else a plan sends must be
+    an envelope or a sampling field, or the record would not cover what the backend was told."""
+    for mode in BackendMode:
+        for inputs in (_inputs(mode, has_parent=False), _with_parent(_inputs(mode))):
+            plan = planning.plan_turn(inputs)
+            bodies = [plan.full_body([]), plan.cache_body, plan.seed_base]
+            for body in filter(None, bodies):
+                added = body.keys() - plan.render.settings.keys()
+                assert added <= ENVELOPE_FIELDS | SAMPLING_FIELDS, (mode, added)
 
 
 def test_the_seed_body_is_the_cache_body_with_ids_in_place_of_the_handle() -> None:

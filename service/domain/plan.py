@@ -165,6 +165,11 @@ def plan_turn(inputs: TurnInputs) -> TurnPlan:
         base["return_token_ids"] = True
     if inputs.mode is not BackendMode.FULL and inputs.store:
         base["prompt_cache"] = {"register": True}
+    if inputs.mode is BackendMode.AFFINITY and inputs.lineage_root is not None:
+        # The request's `user`, as vLLM's chat completions take it, names the lineage's session for
+        # whatever reads the body (gateway logs, schedulers); a sampling field. The client's own
+        # `user` or `safety_identifier` (already in the settings) is an identity it chose: kept.
+        base.setdefault("user", session_id(inputs.lineage_root))
     parts = _parts(inputs.backend, render, input_messages)
     backend = inputs.backend
     decision_inputs = DecisionInputs(

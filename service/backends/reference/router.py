@@ -13,8 +13,9 @@ the same with two policies:
 - `round_robin`: every request goes to the next replica, tokens ignored (load-only routing).
 
 Every reply carries the token of the replica that served it, both ways. `GET /router/log` lists
-`(x-request-id, replica, pinned)` per routed chat completion (pinned: its session token chose the
-replica), so tests and benchmarks can tell where each turn ran and why.
+per routed chat completion its `x-request-id`, the replica, whether its session token chose it
+(`pinned`), and the session it named (its `x-session-id` header and the body's `user`), so tests and
+benchmarks can tell where each turn ran, why, and as what.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import binascii
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import httpx
@@ -67,11 +68,20 @@ class Replica:
     in_flight: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Routed:
+    request_id: str | None
+    replica: str
+    pinned: bool
+    session_id: str | None
+    user: str | None
+
+
 @dataclass
 class Router:
     replicas: list[Replica]
     policy: Policy
-    log: list[tuple[str | None, str, bool]] = field(default_factory=list)
+    log: list[Routed] = field(default_factory=list)
     _turns: itertools.cycle[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,13 +148,19 @@ def create_router(replicas: Sequence[tuple[str, str]], policy: Policy = "session
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         replica, pinned = router.pick(request.headers)
-        router.log.append((request.headers.get("x-request-id"), replica.name, pinned))
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None  # the replica answers a body that is not JSON
+        user = body.get("user") if isinstance(body, dict) else None
+        headers = request.headers
+        routed = Routed(headers.get("x-request-id"), replica.name, pinned, headers.get("x-session-id"), user)
+        router.log.append(routed)
         return await forward(request, replica)
 
     @app.get("/router/log")
-    async def routed() -> Response:
-        rows = [{"request_id": rid, "replica": name, "pinned": pinned} for rid, name, pinned in router.log]
-        return JSONResponse(rows)
+    async def log() -> Response:
+        return JSONResponse([asdict(routed) for routed in router.log])
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def other(request: Request, path: str) -> Response:
