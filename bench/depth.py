@@ -1,7 +1,8 @@
 """Per-turn cost against conversation depth: one conversation of N sequential turns per pass.
 
     python -m bench.depth [--turns 200] [--modes full,cache_ref] [--lineages chain,conversation]
-                          [--baseline REV] [--direct] [--target NAME=URL ...]
+                          [--baseline REV] [--direct] [--target NAME=URL ...] [--target-model MODEL]
+                          [--target-pid NAME=PID ...] [--target-database NAME=DATABASE ...]
 
 A pass is one target, backend mode and lineage: a chain of `previous_response_id` or a `conversation`.
 Targets, all on the same reference backend and measured in the same run:
@@ -13,7 +14,14 @@ Targets, all on the same reference backend and measured in the same run:
   itself (the floor any Responses server adds to);
 - `--target NAME=URL`: any other Responses server (`URL` its base, with `/v1`), pointed by its operator
   at the reference backend this run starts (its URL is printed and in the summary; start it with
-  `--backend-port`), chains only unless it serves conversations.
+  `--backend-port`), chains only unless it serves conversations. `--target-model` is the backend's
+  model as those servers name it; `--target-pid` measures a server's CPU per turn and
+  `--target-database` counts what Postgres executes per turn for a server whose store is a database on
+  this run's Postgres server (`CONVSTATE_BENCH_DATABASE_URL`).
+
+With `--direct`, every pass's end-to-end time is also reported over the direct call at the same depth
+(`over_direct_ms`): what a client pays for letting that server keep the state, whether or not the
+server says where its time goes.
 
 For every turn it records the end-to-end time and, from convstate's Server-Timing, the service overhead
 (total - backend), database time, statements and round trips; bytes posted to the backend, prompt
@@ -45,6 +53,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import openai
+from sqlalchemy.engine import make_url
 
 from bench import harness, profile
 from bench.harness import Turn
@@ -52,6 +61,8 @@ from bench.harness import Turn
 NAME = "depth"
 MODES = ("full", "cache_ref")
 LINEAGES = ("chain", "conversation")
+DIRECT = "direct/-/client-history"  # the name of the --direct pass
+SMOOTHING = 9  # turns in the rolling medians of the plot and of the direct floor
 WARMUP_TURNS = 5  # a separate conversation first, so statement preparation and pool growth are not measured
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +76,9 @@ class Target:
     source: Path | None = None
     url: str | None = None
     direct: bool = False
+    model: str = harness.MODEL
+    pid: int | None = None  # an external server's process, for its CPU per turn
+    database: str | None = None  # an external server's database on the run's Postgres server
 
     @property
     def convstate(self) -> bool:
@@ -93,7 +107,9 @@ def _window(samples: Sequence[Turn], first: int, last: int, attribute: str) -> f
 Driver = Callable[[int, int], Turn]
 
 
-def responses_driver(base_url: str, api_key: str, lineage: str, max_output_tokens: int) -> Driver:
+def responses_driver(
+    base_url: str, api_key: str, lineage: str, max_output_tokens: int, model: str = harness.MODEL
+) -> Driver:
     """Turns of one lineage per conversation index through the openai SDK (a Responses server)."""
     client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=120)
     state: dict[int, str] = {}
@@ -108,7 +124,7 @@ def responses_driver(base_url: str, api_key: str, lineage: str, max_output_token
             continuation["previous_response_id"] = state[conversation]
         start = time.perf_counter()
         raw = client.responses.with_raw_response.create(
-            model=harness.MODEL,
+            model=model,
             instructions=harness.INSTRUCTIONS,
             input=harness.turn_text(conversation, turn),
             max_output_tokens=max_output_tokens,
@@ -160,11 +176,17 @@ def run_pass(
 ) -> tuple[list[Turn], dict[str, Any]]:
     """The samples of one conversation, and what the pass cost (CPU, machine, database statements)."""
     if run.target.direct:
-        return _measure(direct_driver(backend.url, max_output_tokens), backend, None, turns, postmaster)
+        return _measure(direct_driver(backend.url, max_output_tokens), backend, {}, turns, None)
     if run.target.url is not None:
         key = os.environ.get("BENCH_TARGET_API_KEY", "")
-        driver = responses_driver(run.target.url, key, run.lineage, max_output_tokens)
-        return _measure(driver, backend, None, turns, postmaster)
+        driver = responses_driver(run.target.url, key, run.lineage, max_output_tokens, run.target.model)
+        database_url = (
+            make_url(server_url).set(database=run.target.database).render_as_string(hide_password=False)
+            if run.target.database
+            else None
+        )
+        processes = {"service": run.target.pid} if run.target.pid else {}
+        return _measure(driver, backend, processes, turns, postmaster, database_url)
     with (
         harness.fresh_database(server_url, source=run.target.source) as database_url,
         harness.launch_service_from(
@@ -174,7 +196,7 @@ def run_pass(
         driver = responses_driver(f"{service.url}/v1", service.api_key, run.lineage, max_output_tokens)
         recorder = profile.Recorder(service.pid, record_profile) if record_profile else None
         try:
-            return _measure(driver, backend, service, turns, postmaster, database_url)
+            return _measure(driver, backend, {"service": service.pid}, turns, postmaster, database_url)
         finally:
             if recorder is not None:
                 recorder.stop()
@@ -183,18 +205,19 @@ def run_pass(
 def _measure(
     one: Driver,
     backend: harness.Process,
-    service: harness.Process | None,
+    servers: dict[str, int],
     turns: int,
     postmaster: int | None,
     database_url: str | None = None,
 ) -> tuple[list[Turn], dict[str, Any]]:
+    """`servers`: the state service's process by name, when its CPU can be measured; `postmaster`: the
+    Postgres server a state service may use (None for the backend called directly)."""
     for turn in range(1, WARMUP_TURNS + 1):
         one(0, turn)
     if database_url is not None:
         harness.reset_statements(database_url)
-    processes = {"backend": backend.pid} | ({"service": service.pid} if service else {})
     load_before = os.getloadavg()
-    meter = harness.CpuMeter(processes, postmaster if service else None)
+    meter = harness.CpuMeter({"backend": backend.pid} | servers, postmaster)
     stats = httpx.Client(base_url=backend.url, timeout=10)
     before = stats.get("/stats").json()["tokens_rendered"]
     samples: list[Turn] = []
@@ -249,6 +272,55 @@ def summarize(samples: list[Turn], window: int) -> dict[str, Any]:
     }
 
 
+def direct_floor(direct: Sequence[Turn]) -> dict[int, float]:
+    """End-to-end time of the direct call at each depth, as a rolling median: a turn of another pass is
+    set against the floor at its depth, not against one noisy direct sample."""
+    smoothed = _rolling_median([s.e2e_ms for s in direct], SMOOTHING)
+    return {s.turn: value for s, value in zip(direct, smoothed, strict=True)}
+
+
+def over_direct(samples: Sequence[Turn], floor: dict[int, float]) -> dict[int, float]:
+    """Per continued turn: its end-to-end time less the direct call's at the same depth."""
+    return {
+        s.turn: s.e2e_ms - floor[s.turn]
+        for s in samples
+        if s.turn >= 2 and s.turn in floor and s.error is None
+    }
+
+
+def summarize_over_direct(values: dict[int, float], turns: int, window: int) -> dict[str, Any]:
+    def median_of(first: int, last: int) -> float:
+        chosen = [v for turn, v in values.items() if first <= turn <= last]
+        return round(statistics.median(chosen), 3) if chosen else float("nan")
+
+    return {
+        "early_median": median_of(2, 2 + window),
+        "late_median": median_of(turns - window, turns),
+        **harness.describe(list(values.values())),
+    }
+
+
+def against_convstate(per_pass: dict[str, dict[str, Any]], others: Sequence[str]) -> dict[str, Any]:
+    """Each other server's overhead over the direct call as a multiple of convstate's, per lineage and
+    convstate path (medians and p99)."""
+    out: dict[str, Any] = {}
+    for other in others:
+        for lineage in LINEAGES:
+            theirs = per_pass.get(f"{other}/-/{lineage}", {}).get("over_direct_ms")
+            if not theirs:
+                continue
+            entry: dict[str, Any] = {}
+            for mode in MODES:
+                ours = per_pass.get(f"convstate/{mode}/{lineage}", {}).get("over_direct_ms")
+                if ours:
+                    for statistic in ("median", "p99"):
+                        entry[f"{statistic}_over_convstate_{mode}"] = harness.ratio(
+                            theirs[statistic], ours[statistic]
+                        )
+            out[f"{other}/{lineage}"] = entry
+    return out
+
+
 def compare(per_pass: dict[str, dict[str, Any]], current: str, baseline: str | None) -> dict[str, Any]:
     """The acceptance ratios of the run (medians, and p99 where the issue asks for it)."""
     out: dict[str, Any] = {}
@@ -286,6 +358,8 @@ def side_by_side(per_pass: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "e2e_ms_early_median": summary["e2e_ms"]["early_median"],
             "e2e_ms_late_median": summary["e2e_ms"]["late_median"],
             "e2e_ms_p99": summary["e2e_ms"].get("p99"),
+            "over_direct_ms_median": summary.get("over_direct_ms", {}).get("median"),
+            "over_direct_ms_p99": summary.get("over_direct_ms", {}).get("p99"),
             "bytes_sent_late_median": summary["bytes_sent"]["late_median"],
             "service_cpu_ms_per_turn": summary["cpu_ms_per_turn"].get("service"),
             "load_average_before_after": summary["load_average_before_after"],
@@ -296,22 +370,34 @@ def side_by_side(per_pass: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(results: dict[str, list[Turn]], path: Path) -> None:
-    fig, (ax_e2e, ax_overhead, ax_db) = plt.subplots(3, 1, figsize=(10, 12), sharex=True)
+    floor = direct_floor(results[DIRECT]) if DIRECT in results else None
+    rows = 4 if floor else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 4 * rows), sharex=True)
+    ax_e2e, ax_overhead, ax_db = axes[0], axes[-2], axes[-1]
     for name, samples in results.items():
         depth = [s.turn - 1 for s in samples]
         style = "--" if "/full/" in name or name.startswith("direct") else "-"
-        ax_e2e.plot(depth, _rolling_median([s.e2e_ms for s in samples], 9), style, label=name)
+        ax_e2e.plot(depth, _rolling_median([s.e2e_ms for s in samples], SMOOTHING), style, label=name)
+        if floor and name != DIRECT and (values := over_direct(samples, floor)):
+            turns = sorted(values)
+            smoothed = _rolling_median([values[turn] for turn in turns], SMOOTHING)
+            axes[1].plot([turn - 1 for turn in turns], smoothed, style, label=name)
         if any(s.statements for s in samples):
-            ax_overhead.plot(depth, _rolling_median([s.overhead_ms for s in samples], 9), style, label=name)
-            ax_db.plot(depth, _rolling_median([s.db_ms for s in samples], 9), style, label=name)
+            overhead = _rolling_median([s.overhead_ms for s in samples], SMOOTHING)
+            ax_overhead.plot(depth, overhead, style, label=name)
+            ax_db.plot(depth, _rolling_median([s.db_ms for s in samples], SMOOTHING), style, label=name)
     ax_e2e.set_ylabel("end-to-end per turn (ms)")
     ax_e2e.set_yscale("log")
+    if floor:
+        axes[1].set_ylabel("end-to-end over the direct call\nat the same depth (ms)")
+        # Negative where a server's backend call is cheaper than the whole history sent directly.
+        axes[1].set_yscale("symlog", linthresh=10)
     ax_overhead.set_ylabel("service overhead (ms)\n(Server-Timing total - backend)")
     ax_overhead.set_ylim(bottom=0)
     ax_db.set_ylabel("database time (ms)")
     ax_db.set_ylim(bottom=0)
     ax_db.set_xlabel("conversation depth (turns before this one); rolling medians of 9 turns")
-    for axis in (ax_e2e, ax_overhead, ax_db):
+    for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(loc="upper left", fontsize=7)
     fig.suptitle("per-turn cost against depth (sequential turns, one run, same reference backend)")
@@ -377,6 +463,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="NAME=URL",
         help="another Responses server (with /v1)",
     )
+    parser.add_argument(
+        "--target-model",
+        default=harness.MODEL,
+        help="the reference backend's model as the --target servers name it",
+    )
+    parser.add_argument(
+        "--target-pid",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
+        help="a --target server's process, for its CPU per turn",
+    )
+    parser.add_argument(
+        "--target-database",
+        action="append",
+        default=[],
+        metavar="NAME=DATABASE",
+        help="a --target server's database on this run's Postgres, for the statements it executes",
+    )
     parser.add_argument("--backend-port", type=int, help="the reference backend's port (for --target)")
     parser.add_argument("--max-output-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="record the service with py-spy")
@@ -395,15 +500,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         targets = [Target("convstate")]
         if baseline_source is not None:
             targets.append(Target(f"baseline@{args.baseline}", source=baseline_source))
-        for spec in args.target:
-            name, _, url = spec.partition("=")
-            if not url:
-                parser.error(f"--target expects NAME=URL, got {spec!r}")
-            targets.append(Target(name, url=url))
+        pids = _named(parser, "--target-pid", args.target_pid)
+        databases = _named(parser, "--target-database", args.target_database)
+        for name, url in _named(parser, "--target", args.target).items():
+            pid = pids.pop(name, None)
+            if pid is not None and not pid.isdigit():
+                parser.error(f"--target-pid {name}: not a process id: {pid!r}")
+            targets.append(
+                Target(
+                    name,
+                    url=url,
+                    model=args.target_model,
+                    pid=int(pid) if pid else None,
+                    database=databases.pop(name, None),
+                )
+            )
+        if pids or databases:
+            parser.error(f"--target-pid/--target-database name no --target: {sorted({*pids, *databases})}")
         passes = _passes(modes, lineages, targets, args.direct)
         results, costs = run(passes, args, window)
 
     per_pass = {name: {**summarize(samples, window), **costs[name]} for name, samples in results.items()}
+    if DIRECT in results:
+        floor = direct_floor(results[DIRECT])
+        for name, samples in results.items():
+            if name != DIRECT:
+                values = over_direct(samples, floor)
+                per_pass[name]["over_direct_ms"] = summarize_over_direct(values, len(samples), window)
     baseline_name = next((t.name for t in targets if t.source is not None), None)
     figure = harness.RESULTS / f"{args.name}.png"
     plot(results, figure)
@@ -414,10 +537,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": costs.pop("machine"),
         "passes": per_pass,
         "comparison": compare(per_pass, "convstate", baseline_name),
+        "over_direct_against_convstate": against_convstate(per_pass, [t.name for t in targets if t.url]),
         "side_by_side": side_by_side(per_pass),
         "plot": str(figure.relative_to(ROOT)),
     }
     harness.write_result(args.name, summary, results)
+
+
+def _named(parser: argparse.ArgumentParser, option: str, specs: Sequence[str]) -> dict[str, str]:
+    """`NAME=VALUE` options -> {name: value}."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        if not name or not value:
+            parser.error(f"{option} expects NAME=VALUE, got {spec!r}")
+        named[name] = value
+    return named
 
 
 @contextmanager
