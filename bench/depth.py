@@ -300,25 +300,47 @@ def summarize_over_direct(values: dict[int, float], turns: int, window: int) -> 
     }
 
 
+# What against_convstate sets side by side: where each figure is in a pass's summary.
+_AGAINST = {
+    "over_direct_median": ("over_direct_ms", "median"),
+    "over_direct_p99": ("over_direct_ms", "p99"),
+    "service_cpu_per_turn": ("cpu_ms_per_turn", "service"),
+    "postgres_statements_per_turn": ("postgres_statements_per_turn",),
+}
+
+
 def against_convstate(per_pass: dict[str, dict[str, Any]], others: Sequence[str]) -> dict[str, Any]:
-    """Each other server's overhead over the direct call as a multiple of convstate's, per lineage and
-    convstate path (medians and p99)."""
+    """Each other server as a multiple of convstate, per lineage and convstate path: its overhead over
+    the direct call (medians and p99; no ratio where convstate's is not above the floor, as a
+    `cache_ref` turn's is not once the whole history costs the direct call more), its CPU per turn and
+    the statements Postgres executed per turn (both where measured)."""
     out: dict[str, Any] = {}
     for other in others:
         for lineage in LINEAGES:
-            theirs = per_pass.get(f"{other}/-/{lineage}", {}).get("over_direct_ms")
+            theirs = per_pass.get(f"{other}/-/{lineage}")
             if not theirs:
                 continue
             entry: dict[str, Any] = {}
             for mode in MODES:
-                ours = per_pass.get(f"convstate/{mode}/{lineage}", {}).get("over_direct_ms")
-                if ours:
-                    for statistic in ("median", "p99"):
-                        entry[f"{statistic}_over_convstate_{mode}"] = harness.ratio(
-                            theirs[statistic], ours[statistic]
-                        )
+                ours = per_pass.get(f"convstate/{mode}/{lineage}")
+                if not ours:
+                    continue
+                for label, path in _AGAINST.items():
+                    mine, yours = _lookup(theirs, path), _lookup(ours, path)
+                    entry[f"{label}_over_convstate_{mode}"] = (
+                        harness.ratio(mine, yours)
+                        if mine is not None and yours is not None and yours > 0
+                        else None
+                    )
             out[f"{other}/{lineage}"] = entry
     return out
+
+
+def _lookup(summary: dict[str, Any], path: Sequence[str]) -> float | None:
+    value: Any = summary
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def compare(per_pass: dict[str, dict[str, Any]], current: str, baseline: str | None) -> dict[str, Any]:
