@@ -113,7 +113,8 @@ def every_turn_renders_as_generated(vllm: Vllm, recorder: Recorder) -> Iterator[
     yield
     with vllm.http() as http:
         for exchange in recorder.exchanges[first:]:
-            # A continued turn's body holds only its new messages: its tests render the stored history.
+            # A continued (or seeded) turn's body holds only its new messages: its tests render the
+            # stored history.
             if exchange.status != 200 or exchange.prompt_token_ids is None or _continued(exchange):
                 continue
             body = {
@@ -126,7 +127,8 @@ def every_turn_renders_as_generated(vllm: Vllm, recorder: Recorder) -> Iterator[
 
 
 def _continued(exchange: Exchange) -> bool:
-    return bool((exchange.body.get("prompt_cache") or {}).get("ref"))
+    cache = exchange.body.get("prompt_cache") or {}
+    return bool(cache.get("ref") or cache.get("seed"))
 
 
 @pytest.fixture(scope="session")

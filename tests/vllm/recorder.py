@@ -40,6 +40,7 @@ class Exchange:
     output_token_ids: list[int] | None = None  # a stream's chunks' ids, concatenated
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    prompt_cache: dict[str, Any] | None = None  # the handle the reply registered
 
 
 @dataclass
@@ -111,6 +112,8 @@ class Recorder:
             whole = len(base) >= start
             exchange.prompt_token_ids = [*base[:start], *data["prompt_token_ids"]] if whole else None
         handle = data.get("prompt_cache")
+        if isinstance(handle, dict):
+            exchange.prompt_cache = handle
         if isinstance(handle, dict) and handle.get("ref") and exchange.prompt_token_ids is not None:
             self.registering[handle["ref"]] = exchange.prompt_token_ids
         for choice in data.get("choices") or []:

@@ -234,8 +234,9 @@ def test_every_typed_miss_recovers_inside_the_request(
     vllm_service: Any, vllm: Vllm, recorder: Recorder
 ) -> None:
     """Each miss is provoked by changing one request (or, for expiry, one reply: a clock the service
-    trusts further than vLLM's) on its way; the client sees an ordinary answer, the next turn hits."""
-    client = vllm_service("cache_ref").openai()
+    trusts further than vLLM's) on its way; the client sees an ordinary answer, the next turn hits.
+    Without reseeding (test_reseed.py), a refused handle is resent in full."""
+    client = vllm_service("cache_ref", reseed="render").openai()
     misses: list[tuple[str, Callable[[], None]]] = [
         ("unknown_ref", lambda: setattr(recorder, "tamper", _tampered("ref", "pc_" + "0" * 32))),
         ("fingerprint_mismatch", lambda: setattr(recorder, "tamper", _tampered("fingerprint", "0" * 32))),
@@ -313,9 +314,10 @@ def test_a_vllm_restart_refuses_every_earlier_handle(
     vllm_service: Any, vllm: Vllm, recorder: Recorder, restart_vllm: Callable[[], None]
 ) -> None:
     """A service that learns the new epoch decides the full path itself; one that still trusts the old
-    answer sends the handle, which vLLM refuses. Either way the turn answers, and the next one hits."""
-    fresh = vllm_service("cache_ref").openai()
-    stale = vllm_service("cache_ref", backend_info_ttl=3600.0).openai()
+    answer sends the handle, which vLLM refuses. Either way the turn answers (in full: without
+    reseeding, which test_reseed.py covers), and the next one hits."""
+    fresh = vllm_service("cache_ref", reseed="render").openai()
+    stale = vllm_service("cache_ref", reseed="render", backend_info_ttl=3600.0).openai()
     last = {}
     for name, client in (("fresh", fresh), ("stale", stale)):
         first = client.responses.create(model=vllm.model, input="Hello.", max_output_tokens=SHORT)

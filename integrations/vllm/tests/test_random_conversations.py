@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from convstate_vllm.cache import PromptCache, Turn, reply_message
-from convstate_vllm.protocol import CacheRequest, Miss
+from convstate_vllm.protocol import CacheRequest, Miss, Seed
 from plugin_support import chat_request, prompt_cache, run, vllm_prompt
 
 CONVERSATIONS = 200
@@ -126,7 +126,24 @@ class Tally:
         self.counts[what] += 1
 
 
-def converse(cache: PromptCache, online: Any, rng: random.Random, tally: Tally) -> None:
+def generated(rng: random.Random, online: Any, reply: dict[str, Any]) -> list[int]:
+    """Output ids a model could have generated for a text reply: its text in two pieces tokenized apart
+    (not always the tokenizer's own ids for the whole), then the end of the turn, unless it was cut."""
+    tokenizer = online.renderer.tokenizer
+    content = reply["content"] or ""
+    at = rng.randint(0, len(content))
+    ids: list[int] = [
+        *tokenizer.encode(content[:at], add_special_tokens=False),
+        *tokenizer.encode(content[at:], add_special_tokens=False),
+    ]
+    return ids if rng.random() < 0.1 else [*ids, tokenizer.eos_token_id]
+
+
+def converse(
+    cache: PromptCache, online: Any, rng: random.Random, tally: Tally, *, seeds: float = 0.0
+) -> None:
+    """One conversation; a `seeds` share of the later turns continue from the ids of the turn before
+    (its prompt and output) instead of its handle, as after a backend restart."""
     tools = rng.random() < 0.5
     fields: dict[str, Any] = {"cache_salt": "tenant-salt", "tool_choice": "none"}
     if tools:
@@ -148,13 +165,25 @@ def converse(cache: PromptCache, online: Any, rng: random.Random, tally: Tally) 
             cache_request = CacheRequest(
                 handle["ref"], handle["safe_tokens"], handle["prefix_hash"], handle["fingerprint"], True
             )
+            how = "continued"
+            # Without vLLM's parsers, a seeded output is read as text: a reply of tool calls is seeded
+            # only where the caller sends it again (the handle did not cover it).
+            text_reply = not (last_reply or {}).get("tool_calls") or not handle["covers_output"]
+            if seeds and registering and text_reply and rng.random() < seeds:
+                output = generated(rng, online, last_reply or {})
+                seed = Seed(registering, output, handle["covers_output"])
+                cache_request = CacheRequest(None, None, None, handle["fingerprint"], True, seed)
+                how = "seeded"
             try:
                 turn = run(cache.continue_from(request, cache_request))
-                tally.note("continued")
+                tally.note(how)
                 # The reply reports ids from `reported_from` on; the caller has the ones before from
-                # the registering turn.
+                # the registering turn (a seeded turn reports them all).
                 start = turn.reported_from
-                if not 0 < start <= len(registering) or turn.ids[:start] != registering[:start]:
+                if how == "seeded":
+                    if start != 0:
+                        tally.note("wrong start")
+                elif not 0 < start <= len(registering) or turn.ids[:start] != registering[:start]:
                     tally.note("wrong start")
             except Miss as miss:
                 assert miss.code == "not_appendable", miss
@@ -201,6 +230,29 @@ def test_random_conversations(online: Any, name: str, appends: str) -> None:
         assert counts["continued"] > 4 * counts["refused"], counts
     else:
         assert counts["continued"] == 0, counts
+
+
+@pytest.mark.parametrize(("name", "seeds"), [("smollm2", "most"), ("hermes", "some"), ("plain", "none")])
+def test_random_conversations_reseeded(online: Any, name: str, seeds: str) -> None:
+    """Half the later turns continue from the earlier turn's ids, and the turns after them from the
+    handles made on the seeded prefix: the prompts and handles are vLLM's full renders all the same."""
+    rng = random.Random(f"convstate-seeded-{name}")
+    tally = Tally()
+    renderer = online(name)
+    cache = prompt_cache(renderer)
+    for _ in range(CONVERSATIONS):
+        converse(cache, renderer, rng, tally, seeds=0.5)
+    counts = tally.counts
+    print(name, dict(counts))
+    assert counts["wrong prompt"] == counts["wrong handle"] == counts["wrong start"] == 0, counts
+    if seeds == "most":
+        # Refused: outputs cut before their end, and replies holding the template's delimiters as text
+        # (vLLM's reply leaves special tokens out, so the template would not render what was generated).
+        assert counts["seeded"] > 3 * counts["refused"] and counts["continued"] > 200, counts
+    elif seeds == "some":
+        assert counts["seeded"] > 50, counts
+    else:
+        assert counts["seeded"] == 0 and counts["continued"] == 0, counts
 
 
 class _Unchecked:

@@ -4,6 +4,10 @@ A handle's `Prefix` is a chain: a turn that continues a handle stores only its o
 and points at the prefix it extends, so a conversation of N turns keeps its tokens once, not N times.
 A prefix keeps the messages (to render the next turn in full), the token ids (to hand to the engine),
 and of the rendered text only its length and digest (to check that the next render starts with it).
+
+A chain may start from a seed (token ids an earlier turn was generated from, whose messages the plugin
+never saw) instead of the start of the conversation. Its root keeps the seeded ids and, as its text, only
+the decoded end of them (`seed_tail`); the texts of the links after it are measured from that tail.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ class Prefix:
     ids: array[int]  # this link's own token ids
     text_length: int  # of the whole rendered prefix, in characters
     text_digest: str
+    seed_tail: str | None = None  # of a seeded chain (set on its root, inherited by its links)
     count: int = field(init=False)
     digest: str = field(init=False)
     _hasher: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.parent is not None:
+            self.seed_tail = self.parent.seed_tail
         self._hasher = self.parent._hasher.copy() if self.parent else xxhash.xxh3_128()
         self._hasher.update(pack_tokens(self.ids))
         self.count = (self.parent.count if self.parent else 0) + len(self.ids)
@@ -63,6 +70,11 @@ def extend(
     parent: Prefix | None, messages: Sequence[Message], ids: Sequence[int], text_length: int, text_digest: str
 ) -> Prefix:
     return Prefix(parent, tuple(messages), array("I", ids), text_length, text_digest)
+
+
+def seed_root(ids: Sequence[int], tail: str, text_digest: str) -> Prefix:
+    """The root of a seeded chain: the seeded ids, whose text is known only by its decoded end."""
+    return Prefix(None, (), array("I", ids), len(tail), text_digest, seed_tail=tail)
 
 
 @dataclass(eq=False)

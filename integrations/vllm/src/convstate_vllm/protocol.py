@@ -37,12 +37,24 @@ class Miss(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Seed:
+    """A prefix given as the token ids an earlier turn was generated from and generated, in place of a
+    handle: its prompt without the generation prompt, or (`covers_output`) its prompt, its output and
+    what the template puts after a message."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    covers_output: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CacheRequest:
     ref: str | None
     tokens: int | None
     prefix_hash: str | None
     fingerprint: str | None
     register: bool
+    seed: Seed | None = None
 
 
 def _field(raw: dict[str, Any], key: str, kind: type, what: str) -> Any:
@@ -62,4 +74,24 @@ def parse_cache_request(raw: Any) -> CacheRequest:
     register = _field(raw, "register", bool, "a boolean")
     if ref is not None and (tokens is None or prefix_hash is None or fingerprint is None):
         raise BadPromptCache("`prompt_cache` with a `ref` needs `tokens`, `prefix_hash` and `fingerprint`")
-    return CacheRequest(ref, tokens, prefix_hash, fingerprint, bool(register))
+    seed = _seed(raw)
+    if seed is not None and (ref is not None or fingerprint is None):
+        raise BadPromptCache("`prompt_cache.seed` needs `fingerprint` and excludes `ref`")
+    return CacheRequest(ref, tokens, prefix_hash, fingerprint, bool(register), seed)
+
+
+def _token_ids(raw: dict[str, Any], key: str) -> list[int]:
+    ids = raw.get(key)
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise BadPromptCache(f"`prompt_cache.seed.{key}` must be a list of integers")
+    return ids
+
+
+def _seed(raw: dict[str, Any]) -> Seed | None:
+    seed = _field(raw, "seed", dict, "an object")
+    if seed is None:
+        return None
+    covers_output = seed.get("covers_output")
+    if not isinstance(covers_output, bool):
+        raise BadPromptCache("`prompt_cache.seed.covers_output` must be a boolean")
+    return Seed(_token_ids(seed, "prompt_token_ids"), _token_ids(seed, "output_token_ids"), covers_output)

@@ -172,6 +172,21 @@ class ChatRenderer:
         ids: list[int] = list(prompt["prompt_token_ids"])
         return ids
 
+    def decode(self, ids: list[int], *, skip_special_tokens: bool) -> str:
+        """The text of `ids` (the whole text: no spaces cleaned up around punctuation)."""
+        text: str = self.tokenizer.decode(
+            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+        return text
+
+    def is_special(self, token: int) -> bool:
+        """A special token (an end of turn, end of text, ...): what ends a reply that ended its message."""
+        return token in self.tokenizer.all_special_ids
+
+    def in_vocabulary(self, ids: list[int]) -> bool:
+        size = len(self.tokenizer)
+        return all(0 <= token < size for token in ids)
+
     def check_length(self, ids: list[int], request: Any) -> None:
         """vLLM's checks of a whole prompt (raises vLLM's context-length error)."""
         request.build_tok_params(self.model_config).apply_post_tokenization(

@@ -81,15 +81,19 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     try:
         cache_request = parse_cache_request(raw)
     except BadPromptCache as exc:
-        error = create_error_response(str(exc), param="prompt_cache")
-        return JSONResponse(content=error.model_dump(), status_code=error.error.code)
+        return _bad(exc)
     cache = prompt_cache(raw_request)
     if cache is None:
-        if cache_request.ref is not None:
+        if cache_request.ref is not None or cache_request.seed is not None:
             # Never generate from the new messages alone.
             return _miss(Miss("unknown_ref", "this server keeps no prompt cache"))
         return await vllm_chat_completion(request, raw_request)
     return await _guarded(request, raw_request, cache, cache_request)
+
+
+def _bad(exc: BadPromptCache) -> JSONResponse:
+    error = create_error_response(str(exc), param="prompt_cache")
+    return JSONResponse(content=error.model_dump(), status_code=error.error.code)
 
 
 def _miss(miss: Miss) -> JSONResponse:
@@ -100,12 +104,15 @@ def _miss(miss: Miss) -> JSONResponse:
 async def _with_prompt_cache(
     request: ChatCompletionRequest, raw_request: Request, cache: PromptCache, cache_request: CacheRequest
 ) -> Response:
+    handler = raw_request.app.state.openai_serving_chat
     turn: Turn | None = None
-    if cache_request.ref is not None:
+    if cache_request.ref is not None or cache_request.seed is not None:
         try:
-            turn = await cache.continue_from(request, cache_request)
+            turn = await cache.continue_from(request, cache_request, handler)
         except Miss as miss:
             return _miss(miss)
+        except BadPromptCache as exc:
+            return _bad(exc)
     elif cache_request.register:
         turn = await cache.render_full(request)
     if turn is not None:
@@ -113,7 +120,6 @@ async def _with_prompt_cache(
     reply = _Reply(cache, turn, request, register=cache_request.register and (request.n or 1) == 1)
     request.return_token_ids = True
 
-    handler = raw_request.app.state.openai_serving_chat
     if handler is None:
         raise NotImplementedError("The model does not support Chat Completions API")
     generator = await handler.create_chat_completion(request, raw_request)
