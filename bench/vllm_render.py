@@ -13,10 +13,15 @@ fourth turn) to at least --tokens prompt tokens. At each depth, alternately and 
 - cache_ref: the same for the body convstate sends on a hit (the new messages and the handle), through
   the plugin: parse, verify the handle, render the whole conversation as text, tokenize only what is
   new, then vLLM's chat preprocessing with the token ids handed in; and, after the reply, the
-  registration of the next handle (one more render, the reply's tokens).
+  registration of the next handle (one more render, the reply's tokens);
+- seed: the same for the body convstate sends when the handle is gone (the new messages and the ids the
+  previous turn was generated from and generated, `prompt_cache.seed`), through the plugin: parse,
+  render only what follows the seed (after its stand-in histories), tokenize it, then vLLM's chat
+  preprocessing. Turns after a tool-call reply are not seeded (with vLLM's tool parser the plugin
+  refuses such a seed).
 
-Every cache-path prompt is checked equal to the full render. `plot` (in convstate's .venv, which has
-matplotlib) draws the JSON.
+Every cache-path and seeded prompt is checked equal to the full render. `plot` (in convstate's .venv,
+which has matplotlib) draws the JSON.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ async def _measure(model_dir: str, tokens: int, repeat: int) -> dict[str, Any]:
 
     from convstate_vllm.cache import ModelIdentity, PromptCache
     from convstate_vllm.handles import Registry
-    from convstate_vllm.protocol import CacheRequest
+    from convstate_vllm.protocol import CacheRequest, parse_cache_request
     from convstate_vllm.render import ChatRenderer
 
     max_model_len = 1 << (tokens + 8192).bit_length()
@@ -164,6 +169,18 @@ async def _measure(model_dir: str, tokens: int, repeat: int) -> dict[str, Any]:
         (engine_input,) = result[1]
         return list(engine_input["prompt_token_ids"])
 
+    async def seeded(raw: bytes) -> list[int]:
+        request = ChatCompletionRequest.model_validate_json(raw)
+        assert request.model_extra is not None
+        planned = await cache.continue_from(
+            request, parse_cache_request(request.model_extra.pop("prompt_cache"))
+        )
+        request.kv_transfer_params = {"prompt_token_ids": list(planned.ids)}
+        await online.render_chat(request)
+        return planned.ids
+
+    tokenizer = online.renderer.tokenizer
+    generated: tuple[list[int], list[int]] | None = None  # the previous turn's prompt and output ids
     rng = random.Random(7)
     history: list[dict[str, Any]] = [{"role": "system", "content": "You are a careful on-call assistant."}]
     handle: dict[str, Any] | None = None
@@ -205,12 +222,22 @@ async def _measure(model_dir: str, tokens: int, repeat: int) -> dict[str, Any]:
             cache_ms, cache_cpu, (request, planned) = await _timed(repeat, continued)
             sample |= {"cache_ms": cache_ms, "cache_cpu_ms": cache_cpu, "cache_bytes": len(cache_body)}
         assert planned is not None and planned.ids == expected, f"turn {turn}: the cache path differs"
+        if generated is not None and handle is not None:
+            seed = {"prompt_token_ids": generated[0], "output_token_ids": generated[1]}
+            seed["covers_output"] = handle["covers_output"]
+            seed_body = body([*carried, *new], prompt_cache={"seed": seed, "fingerprint": "bench"})
+            seed_ms, seed_cpu, ids = await _timed(repeat, partial(seeded, seed_body))
+            assert ids == expected, f"turn {turn}: the seeded path differs"
+            sample |= {"seed_ms": seed_ms, "seed_cpu_ms": seed_cpu, "seed_bytes": len(seed_body)}
         register_ms, register_cpu, handle = await _timed(
             repeat, partial(cache.register, planned, request, reply)
         )
         assert handle is not None
         sample |= {"register_ms": register_ms, "register_cpu_ms": register_cpu}
         samples.append(sample)
+        # A model's output for a text reply: its tokens and the end of its turn.
+        output = [*tokenizer.encode(reply["content"] or "", add_special_tokens=False), tokenizer.eos_token_id]
+        generated = None if reply.get("tool_calls") else (expected, output)
         carried = [] if handle["covers_output"] else [reply]
         history = [*whole, reply]
         if reply.get("tool_calls"):
@@ -243,7 +270,8 @@ def measure(argv: Sequence[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{NAME}.json").write_text(json.dumps(result, indent=1))
     last = result["turns"][-1]
-    summary = {key: last.get(key) for key in ("turn", "prompt_tokens", "full_ms", "cache_ms", "register_ms")}
+    keys = ("turn", "prompt_tokens", "full_ms", "cache_ms", "register_ms", "seed_ms")
+    summary = {key: last.get(key) for key in keys}
     print(json.dumps({"max_model_len": result["max_model_len"], "deepest": summary}))
 
 
@@ -271,11 +299,27 @@ def plot(argv: Sequence[str]) -> None:
             color="tab:blue",
             label="cache_ref: and the next handle's registration",
         )
+        seeded = [t for t in turns if f"seed_{unit}" in t]
+        axis.plot(
+            [t["prompt_tokens"] for t in seeded],
+            [t[f"seed_{unit}"] for t in seeded],
+            ":",
+            color="tab:green",
+            label="seed: before generation, the handle gone",
+        )
         axis.set_ylim(bottom=0)
     ax_cpu.set_ylabel("CPU per turn (ms, median)\nparse + render + tokenize")
     ax_wall.set_ylabel("wall time per turn (ms, median)\non a shared 2-core machine")
     ax_bytes.plot(x, [t["full_bytes"] for t in turns], "-", color="tab:red", label="full")
     ax_bytes.plot(x, [t["cache_bytes"] for t in turns], "-", color="tab:blue", label="cache_ref")
+    seeded = [t for t in turns if "seed_bytes" in t]
+    ax_bytes.plot(
+        [t["prompt_tokens"] for t in seeded],
+        [t["seed_bytes"] for t in seeded],
+        ":",
+        color="tab:green",
+        label="seed",
+    )
     ax_bytes.set_ylabel("request bytes to vLLM")
     ax_bytes.set_yscale("log")
     ax_bytes.set_xlabel("prompt tokens of the turn")

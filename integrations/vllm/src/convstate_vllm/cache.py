@@ -6,6 +6,15 @@ chat template, checks that the text starts with the handle's text and that the c
 the append rule, and tokenizes only the text after the cut: its prompt is the handle's token ids plus
 those. A registered handle ends after the reply as the template renders it in history when that end is
 a proven cut; otherwise before the generation prompt; otherwise there is no handle.
+
+A seeded turn continues from the token ids an earlier turn was generated from (and generated) instead
+of a handle, without the messages they were rendered from. Its prompt is the seeded prompt less the
+generation prompt, followed by the tokens of what the template renders after it: the messages after the
+seed (with `covers_output`, first the seeded reply as vLLM's chat handler read it) rendered after
+stand-in histories, which must all give the same text, leave the history as it was, and (with
+`covers_output`) start with the generation prompt and the output exactly as generated. The cut after the
+seeded ids is proven on their decoded end, as any other. A handle registered on a seeded turn is a chain
+rooted at the seed, and later turns render after the stand-ins in the same way.
 """
 
 from __future__ import annotations
@@ -144,8 +153,11 @@ class PromptCache:
         model = self.model_of(request)
         identity = self.models.get(model)
         handle = self._live(request, cache) if cache.seed is None else None
-        fingerprints = {cache.fingerprint, handle.fingerprint if handle else cache.fingerprint}
-        if identity is None or fingerprints != {identity.fingerprint}:
+        if (
+            identity is None
+            or cache.fingerprint != identity.fingerprint
+            or (handle is not None and handle.fingerprint != identity.fingerprint)
+        ):
             raise Miss("fingerprint_mismatch", "prompt_cache.fingerprint differs from the model's")
         if handle is not None and (cache.tokens, cache.prefix_hash) != (
             handle.prefix.count,

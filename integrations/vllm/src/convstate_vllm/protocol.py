@@ -82,7 +82,8 @@ def parse_cache_request(raw: Any) -> CacheRequest:
 
 def _token_ids(raw: dict[str, Any], key: str) -> list[int]:
     ids = raw.get(key)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    # By type, not isinstance: a bool is not a token id. (A whole history's ids: map and set run in C.)
+    if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:
         raise BadPromptCache(f"`prompt_cache.seed.{key}` must be a list of integers")
     return ids
 

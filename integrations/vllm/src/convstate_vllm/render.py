@@ -184,8 +184,7 @@ class ChatRenderer:
         return token in self.tokenizer.all_special_ids
 
     def in_vocabulary(self, ids: list[int]) -> bool:
-        size = len(self.tokenizer)
-        return all(0 <= token < size for token in ids)
+        return not ids or (min(ids) >= 0 and max(ids) < len(self.tokenizer))
 
     def check_length(self, ids: list[int], request: Any) -> None:
         """vLLM's checks of a whole prompt (raises vLLM's context-length error)."""
