@@ -19,19 +19,27 @@ pytestmark = pytest.mark.vllm
 
 QUESTIONS = ("Name a fruit.", "Name another one.")
 AFTER = "Which of the two is sweeter?"
-# Room for SmolLM2 to end its answers; a reply cut at CUT tokens does not end its message.
-ROOM, CUT = 96, 4
+# Room for SmolLM2 to end its answers; a story cut at CUT tokens (the least the API takes) does not end
+# its message.
+ROOM, CUT = 96, 16
+STORY = "Tell me a long story about a lighthouse keeper."
+
+
+@pytest.fixture
+def services(vllm_service: Any) -> tuple[Service, Service]:
+    """The service reseeding from stored ids, and one in `full` mode to compare its answers with (made
+    outside the test's event loop: a service's first start provisions its tenant with its own)."""
+    return vllm_service("cache_ref", reseed="artifact"), vllm_service("full")
 
 
 async def test_after_a_restart_a_turn_is_reseeded_from_its_parents_ids(
-    vllm_service: Any,
+    services: tuple[Service, Service],
     vllm: Vllm,
     recorder: Recorder,
     pg_engine: AsyncEngine,
     restart_vllm: Callable[[], None],
 ) -> None:
-    reseeding: Service = vllm_service("cache_ref", reseed="artifact")
-    plain: Service = vllm_service("full")
+    reseeding, plain = services
     lineages = {"reseeded": (reseeding, ROOM), "full": (plain, ROOM), "cut": (reseeding, CUT)}
     last: dict[str, str | None] = dict.fromkeys(lineages)
 
@@ -49,8 +57,9 @@ async def test_after_a_restart_a_turn_is_reseeded_from_its_parents_ids(
         return response.output_text, raw.headers["x-convstate-decision"]
 
     for question in QUESTIONS:
-        for name in lineages:
-            turn(name, question)
+        turn("reseeded", question)
+        turn("full", question)
+    turn("cut", STORY)
     admin = reseeding.admin()
     parent = wait_for_artifact(admin, last["reseeded"] or "", seconds=60)
     wait_for_artifact(admin, last["cut"] or "", seconds=60)
