@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.config import ReseedMode, Settings
 from tests.conftest import repo_root
 
 CHART = repo_root() / "deploy" / "helm" / "convstate"
@@ -236,6 +237,10 @@ def test_no_secret_value_is_rendered(case: str) -> None:
         ({"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
         ({"replicas": 2}, "additional properties 'replicas'"),
+        ({"config": {"reseed": "rebuild"}}, "/config/reseed"),
+        ({"config": {"streamEventsMax": 4}}, "/config/streamEventsMax"),
+        # A setting with its own value is set there, never twice in the ConfigMap.
+        ({"extraConfig": {"REPLAY_TTL_SECONDS": 60}}, "invalid propertyName 'REPLAY_TTL_SECONDS'"),
     ],
 )
 def test_schema_rejects_bad_values(overlay: dict[str, Any], complaint: str) -> None:
@@ -254,6 +259,53 @@ def test_termination_grace_covers_the_drain() -> None:
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] == pre_stop + grace + defaults["terminationMarginSeconds"]
     assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+
+
+def _service_settings(config_map: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The service's settings from a rendered ConfigMap, as the pod's environment gives them."""
+    for name in [name for name in os.environ if name.startswith("CONVSTATE_")]:
+        monkeypatch.delenv(name)
+    for name, value in config_map["data"].items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+# Where the chart's defaults differ from the service's on purpose: a pod listens on every address, is
+# pointed at its backend, and keeps a smaller pool (replicas x pool must fit Postgres' max_connections).
+CHART_OWN_DEFAULTS = {"host", "backend_url", "db_pool_size", "db_max_overflow"}
+
+
+def test_config_defaults_are_the_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    (config_map,) = of_kind("minimal", "ConfigMap")
+    chart = _service_settings(config_map, monkeypatch)
+    names = {name.removeprefix("CONVSTATE_").lower() for name in config_map["data"]}
+    differ = {name for name in names if getattr(chart, name) != Settings.model_fields[name].default}
+    assert differ == CHART_OWN_DEFAULTS
+    # extraConfig refuses every setting the chart sets itself (a second key would be ambiguous).
+    schema: dict[str, Any] = _chart().schema  # type: ignore[assignment]
+    refused = schema["properties"]["extraConfig"]["propertyNames"]["not"]["enum"]
+    assert set(refused) == {"DATABASE_URL", *(name.upper() for name in names)}
+
+
+def test_config_values_reach_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = {
+        "replayMaxBytes": 4 * 1024**3,
+        "streamEventsMax": 1_000_000,
+        "tokenArtifacts": False,
+        "reseed": "render",
+        "websocketCachedResponses": 0,
+        "replayTtlSeconds": 30 * 86400,
+    }
+    values = merged(MINIMAL, {"config": config})
+    manifests = _chart().render(values=values, name=RELEASE, namespace=NAMESPACE)
+    (text,) = [text for name, text in manifests.items() if name.endswith("/configmap.yaml")]
+    config_map = yaml.safe_load(text)
+    # Large integers as digits, not in the exponent form a float would print in.
+    assert config_map["data"]["CONVSTATE_REPLAY_MAX_BYTES"] == "4294967296"
+    settings = _service_settings(config_map, monkeypatch)
+    assert settings.replay_max_bytes == 4 * 1024**3 and settings.stream_events_max == 1_000_000
+    assert settings.token_artifacts is False and settings.reseed is ReseedMode.RENDER
+    assert settings.websocket_cached_responses == 0 and settings.replay_ttl_seconds == 30 * 86400
 
 
 def test_probes_and_ports() -> None:
