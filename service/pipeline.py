@@ -41,7 +41,7 @@ from service import metrics
 from service.backends.client import BackendClient, BackendMiss, ChatReply, ChatStream
 from service.config import ReseedMode, Settings
 from service.domain import ids
-from service.domain.artifacts import TurnTokens, unpack
+from service.domain.artifacts import TurnTokens, rebuild, unpack
 from service.domain.chat import chat_options, responses_usage
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.items import Item, Segment, compaction_item
@@ -537,12 +537,14 @@ class Pipeline:
         another fingerprint, or the backend refuses the seed."""
         plan, parent = turn.plan, turn.parent
         assert parent is not None  # a plan has a seed only with a parent record
-        stored = await self.artifacts.seed(turn.tenant, parent.response.id)
+        stored = await self.artifacts.chain(parent.response.id, turn.tenant)
         if stored is None or stored.fingerprint is None or stored.fingerprint != plan.seed_fingerprint:
             return None
         prompt_ids, output_ids = await asyncio.to_thread(
-            lambda: (unpack(stored.prompt_ids), unpack(stored.output_ids))
+            lambda: (rebuild(stored.links), unpack(stored.output_ids))
         )
+        if prompt_ids is None:  # an ancestor's artifact is gone
+            return None
         body = plan.seed_body(prompt_ids, output_ids)
         try:
             return await send(body, headers), Sent(reseeded(after), plan.sent_parts(body))

@@ -17,10 +17,12 @@ from service.domain.artifacts import (
     CONTRADICTED,
     AppendObservation,
     ParentClaim,
+    StoredIds,
     TurnTokens,
     observe_append,
     observe_turn,
     pack,
+    rebuild,
     unpack,
 )
 from service.domain.items import normalize_input
@@ -64,16 +66,31 @@ def test_packing_round_trips_and_compresses_repetitive_ids() -> None:
 
 
 def test_append_safety_is_an_exact_prefix_of_prompt_then_output() -> None:
-    assert observe_append([1, 2], [3], [1, 2, 3, 4, 5]) == AppendObservation(True, None)
-    assert observe_append([1, 2], [3], [1, 2, 9, 4]) == AppendObservation(False, 2)
-    assert observe_append([1, 2], [3], [1, 7]) == AppendObservation(False, 1)
-    assert observe_append([1, 2], [3], [1, 2]) == AppendObservation(False, 2)  # ends inside the parent
+    parent = StoredIds(0, [1, 2], [3])
+    assert observe_append(parent, 0, [1, 2, 3, 4, 5]) == AppendObservation(True, None)
+    assert observe_append(parent, 0, [1, 2, 9, 4]) == AppendObservation(False, 2)
+    assert observe_append(parent, 0, [1, 7]) == AppendObservation(False, 1)
+    assert observe_append(parent, 0, [1, 2]) == AppendObservation(False, 2)  # ends inside the parent
+    # Only what follows a continued turn's start is compared; its index counts from the prompt's start.
+    assert observe_append(parent, 1, [2, 3, 4]) == AppendObservation(True, None)
+    assert observe_append(parent, 2, [9, 4]) == AppendObservation(False, 2)
+    assert observe_append(StoredIds(5, [1, 2], [3]), 6, [2, 8]) == AppendObservation(False, 7)
+    # The parent's stored ids must reach back to the start.
+    assert observe_append(StoredIds(5, [1, 2], [3]), 4, [1, 2, 3]) is None
+    assert observe_append(parent, 3, [3, 4]) is None
+
+
+def test_a_whole_prompt_is_rebuilt_from_its_chain() -> None:
+    links = [(0, pack([1, 2, 3, 4])), (3, pack([4, 5, 6])), (5, pack([6, 7]))]
+    assert rebuild(links) == [1, 2, 3, 4, 5, 6, 7]
+    assert rebuild(links[1:]) is None  # no whole start
+    assert rebuild([(0, pack([1])), (3, pack([4]))]) is None  # a start past the prompt
 
 
 def test_a_contradiction_is_a_relied_on_claim_the_prompt_ids_disprove() -> None:
     # The parent's record claims the next prompt starts with [1, 2, 3]; this child's starts [1, 2, 9].
     child = turn_tokens("c", "t", "p", [1, 2, 9, 4], [])
-    claim = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 3]), ([1, 2], [3]))
+    claim = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 3]), StoredIds(0, [1, 2], [3]))
     observed = observe_turn(child, claim)
     assert observed.observation == AppendObservation(False, 2)
     assert observed.diagnostic is not None
@@ -86,7 +103,7 @@ def test_a_contradiction_is_a_relied_on_claim_the_prompt_ids_disprove() -> None:
     assert observe_turn(replace(child, prompt_ids=[1, 2]), claim).diagnostic is not None  # too short
     # Generated ids the template re-renders otherwise are not append-safe, but the claim (about the
     # re-rendered reply) holds: no contradiction.
-    rerendered = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 8]), ([1, 2], [3]))
+    rerendered = ParentClaim(FINGERPRINT, True, 3, token_digest([1, 2, 8]), StoredIds(0, [1, 2], [3]))
     unsafe = observe_turn(replace(child, prompt_ids=[1, 2, 8, 4]), rerendered)
     assert unsafe.observation == AppendObservation(False, 2) and unsafe.diagnostic is None
     # The claim is checked even before the parent's own ids are stored.
@@ -161,44 +178,56 @@ async def test_the_writer_stores_batches_observes_parents_and_invalidates_contra
     assert fourth is not None and (fourth.append_safe, fourth.divergence) == (False, 7)
     assert fourth.diagnostic is not None and fourth.diagnostic["parent_id"] == c
     assert await store.get(d, "another tenant") is None
-    seed = await store.seed(tenant, a)
-    assert seed is not None and seed.fingerprint == FINGERPRINT and unpack(seed.output_ids) == [4, 5]
-    assert await store.seed("another tenant", a) is None
+    chain = await store.chain(a, tenant)
+    assert chain is not None and chain.fingerprint == FINGERPRINT and unpack(chain.output_ids) == [4, 5]
+    assert rebuild(chain.links) == [1, 2, 3]
+    assert await store.chain(a, "another tenant") is None
     assert await _record_status(engine, c) == ("invalidated", CONTRADICTED)
     assert await _record_status(engine, b) == ("valid", None)
     [counts] = [row for row in await store.append_safety("m") if row.template == "tpl"]
     assert (counts.observed, counts.safe, counts.contradicted) >= (3, 2, 1)
 
 
-async def test_a_prompt_reported_after_the_handle_is_made_whole_from_the_parents_ids(
+async def test_a_turn_stores_only_what_it_added_and_its_whole_prompt_is_rebuilt_from_the_chain(
     engine: AsyncEngine,
 ) -> None:
-    """After a ref the backend reports the prompt's ids from `prompt_start` on; the writer puts the
-    parent's first ids in front (from the table, or from the same batch), and where the parent's artifact
-    is missing it keeps the rest, uncompared, and never offers it as a seed."""
+    """After a ref the backend reports the prompt's ids from `prompt_start` on, and that is what is stored
+    and compared with the parent's ids. A whole prompt (a full render) after such a turn is compared with
+    the parent's whole prompt, rebuilt from the batch or from the table; reseed and the admin view rebuild
+    it the same way, and a chain whose artifact is missing rebuilds nothing."""
     tenant = uuid.uuid4().hex
-    claims = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [0]]
-    a, b, c, orphan_parent = await _stored_turns(engine, tenant, 4, claims)
+    a, b, c, d, e, f, orphan_parent = await _stored_turns(engine, tenant, 7, [[1]] * 7)
     [orphan] = await _stored_turns(engine, tenant, 1)
     store = ArtifactStore(engine)
     writer = ArtifactWriter(ArtifactQueue(10), store, batch=10)
-    await writer.write([turn_tokens(a, tenant, None, [1, 2, 3], [4, 5])])
+    await writer.write([turn_tokens(a, tenant, None, [1, 2, 3], [4])])
     await writer.write(
         [
-            replace(turn_tokens(b, tenant, a, [4, 5, 6], [7]), prompt_start=3),
-            replace(turn_tokens(c, tenant, b, [7, 8], [9]), prompt_start=6),
+            replace(turn_tokens(b, tenant, a, [4, 5], [6]), prompt_start=3),
+            replace(turn_tokens(c, tenant, b, [6, 7], [8]), prompt_start=5),
+            turn_tokens(d, tenant, c, [1, 2, 3, 4, 5, 6, 7, 8, 9], [10]),  # its parent from the batch
             replace(turn_tokens(orphan, tenant, orphan_parent, [8, 9], [1]), prompt_start=7),
         ]
     )
-    second, third, partial = [await store.get(x, tenant) for x in (b, c, orphan)]
-    assert second is not None and unpack(second.prompt_ids) == [1, 2, 3, 4, 5, 6]
-    assert third is not None and unpack(third.prompt_ids) == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert (second.prompt_start, second.prompt_count, second.append_safe) == (0, 6, True)
-    assert (third.prompt_start, third.prompt_count, third.append_safe) == (0, 8, True)
-    assert partial is not None and unpack(partial.prompt_ids) == [8, 9]
-    assert (partial.prompt_start, partial.prompt_count, partial.append_safe) == (7, 9, None)
-    assert await store.seed(tenant, c) is not None
-    assert await store.seed(tenant, orphan) is None
+    await writer.write([replace(turn_tokens(e, tenant, d, [10, 11], [12]), prompt_start=9)])
+    # Its parent's whole prompt from the table: e's end, in front of it d's start.
+    await writer.write([turn_tokens(f, tenant, e, [*range(1, 13), 13], [14])])
+    stored = {x: await store.get(x, tenant) for x in (b, c, d, e, f, orphan)}
+    assert all(artifact is not None for artifact in stored.values())
+    second = stored[b]
+    assert second is not None and unpack(second.prompt_ids) == [4, 5]
+    assert (second.prompt_start, second.prompt_count) == (3, 5)
+    assert [stored[x].append_safe for x in (b, c, d, e, f)] == [True] * 5  # type: ignore[union-attr]
+    assert stored[orphan].append_safe is None  # type: ignore[union-attr]
+    wholes = {}
+    for x in (c, e, f, orphan):
+        chain = await store.chain(x, tenant)
+        assert chain is not None
+        wholes[x] = rebuild(chain.links)
+    assert wholes[c] == [1, 2, 3, 4, 5, 6, 7]
+    assert wholes[e] == list(range(1, 12)) and wholes[f] == list(range(1, 14))
+    assert wholes[orphan] is None
+    assert await store.chain(c, "another tenant") is None
 
 
 async def test_the_writer_prepares_the_same_statements_whatever_its_batch_size(

@@ -1,9 +1,9 @@
 """Token artifacts whose prompt ids start after their parent's handle: `prompt_start`.
 
 A turn that continued a handle gets back only the prompt ids after the part it shares with the prompt
-of the turn that registered the handle (the reply stays the same size at any depth); the writer puts the
-parent's ids in front. Where the parent's artifact is missing, the artifact keeps only what it got, from
-`prompt_start` on.
+of the turn that registered the handle, and stores only those: the reply and the artifact stay the same
+size at any depth. The ids before `prompt_start` are the parent's artifact's first ones; a whole prompt
+is rebuilt by walking the chain (reseed, the admin view).
 
 Revision ID: 0011
 Revises: 0010

@@ -4,6 +4,7 @@ Admin keys are the operators' keys: they see and act on every tenant. Every rout
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict
@@ -15,12 +16,12 @@ from service.api import admin_schemas as schemas
 from service.api.body import CheckedRoute
 from service.api.deps import admin
 from service.api.errors import error_responses
-from service.domain.artifacts import observe_append, unpack
+from service.domain.artifacts import StoredIds, observe_append, rebuild, unpack
 from service.domain.auth import Principal
 from service.domain.invalidation import Scope, Subject, fingerprint_key, handle_state
 from service.domain.stats import Summary, summarize
 from service.errors import InvalidRequest, NotFound
-from service.store.artifacts import StoredArtifact
+from service.store.artifacts import ArtifactStore, StoredArtifact
 from service.store.inspect import InspectedTurn
 from service.store.invalidations import Change, StoredInvalidation
 from service.store.keys import StoredKey, tenant_not_found
@@ -212,11 +213,26 @@ async def _text(request: Request, model: str, token_ids: list[int]) -> str | Non
     return text
 
 
+async def _prompt(store: ArtifactStore, artifact: StoredArtifact) -> tuple[int, list[int]]:
+    """An artifact's prompt ids, whole when its chain is (`(0, ids)`), else from its own start."""
+    if artifact.prompt_start:
+        chain = await store.chain(artifact.response_id)
+        whole = await asyncio.to_thread(rebuild, chain.links) if chain else None
+        if whole is not None:
+            return 0, whole
+    return artifact.prompt_start, unpack(artifact.prompt_ids)
+
+
 async def _divergence(
     request: Request, artifact: StoredArtifact, parent: StoredArtifact, prompt: list[int], context: int
-) -> schemas.Divergence:
-    expected = unpack(parent.prompt_ids) + unpack(parent.output_ids)
-    observation = observe_append(expected, [], prompt)
+) -> schemas.Divergence | None:
+    start, parent_prompt = await _prompt(request.app.state.artifacts, parent)
+    if start:
+        return None
+    parent_output = unpack(parent.output_ids)
+    expected = parent_prompt + parent_output
+    observation = observe_append(StoredIds(0, parent_prompt, parent_output), 0, prompt)
+    assert observation is not None  # both whole
     at = observation.divergence
     window = None if at is None else slice(max(at - context, 0), at + context)
     return schemas.Divergence(
@@ -235,16 +251,16 @@ async def _divergence(
 async def artifact(
     response_id: str, request: Request, context: Annotated[int, Query(ge=0, le=512)] = 16
 ) -> schemas.Artifact:
-    """A turn's token artifact: the prompt and output ids the backend reported, and where the prompt
-    leaves its parent's prompt + output ids, with `context` ids on each side as text (the backend's
-    /detokenize)."""
+    """A turn's token artifact: the prompt and output ids the backend reported (the prompt whole, rebuilt
+    from its ancestors' artifacts after a cache reference), and where the prompt leaves its parent's
+    prompt + output ids, with `context` ids on each side as text (the backend's /detokenize)."""
     store = request.app.state.artifacts
     found: StoredArtifact | None = await store.get(response_id)
     if found is None:
         raise NotFound(f"No token artifact found for response '{response_id}'.", param="response_id")
-    prompt = unpack(found.prompt_ids)
+    start, prompt = await _prompt(store, found)
     # Ids compare only when both prompts are whole.
-    parent = await store.get(found.parent_id) if found.parent_id and not found.prompt_start else None
+    parent = await store.get(found.parent_id) if found.parent_id and not start else None
     return schemas.Artifact(
         response_id=found.response_id,
         tenant=found.tenant,
@@ -255,15 +271,11 @@ async def artifact(
         decision=found.decision,
         prompt_tokens=found.prompt_count,
         output_tokens=found.output_count,
-        prompt_token_ids_start=found.prompt_start,
+        prompt_token_ids_start=start,
         prompt_token_ids=prompt,
         output_token_ids=unpack(found.output_ids),
         append_safe=found.append_safe,
-        divergence=(
-            await _divergence(request, found, parent, prompt, context)
-            if parent and not parent.prompt_start
-            else None
-        ),
+        divergence=await _divergence(request, found, parent, prompt, context) if parent else None,
         diagnostic=found.diagnostic,
         created_at=found.created_at,
         expires_at=found.expires_at,

@@ -177,8 +177,8 @@ class Artifact(BaseModel):
     prompt_tokens: int
     output_tokens: int
     prompt_token_ids_start: int = Field(
-        description="0 when prompt_token_ids is the whole prompt; else the index of its first id (the "
-        "ids before it were reported with the parent, whose artifact was missing)"
+        description="0 when prompt_token_ids is the whole prompt; else the index of its first id (an "
+        "artifact the whole prompt is rebuilt from is missing)"
     )
     prompt_token_ids: list[int]
     output_token_ids: list[int]

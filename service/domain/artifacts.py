@@ -8,8 +8,9 @@ for the parent. Templates that rewrite history (reasoning dropped from earlier t
 merged into the first block) break that, at the index `divergence`.
 
 A turn that continued its parent's handle is told only the prompt ids from `prompt_start` on: the ones
-before are, by the protocol, the first ids of the parent's prompt, so the writer puts those in front
-(`whole_prompt`), which keeps a reply's size independent of the conversation's length.
+before are, by the protocol, the first ids of the parent's prompt. That is also what is stored, so a
+turn's reply, its artifact and the writer's work follow what the turn added, not the conversation; the
+rare readers of a whole prompt (reseed, the admin view) rebuild it from the chain (`rebuild`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from service.domain.prefix import pack_tokens, token_digest
@@ -65,14 +66,27 @@ class TurnTokens:
     prompt_start: int = 0
 
 
-def whole_prompt(turn: TurnTokens, parent_prompt: Sequence[int] | None) -> TurnTokens:
-    """The turn with its whole prompt: the parent's first `prompt_start` ids put in front of what the
-    backend reported. Unchanged when it has it already, or when the parent's whole prompt is unknown (its
-    artifact was dropped or expired, or is itself partial): then the artifact keeps only the rest."""
-    start = turn.prompt_start
-    if start == 0 or parent_prompt is None or len(parent_prompt) < start:
-        return turn
-    return replace(turn, prompt_ids=[*parent_prompt[:start], *turn.prompt_ids], prompt_start=0)
+@dataclass(frozen=True, slots=True)
+class StoredIds:
+    """A turn's ids as stored: its prompt from `prompt_start` on (the ids before it are its parent's
+    prompt's first ones), and its output."""
+
+    prompt_start: int
+    prompt: Sequence[int]
+    output: Sequence[int]
+
+
+def rebuild(links: Sequence[tuple[int, bytes]]) -> list[int] | None:
+    """A whole prompt from its chain's packed links `(prompt_start, prompt ids)`, oldest first: the first
+    must be whole; each next one replaces what follows its start. None when the chain is broken."""
+    if not links or links[0][0] != 0:
+        return None
+    prompt = unpack(links[0][1])
+    for start, packed in links[1:]:
+        if len(prompt) < start:
+            return None
+        prompt = [*prompt[:start], *unpack(packed)]
+    return prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +95,21 @@ class AppendObservation:
     divergence: int | None  # the first index where the parent's ids and this prompt differ
 
 
-def observe_append(
-    parent_prompt: Sequence[int], parent_output: Sequence[int], prompt: Sequence[int]
-) -> AppendObservation:
-    expected = [*parent_prompt, *parent_output]
+def observe_append(parent: StoredIds, prompt_start: int, prompt: Sequence[int]) -> AppendObservation | None:
+    """Are the parent's prompt and output ids an exact prefix of this turn's prompt, of which `prompt`
+    holds the ids from `prompt_start` on? The ids before are the parent's own by the protocol, so only
+    the rest is compared. None when the parent's stored ids do not reach back to `prompt_start` (a whole
+    prompt needs its parent's whole: `rebuild`)."""
+    offset = prompt_start - parent.prompt_start
+    if offset < 0 or offset > len(parent.prompt):
+        return None
+    expected = [*parent.prompt[offset:], *parent.output]
     if list(prompt[: len(expected)]) == expected:
         return AppendObservation(True, None)
     for index, (want, got) in enumerate(zip(expected, prompt, strict=False)):
         if want != got:
-            return AppendObservation(False, index)
-    return AppendObservation(False, len(prompt))  # the prompt ends inside the parent's ids
+            return AppendObservation(False, prompt_start + index)
+    return AppendObservation(False, prompt_start + len(prompt))  # the prompt ends inside the parent's ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +121,7 @@ class ParentClaim:
     claimed_safe: bool
     safe_tokens: int | None
     prefix_hash: str | None
-    tokens: tuple[Sequence[int], Sequence[int]] | None  # (prompt, output)
+    tokens: StoredIds | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,17 +138,15 @@ def observe_turn(turn: TurnTokens, parent: ParentClaim | None) -> Observed:
     prompt whose first `safe_tokens` ids are not the ones the claim names: the canary's check, on the
     ids the backend really generated from. (Generated ids that the template re-renders differently are
     not one: the claim is about the re-rendered reply; that shows as `append_safe` false.)"""
-    if (
-        parent is None
-        or parent.fingerprint is None
-        or parent.fingerprint != turn.fingerprint
-        or turn.prompt_start  # only the end of the prompt is known
-    ):
+    if parent is None or parent.fingerprint is None or parent.fingerprint != turn.fingerprint:
         return Observed(None, None)
     observation = None
     if parent.tokens is not None:
-        observation = observe_append(*parent.tokens, turn.prompt_ids)
-    if not (parent.claimed_safe and turn.relied_on_parent and parent.safe_tokens and parent.prefix_hash):
+        observation = observe_append(parent.tokens, turn.prompt_start, turn.prompt_ids)
+    # A turn that continued the handle had its prefix verified by the backend (and only its end is here).
+    if turn.prompt_start or not (
+        parent.claimed_safe and turn.relied_on_parent and parent.safe_tokens and parent.prefix_hash
+    ):
         return Observed(observation, None)
     claimed = turn.prompt_ids[: parent.safe_tokens]
     found = token_digest(claimed)
@@ -143,7 +160,7 @@ def observe_turn(turn: TurnTokens, parent: ParentClaim | None) -> Observed:
         "observed_prefix_hash": found,
     }
     if observation is not None and observation.divergence is not None and parent.tokens is not None:
-        expected = [*parent.tokens[0], *parent.tokens[1]]
+        expected = [*parent.tokens.prompt, *parent.tokens.output]  # whole: this prompt is
         at = observation.divergence
         window = slice(max(at - DIAGNOSTIC_WINDOW, 0), at + DIAGNOSTIC_WINDOW)
         diagnostic.update(

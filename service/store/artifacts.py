@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import case, delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.artifacts import CONTRADICTED
@@ -32,11 +32,6 @@ class ParentRow:
     prompt_ids: bytes | None
     output_ids: bytes | None
     prompt_start: int | None
-
-    @property
-    def has_whole_ids(self) -> bool:
-        """Its artifact exists and holds the whole prompt."""
-        return self.prompt_ids is not None and self.output_ids is not None and self.prompt_start == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +56,13 @@ class StoredArtifact:
 
 
 @dataclass(frozen=True, slots=True)
-class SeedTokens:
-    """What a reseed needs of a turn's artifact: the fingerprint and the packed ids."""
+class Chain:
+    """What it takes to rebuild a turn's whole prompt (`domain.artifacts.rebuild`): the packed prompt ids
+    of its artifact and its ancestors' back to the last whole one, oldest first, as `(prompt_start, ids)`;
+    and its own fingerprint and packed output."""
 
     fingerprint: str | None
-    prompt_ids: bytes
+    links: list[tuple[int, bytes]]
     output_ids: bytes
 
 
@@ -143,17 +140,41 @@ class ArtifactStore:
         return StoredArtifact(*row) if row else None
 
     @db_call
-    async def seed(self, tenant: str, response_id: str) -> SeedTokens | None:
-        """A turn's ids for reseeding its prefix (only after its handle failed: never on a hit); only a
-        whole prompt can seed."""
-        query = select(TokenArtifact.fingerprint, TokenArtifact.prompt_ids, TokenArtifact.output_ids).where(
-            TokenArtifact.response_id == response_id,
-            TokenArtifact.tenant == tenant,
-            TokenArtifact.prompt_start == 0,
+    async def chain(self, response_id: str, tenant: str | None = None) -> Chain | None:
+        """A turn's artifact chain back to its last whole prompt: one query, read only by reseed (after a
+        handle failed: never on a hit), the admin view and the writer's comparison of a whole prompt with
+        a parent that continued a handle. With `tenant`, only that tenant's."""
+        artifact = TokenArtifact
+        start = select(
+            artifact.response_id,
+            artifact.parent_id,
+            artifact.prompt_start,
+            artifact.prompt_ids,
+            literal(0).label("hops"),
+        ).where(artifact.response_id == response_id)
+        if tenant is not None:
+            start = start.where(artifact.tenant == tenant)
+        links = start.cte("links", recursive=True)
+        links = links.union_all(
+            select(
+                artifact.response_id,
+                artifact.parent_id,
+                artifact.prompt_start,
+                artifact.prompt_ids,
+                links.c.hops + 1,
+            ).join(links, (artifact.response_id == links.c.parent_id) & (links.c.prompt_start > 0))
         )
+        own = select(artifact.fingerprint, artifact.output_ids).where(artifact.response_id == response_id)
         async with self._reads.connect() as conn:
-            row = (await conn.execute(query)).first()
-        return SeedTokens(*row) if row else None
+            rows = (
+                await conn.execute(
+                    select(links.c.prompt_start, links.c.prompt_ids).order_by(links.c.hops.desc())
+                )
+            ).all()
+            head = (await conn.execute(own)).first() if rows else None
+        if head is None:
+            return None
+        return Chain(head[0], [(int(row[0]), row[1]) for row in rows], head[1])
 
     @db_call
     async def append_safety(self, model: str | None = None) -> list[AppendSafetyCount]:

@@ -231,8 +231,8 @@ class TokenArtifact(Base):
     decision: Mapped[str] = mapped_column(String(128))
     prompt_count: Mapped[int] = mapped_column(Integer)
     output_count: Mapped[int] = mapped_column(Integer)
-    # 0 when `prompt_ids` is the whole prompt; else the ids before this index are unknown (the parent's
-    # artifact, which holds them, was missing when this one was written) and `prompt_ids` is the rest.
+    # 0 when `prompt_ids` is the whole prompt; else it holds the ids from this index on, and the ones
+    # before are the parent's artifact's first ones (after a cache reference: only what the turn added).
     prompt_start: Mapped[int] = mapped_column(Integer, server_default="0")
     prompt_ids: Mapped[bytes] = mapped_column(LargeBinary)
     output_ids: Mapped[bytes] = mapped_column(LargeBinary)

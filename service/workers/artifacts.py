@@ -10,12 +10,21 @@ one transaction that also invalidates the parent records the observations contra
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service import metrics
-from service.domain.artifacts import ParentClaim, TurnTokens, artifact_row, observe_turn, unpack, whole_prompt
+from service.domain.artifacts import (
+    ParentClaim,
+    StoredIds,
+    TurnTokens,
+    artifact_row,
+    observe_turn,
+    rebuild,
+    unpack,
+)
 from service.store.artifacts import ArtifactStore, ParentRow
 
 log = logging.getLogger("convstate.artifacts")
@@ -55,29 +64,64 @@ class ArtifactQueue:
         return batch
 
 
+def _walks(batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow]) -> set[str]:
+    """The stored turns whose whole prompt must be rebuilt from the table for this batch: a whole prompt
+    (a full render) is compared with its parent's whole prompt, and where that parent, or its nearest
+    ancestor outside the batch, continued a handle, only its end is stored."""
+    by_id = {turn.response_id: turn for turn in batch}
+    walks = set()
+    for turn in batch:
+        ancestor = turn.parent_id if not turn.prompt_start else None
+        while ancestor in by_id and by_id[ancestor].prompt_start:
+            ancestor = by_id[ancestor].parent_id
+        row = parents.get(ancestor) if ancestor and ancestor not in by_id else None
+        if row is not None and row.prompt_ids is not None and row.prompt_start:
+            walks.add(ancestor or "")
+    return walks
+
+
 def _build(
-    batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow]
+    batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow], walked: Mapping[str, Sequence[int] | None]
 ) -> tuple[list[Mapping[str, Any]], dict[str, str]]:
     """Rows for the batch and the contradicted parent records (id -> model). A parent written in the same
-    batch is taken from the batch itself (in order: its own prompt is whole by then)."""
+    batch is taken from the batch itself; `walked` has the whole prompts `_walks` asked for."""
     in_batch: dict[str, TurnTokens] = {}
+
+    def stored(response_id: str) -> StoredIds | None:
+        earlier = in_batch.get(response_id)
+        if earlier is not None:
+            return StoredIds(earlier.prompt_start, earlier.prompt_ids, earlier.output_ids)
+        row = parents.get(response_id)
+        if row is None or row.prompt_ids is None or row.output_ids is None:
+            return None
+        return StoredIds(row.prompt_start or 0, unpack(row.prompt_ids), unpack(row.output_ids))
+
+    @functools.cache
+    def whole(response_id: str) -> Sequence[int] | None:
+        ids = stored(response_id)
+        if ids is None or not ids.prompt_start:
+            return ids.prompt if ids else None
+        earlier = in_batch.get(response_id)
+        if earlier is None:
+            return walked.get(response_id)
+        before = whole(earlier.parent_id) if earlier.parent_id else None
+        if before is None or len(before) < ids.prompt_start:
+            return None
+        return [*before[: ids.prompt_start], *ids.prompt]
+
     rows, contradicted = [], {}
-    for reported in batch:
+    for turn in batch:
         claim = None
-        tokens = None
-        record = parents.get(reported.parent_id) if reported.parent_id else None
-        earlier = in_batch.get(reported.parent_id or "")
-        if earlier is not None and not earlier.prompt_start:
-            tokens = (earlier.prompt_ids, earlier.output_ids)
-        elif record is not None and record.has_whole_ids:
-            assert record.prompt_ids is not None and record.output_ids is not None
-            tokens = (unpack(record.prompt_ids), unpack(record.output_ids))
-        turn = whole_prompt(reported, tokens[0] if tokens else None)
-        in_batch[turn.response_id] = turn
-        if record is not None:
+        record = parents.get(turn.parent_id) if turn.parent_id else None
+        if record is not None and turn.parent_id is not None:
+            tokens = stored(turn.parent_id)
+            if tokens is not None and tokens.prompt_start and not turn.prompt_start:
+                prompt = whole(turn.parent_id)
+                tokens = StoredIds(0, prompt, tokens.output) if prompt is not None else None
             claim = ParentClaim(
                 record.fingerprint, record.claimed_safe, record.safe_tokens, record.prefix_hash, tokens
             )
+        in_batch[turn.response_id] = turn
         observed = observe_turn(turn, claim)
         rows.append(artifact_row(turn, observed))
         if observed.observation is not None:
@@ -107,7 +151,11 @@ class ArtifactWriter:
         """Store one batch; how many artifacts were written."""
         parent_ids = {turn.parent_id for turn in batch if turn.parent_id is not None}
         parents = await self.store.parents(parent_ids)
-        rows, contradicted = await asyncio.to_thread(_build, batch, parents)
+        walked = {}
+        for response_id in _walks(batch, parents):
+            chain = await self.store.chain(response_id)
+            walked[response_id] = await asyncio.to_thread(rebuild, chain.links) if chain else None
+        rows, contradicted = await asyncio.to_thread(_build, batch, parents, walked)
         written = await self.store.write(rows, contradicted.keys())
         metrics.artifacts_written.inc(written)
         for parent_id, model in contradicted.items():
