@@ -212,13 +212,15 @@ async def test_a_turn_stores_only_what_it_added_and_its_whole_prompt_is_rebuilt_
     await writer.write([replace(turn_tokens(e, tenant, d, [10, 11], [12]), prompt_start=9)])
     # Its parent's whole prompt from the table: e's end, in front of it d's start.
     await writer.write([turn_tokens(f, tenant, e, [*range(1, 13), 13], [14])])
-    stored = {x: await store.get(x, tenant) for x in (b, c, d, e, f, orphan)}
-    assert all(artifact is not None for artifact in stored.values())
-    second = stored[b]
-    assert second is not None and unpack(second.prompt_ids) == [4, 5]
-    assert (second.prompt_start, second.prompt_count) == (3, 5)
-    assert [stored[x].append_safe for x in (b, c, d, e, f)] == [True] * 5  # type: ignore[union-attr]
-    assert stored[orphan].append_safe is None  # type: ignore[union-attr]
+    stored = {}
+    for x in (b, c, d, e, f, orphan):
+        artifact = await store.get(x, tenant)
+        assert artifact is not None
+        stored[x] = artifact
+    assert unpack(stored[b].prompt_ids) == [4, 5]
+    assert (stored[b].prompt_start, stored[b].prompt_count) == (3, 5)
+    assert [stored[x].append_safe for x in (b, c, d, e, f)] == [True] * 5
+    assert stored[orphan].append_safe is None
     wholes = {}
     for x in (c, e, f, orphan):
         chain = await store.chain(x, tenant)
