@@ -141,7 +141,8 @@ class ArtifactStore:
 
     @db_call
     async def chain(self, response_id: str, tenant: str | None = None) -> Chain | None:
-        """A turn's artifact chain back to its last whole prompt: one query, read only by reseed (after a
+        """A turn's artifact chain back to its last whole prompt (one recursive query, then the turn's own
+        fingerprint and output), read only by reseed (after a
         handle failed: never on a hit), the admin view and the writer's comparison of a whole prompt with
         a parent that continued a handle. With `tenant`, only that tenant's."""
         artifact = TokenArtifact

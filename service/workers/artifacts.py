@@ -74,9 +74,11 @@ def _walks(batch: Sequence[TurnTokens], parents: Mapping[str, ParentRow]) -> set
         ancestor = turn.parent_id if not turn.prompt_start else None
         while ancestor in by_id and by_id[ancestor].prompt_start:
             ancestor = by_id[ancestor].parent_id
-        row = parents.get(ancestor) if ancestor and ancestor not in by_id else None
+        if ancestor is None or ancestor in by_id:
+            continue
+        row = parents.get(ancestor)
         if row is not None and row.prompt_ids is not None and row.prompt_start:
-            walks.add(ancestor or "")
+            walks.add(ancestor)
     return walks
 
 
