@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from service.domain import ids
+from service.domain.policy import ParentPrefix
 from service.store.responses import PrefixWrite, StoredResponse
 
 
@@ -60,3 +61,21 @@ def prefix_write(handle: str | None = None) -> PrefixWrite:
         handle_expires_at=time.time() + 60 if handle else None,
         conversation_version=None,
     )
+
+
+def parent_prefix(**changes: Any) -> ParentPrefix:
+    """A parent's valid record with a live handle, as the planner reads it."""
+    values: dict[str, Any] = {
+        "valid": True,
+        "fingerprint_parts": None,
+        "handle_ref": "pc_1",
+        "backend_fingerprint": "f",
+        "handle_epoch": "e",
+        "handle_expires_at": 2e9,
+        "safe_tokens": 10,
+        "prefix_hash": "ab",
+        "covers_output": False,
+        "created_at": 0.0,
+        "conversation_version": None,
+    }
+    return ParentPrefix(**{**values, **changes})

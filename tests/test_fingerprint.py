@@ -21,8 +21,9 @@ from service.domain.fingerprint import (
     part_hash,
     turn_parts,
 )
-from service.domain.policy import BackendMode, ParentPrefix
+from service.domain.policy import BackendMode
 from service.domain.prefix import TokenDigest, pack_tokens, token_digest
+from tests.factories import parent_prefix
 
 BACKEND = BackendModelInfo(
     model="m",
@@ -188,19 +189,7 @@ def test_media_is_pinned_only_when_carried_by_value() -> None:
 
 def test_the_cache_body_is_fingerprinted_as_the_plan_decided() -> None:
     """The shortcut in TurnPlan.sent_parts holds: hashing the cache body gives the plan's parts."""
-    prefix = ParentPrefix(
-        valid=True,
-        fingerprint_parts=None,
-        handle_ref="pc_1",
-        backend_fingerprint="f",
-        handle_epoch="e",
-        handle_expires_at=2e9,
-        safe_tokens=10,
-        prefix_hash="ab",
-        covers_output=False,
-        created_at=0.0,
-        conversation_version=None,
-    )
+    prefix = parent_prefix()
     render = planning.RenderInputs(
         "m",
         "Be brief.",

@@ -9,7 +9,8 @@ from typing import Any
 from service.domain import plan as planning
 from service.domain.chat import chat_options
 from service.domain.fingerprint import ENVELOPE_FIELDS, SAMPLING_FIELDS, combined_fingerprint
-from service.domain.policy import BackendMode, ParentPrefix, Path
+from service.domain.policy import BackendMode, Path
+from tests.factories import parent_prefix
 from tests.test_fingerprint import BACKEND
 
 INPUT = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
@@ -35,20 +36,7 @@ def _inputs(mode: BackendMode, **changes: Any) -> planning.TurnInputs:
 
 
 def _with_parent(inputs: planning.TurnInputs, **prefix_changes: Any) -> planning.TurnInputs:
-    prefix = ParentPrefix(
-        valid=True,
-        fingerprint_parts=planning.plan_turn(inputs).parts,
-        handle_ref="pc_1",
-        backend_fingerprint="f",
-        handle_epoch="e",
-        handle_expires_at=2e9,
-        safe_tokens=10,
-        prefix_hash="ab",
-        covers_output=False,
-        created_at=0.0,
-        conversation_version=None,
-        session_token=TOKEN,
-    )
+    prefix = parent_prefix(fingerprint_parts=planning.plan_turn(inputs).parts, session_token=TOKEN)
     parent = planning.ParentState(
         "resp_1", "completed", OUTPUT, dataclasses.replace(prefix, **prefix_changes)
     )
