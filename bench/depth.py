@@ -3,6 +3,7 @@
     python -m bench.depth [--turns 200] [--modes full,cache_ref] [--lineages chain,conversation]
                           [--baseline REV] [--direct] [--target NAME=URL ...] [--target-model MODEL]
                           [--target-pid NAME=PID ...] [--target-database NAME=DATABASE ...]
+                          [--probe-rounds K]
 
 A pass is one target, backend mode and lineage: a chain of `previous_response_id` or a `conversation`.
 Targets, all on the same reference backend and measured in the same run:
@@ -29,13 +30,26 @@ tokens the backend rendered, the decision. Per pass: what Postgres itself execut
 (pg_stat_statements: foreign-key checks, BEGIN and COMMIT included), CPU per turn of each process, and
 how busy the machine was (load average, CPU of other processes). Ratios within one run are what counts
 on a shared machine.
+
+The early and late windows of a pass are measured minutes apart, so the machine's load can decide their
+ratio. After each pass has built its lineage of N turns, an interleaved probe (`--probe-rounds K`,
+default 40; 0 turns it off) sets deep against shallow turns on the same machine: K rounds, each one
+turn on the deep lineage (turn N+1, N+2, ...) and the second turn of a fresh lineage of the same kind,
+whose first turn is made unmeasured at the start of the round, the two in alternating order. Its
+summary (`probe` in each pass, also printed as a table on stderr) gives, deep and shallow, the median
+and p99 of the service overhead, database time, statements, round trips, the service's CPU while the
+turn was in flight (from its threads' schedstat; background work that ran meanwhile included) and the
+end-to-end time, their ratios, and a 95% interval for the ratio of medians from resampling whole rounds.
+The probe's turns are not in the pass's figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
+import random
 import statistics
 import subprocess
 import tarfile
@@ -64,6 +78,10 @@ LINEAGES = ("chain", "conversation")
 DIRECT = "direct/-/client-history"  # the name of the --direct pass
 SMOOTHING = 9  # turns in the rolling medians of the plot and of the direct floor
 WARMUP_TURNS = 5  # a separate conversation first, so statement preparation and pool growth are not measured
+DEEP = 1  # the measured lineage's index (the warm-up's is 0); the probe's fresh lineages come after it
+PROBE_ROUNDS = 40
+PROBE_METRICS = ("overhead_ms", "db_ms", "statements", "round_trips", "service_cpu_ms", "e2e_ms")
+RESAMPLES = 2000  # of the probe's rounds, for the interval of its ratio of medians
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,6 +112,19 @@ class Pass:
     @property
     def name(self) -> str:
         return f"{self.target.name}/{self.mode}/{self.lineage}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTurn:
+    """One measured turn of the probe: on the pass's deep lineage, or the second turn of a fresh one."""
+
+    round: int
+    deep: bool
+    sample: Turn
+    service_cpu_ms: float  # the service's threads' CPU while the turn was in flight; NaN if unknown
+
+    def value(self, metric: str) -> float:
+        return self.service_cpu_ms if metric == "service_cpu_ms" else float(getattr(self.sample, metric))
 
 
 def _window(samples: Sequence[Turn], first: int, last: int, attribute: str) -> float:
@@ -170,13 +201,16 @@ def run_pass(
     server_url: str,
     backend: harness.Process,
     turns: int,
+    probe_rounds: int,
     max_output_tokens: int,
     record_profile: Path | None,
     postmaster: int | None,
 ) -> tuple[list[Turn], dict[str, Any]]:
-    """The samples of one conversation, and what the pass cost (CPU, machine, database statements)."""
+    """The samples of one conversation, and what the pass cost (CPU, machine, database statements) with
+    the probe's summary."""
     if run.target.direct:
-        return _measure(direct_driver(backend.url, max_output_tokens), backend, {}, turns, None)
+        driver = direct_driver(backend.url, max_output_tokens)
+        return _measure(driver, backend, {}, turns, probe_rounds, None)
     if run.target.url is not None:
         key = os.environ.get("BENCH_TARGET_API_KEY", "")
         driver = responses_driver(run.target.url, key, run.lineage, max_output_tokens, run.target.model)
@@ -186,7 +220,7 @@ def run_pass(
             else None
         )
         processes = {"service": run.target.pid} if run.target.pid else {}
-        return _measure(driver, backend, processes, turns, postmaster, database_url)
+        return _measure(driver, backend, processes, turns, probe_rounds, postmaster, database_url)
     with (
         harness.fresh_database(server_url, source=run.target.source) as database_url,
         harness.launch_service_from(
@@ -196,7 +230,8 @@ def run_pass(
         driver = responses_driver(f"{service.url}/v1", service.api_key, run.lineage, max_output_tokens)
         recorder = profile.Recorder(service.pid, record_profile) if record_profile else None
         try:
-            return _measure(driver, backend, {"service": service.pid}, turns, postmaster, database_url)
+            service_pid = {"service": service.pid}
+            return _measure(driver, backend, service_pid, turns, probe_rounds, postmaster, database_url)
         finally:
             if recorder is not None:
                 recorder.stop()
@@ -207,11 +242,13 @@ def _measure(
     backend: harness.Process,
     servers: dict[str, int],
     turns: int,
+    probe_rounds: int,
     postmaster: int | None,
     database_url: str | None = None,
 ) -> tuple[list[Turn], dict[str, Any]]:
     """`servers`: the state service's process by name, when its CPU can be measured; `postmaster`: the
-    Postgres server a state service may use (None for the backend called directly)."""
+    Postgres server a state service may use (None for the backend called directly). The probe runs
+    once the pass's own figures are taken."""
     for turn in range(1, WARMUP_TURNS + 1):
         one(0, turn)
     if database_url is not None:
@@ -222,7 +259,7 @@ def _measure(
     before = stats.get("/stats").json()["tokens_rendered"]
     samples: list[Turn] = []
     for turn in range(1, turns + 1):
-        sample = one(1, turn)
+        sample = one(DEEP, turn)
         after = stats.get("/stats").json()["tokens_rendered"]
         sample.rendered_tokens = after - before
         samples.append(sample)
@@ -235,7 +272,34 @@ def _measure(
     cost["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     if database_url is not None:
         cost["postgres_statements_per_turn"] = harness.executed_statements(database_url, len(samples))
+    if probe_rounds and samples[-1].error is None:
+        harness.log(f"probe: {probe_rounds} rounds")
+        cost["probe"] = summarize_probe(probe(one, len(samples), probe_rounds, servers.get("service")))
     return samples, cost
+
+
+def probe(one: Driver, deep_turns: int, rounds: int, service_pid: int | None) -> list[ProbeTurn]:
+    """Deep and shallow turns interleaved, so that both see the same machine: each round one turn on the
+    deep lineage (turn `deep_turns` + 1, + 2, ...) and the second turn of a fresh lineage, whose first
+    turn is made unmeasured at the start of the round; which of the two goes first alternates."""
+    samples: list[ProbeTurn] = []
+    for round_ in range(rounds):
+        fresh = DEEP + 1 + round_
+        opening = one(fresh, 1)
+        if opening.error is not None:
+            harness.log(f"probe round {round_}: a fresh lineage's first turn failed: {opening.error}")
+            break
+        deep_first = round_ % 2 == 0
+        for deep in (deep_first, not deep_first):
+            lineage, turn = (DEEP, deep_turns + 1 + round_) if deep else (fresh, 2)
+            cpu_before = harness.threads_cpu_ms(service_pid) if service_pid else math.nan
+            sample = one(lineage, turn)
+            cpu_ms = harness.threads_cpu_ms(service_pid) - cpu_before if service_pid else math.nan
+            samples.append(ProbeTurn(round_, deep, sample, cpu_ms))
+            if sample.error is not None:
+                harness.log(f"probe round {round_} failed: {sample.error}")
+                return samples
+    return samples
 
 
 # --- summaries -------------------------------------------------------------------------------------
@@ -270,6 +334,92 @@ def summarize(samples: list[Turn], window: int) -> dict[str, Any]:
         "decisions": harness.decisions(samples),
         "errors": sum(1 for s in samples if s.error is not None),
     }
+
+
+def summarize_probe(samples: Sequence[ProbeTurn]) -> dict[str, Any]:
+    """Deep over shallow per metric, from the rounds whose two turns both succeeded: each side's median
+    and p99 and their ratios, and a 95% interval for the ratio of medians from resampling those rounds
+    (how far the probe's own sampling moves it). A metric a turn did not report (NaN) is left out."""
+    rounds: dict[int, dict[bool, ProbeTurn]] = {}
+    for sample in samples:
+        rounds.setdefault(sample.round, {})[sample.deep] = sample
+    pairs = [
+        (both[True], both[False])
+        for both in rounds.values()
+        if len(both) == 2 and all(turn.sample.error is None for turn in both.values())
+    ]
+    summary: dict[str, Any] = {
+        "rounds": len(pairs),
+        "errors": sum(1 for sample in samples if sample.sample.error is not None),
+    }
+    if not pairs:
+        return summary
+    summary["deep_turns"] = [pairs[0][0].sample.turn, pairs[-1][0].sample.turn]
+    summary["decisions"] = {
+        "deep": harness.decisions([deep.sample for deep, _ in pairs]),
+        "shallow": harness.decisions([shallow.sample for _, shallow in pairs]),
+    }
+    picker = random.Random(0)  # the same resamples for every metric and every run
+    resamples = [[picker.randrange(len(pairs)) for _ in pairs] for _ in range(RESAMPLES)]
+    for metric in PROBE_METRICS:
+        deep_values = [deep.value(metric) for deep, _ in pairs]
+        shallow_values = [shallow.value(metric) for _, shallow in pairs]
+        if not any(math.isnan(value) for value in deep_values + shallow_values):
+            summary[metric] = deep_over_shallow(deep_values, shallow_values, resamples)
+    return summary
+
+
+def deep_over_shallow(
+    deep: Sequence[float], shallow: Sequence[float], resamples: Sequence[Sequence[int]]
+) -> dict[str, Any]:
+    """`deep[i]` and `shallow[i]` were measured in the same round; `resamples` are lists of rounds."""
+    deep_median, shallow_median = statistics.median(deep), statistics.median(shallow)
+    deep_p99, shallow_p99 = harness.percentile(deep, 99), harness.percentile(shallow, 99)
+    resampled = (_ratio_of_medians(deep, shallow, picks) for picks in resamples)
+    ratios = [ratio for ratio in resampled if ratio is not None]
+    return {
+        "deep_median": round(deep_median, 3),
+        "shallow_median": round(shallow_median, 3),
+        "median_deep_over_shallow": harness.ratio(deep_median, shallow_median),
+        "median_ratio_95": (
+            [round(harness.percentile(ratios, 2.5), 3), round(harness.percentile(ratios, 97.5), 3)]
+            if ratios
+            else None
+        ),
+        "deep_p99": round(deep_p99, 3),
+        "shallow_p99": round(shallow_p99, 3),
+        "p99_deep_over_shallow": harness.ratio(deep_p99, shallow_p99),
+    }
+
+
+def _ratio_of_medians(deep: Sequence[float], shallow: Sequence[float], picks: Sequence[int]) -> float | None:
+    return harness.ratio(
+        statistics.median([deep[i] for i in picks]), statistics.median([shallow[i] for i in picks])
+    )
+
+
+def probe_table(per_pass: dict[str, dict[str, Any]]) -> list[str]:
+    """The probes of a run as text lines: deep and shallow median / p99, and deep over shallow."""
+    lines = [
+        f"{'probe: pass':<36} {'metric':<15} {'deep med / p99':>17} {'shallow med / p99':>19}"
+        "   deep/shallow: median [95%] / p99"
+    ]
+    for name, summary in per_pass.items():
+        found = summary.get("probe", {})
+        if found.get("rounds"):
+            first, last = found["deep_turns"]
+            lines.append(f"{name} ({found['rounds']} rounds, deep turns {first}-{last})")
+        for metric in PROBE_METRICS:
+            if figures := found.get(metric):
+                interval = figures["median_ratio_95"] or [math.nan, math.nan]
+                lines.append(
+                    f"{'':<36} {metric:<15}"
+                    f" {figures['deep_median']:>8.2f} / {figures['deep_p99']:<6.2f}"
+                    f" {figures['shallow_median']:>10.2f} / {figures['shallow_p99']:<6.2f}"
+                    f"   {figures['median_deep_over_shallow']} [{interval[0]}-{interval[1]}]"
+                    f" / {figures['p99_deep_over_shallow']}"
+                )
+    return lines
 
 
 def direct_floor(direct: Sequence[Turn]) -> dict[int, float]:
@@ -353,6 +503,11 @@ def compare(per_pass: dict[str, dict[str, Any]], current: str, baseline: str | N
         if cache:
             entry["cache_ref_round_trips"] = cache["round_trips"]
             entry["cache_ref_overhead_late_over_early"] = cache["overhead_ms"]["late_over_early"]
+            if overhead := cache.get("probe", {}).get("overhead_ms"):
+                entry["cache_ref_overhead_probe_deep_over_shallow"] = {
+                    key: overhead[key]
+                    for key in ("median_deep_over_shallow", "median_ratio_95", "p99_deep_over_shallow")
+                }
         if full:
             entry["full_db_ms_late_over_early"] = full["db_ms"]["late_over_early"]
         if cache and baseline and (old := per_pass.get(f"{baseline}/cache_ref/{lineage}")):
@@ -505,6 +660,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a --target server's database on this run's Postgres, for the statements it executes",
     )
     parser.add_argument("--backend-port", type=int, help="the reference backend's port (for --target)")
+    parser.add_argument(
+        "--probe-rounds",
+        type=int,
+        default=PROBE_ROUNDS,
+        metavar="K",
+        help="rounds of the interleaved deep/shallow probe after each pass (0: no probe)",
+    )
     parser.add_argument("--max-output-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="record the service with py-spy")
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -512,6 +674,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.turns < 20:
         parser.error("--turns must be at least 20 (early and late windows)")
+    if args.probe_rounds < 0:
+        parser.error("--probe-rounds must be 0 (no probe) or more")
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     lineages = [lineage.strip() for lineage in args.lineages.split(",") if lineage.strip()]
     if not set(lineages) <= set(LINEAGES):
@@ -564,6 +728,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "plot": str(figure.relative_to(ROOT)),
     }
     harness.write_result(args.name, summary, results)
+    for line in probe_table(per_pass):
+        harness.log(line)
 
 
 def _named(parser: argparse.ArgumentParser, option: str, specs: Sequence[str]) -> dict[str, str]:
@@ -608,7 +774,14 @@ def run(
                 else None
             )
             results[run_.name], cost = run_pass(
-                run_, server, backend, args.turns, args.max_output_tokens, profile_path, postmaster
+                run_,
+                server,
+                backend,
+                args.turns,
+                args.probe_rounds,
+                args.max_output_tokens,
+                profile_path,
+                postmaster,
             )
             costs[run_.name] = {"machine_busy_percent_before": busy, **cost}
     return results, costs

@@ -245,6 +245,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS if fields else float("nan")
 
 
+def threads_cpu_ms(pid: int) -> float:
+    """On-CPU time of a process's live threads so far, in nanosecond resolution (schedstat): precise
+    enough for one turn, which the clock ticks of /proc/<pid>/stat (10 ms) are not."""
+    total_ns = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total_ns += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):  # a thread that exited meanwhile
+                continue
+    except OSError:
+        return float("nan")
+    return total_ns / 1e6
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU of a process, its live children, and its children that already exited (the kernel adds
     those to the parent's cutime/cstime once reaped): for Postgres, whose connections are processes."""

@@ -1,0 +1,102 @@
+"""bench.depth's interleaved probe: the order of its turns and its summary of deep against shallow."""
+
+from __future__ import annotations
+
+import math
+
+from bench.depth import DEEP, ProbeTurn, probe, summarize_probe
+from bench.harness import Turn
+
+HIT = "cache_ref; reason=hit"
+
+
+def _turn(conversation: int, turn: int, overhead_ms: float, status: int = 200) -> Turn:
+    sample = Turn(conversation, turn, 0.0, overhead_ms + 4.0, status, decision=HIT)
+    sample.overhead_ms, sample.backend_ms, sample.db_ms = overhead_ms, 4.0, overhead_ms / 2
+    sample.statements, sample.round_trips = 2, 2
+    if status != 200:
+        sample.error = f"HTTP {status}"
+    return sample
+
+
+def _rounds(deep: list[float], shallow: list[float], cpu_ms: float = 1.0) -> list[ProbeTurn]:
+    samples = []
+    for index, (deep_ms, shallow_ms) in enumerate(zip(deep, shallow, strict=True)):
+        samples.append(ProbeTurn(index, True, _turn(DEEP, 201 + index, deep_ms), cpu_ms))
+        samples.append(ProbeTurn(index, False, _turn(DEEP + 1 + index, 2, shallow_ms), cpu_ms))
+    return samples
+
+
+def test_probe_alternates_deep_and_shallow_after_each_fresh_lineage_opens() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def driver(conversation: int, turn: int) -> Turn:
+        calls.append((conversation, turn))
+        return _turn(conversation, turn, 3.0)
+
+    samples = probe(driver, deep_turns=200, rounds=3, service_pid=None)
+
+    fresh = [DEEP + 1, DEEP + 2, DEEP + 3]
+    assert calls == [
+        (fresh[0], 1), (DEEP, 201), (fresh[0], 2),
+        (fresh[1], 1), (fresh[1], 2), (DEEP, 202),
+        (fresh[2], 1), (DEEP, 203), (fresh[2], 2),
+    ]  # fmt: skip
+    assert [(s.round, s.deep) for s in samples] == [
+        (0, True), (0, False), (1, False), (1, True), (2, True), (2, False)
+    ]  # fmt: skip
+    assert all(math.isnan(s.service_cpu_ms) for s in samples)
+
+
+def test_probe_stops_at_a_failed_turn() -> None:
+    def driver(conversation: int, turn: int) -> Turn:
+        return _turn(conversation, turn, 3.0, status=500 if turn == 202 else 200)
+
+    samples = probe(driver, deep_turns=200, rounds=5, service_pid=None)
+
+    assert [(s.round, s.deep, s.sample.error) for s in samples] == [
+        (0, True, None), (0, False, None), (1, False, None), (1, True, "HTTP 500")
+    ]  # fmt: skip
+
+
+def test_summary_sets_each_sides_median_and_p99_against_the_others() -> None:
+    summary = summarize_probe(_rounds([2.0, 4.0, 6.0, 8.0, 10.0], [1.0, 2.0, 3.0, 4.0, 5.0]))
+
+    overhead = summary["overhead_ms"]
+    assert (overhead["deep_median"], overhead["shallow_median"]) == (6.0, 3.0)
+    assert overhead["median_deep_over_shallow"] == 2.0
+    # Linear interpolation between the two largest of five: 8 + 0.96 * 2.
+    assert (overhead["deep_p99"], overhead["shallow_p99"]) == (9.92, 4.96)
+    assert overhead["p99_deep_over_shallow"] == 2.0
+    # Every round's deep turn is twice its shallow one: resampling whole rounds keeps the pairs, so
+    # every resample's ratio is exactly 2.
+    assert overhead["median_ratio_95"] == [2.0, 2.0]
+    assert summary["db_ms"]["median_deep_over_shallow"] == 2.0
+    assert summary["statements"]["median_deep_over_shallow"] == 1.0
+    assert summary["service_cpu_ms"]["deep_median"] == 1.0
+    assert summary["rounds"] == 5
+    assert summary["deep_turns"] == [201, 205]
+    assert summary["decisions"] == {"deep": {HIT: 5}, "shallow": {HIT: 5}}
+
+
+def test_summary_interval_brackets_the_ratio_of_noisy_rounds() -> None:
+    deep = [3.0, 3.4, 2.9, 3.8, 3.1, 3.3, 5.0, 3.0, 3.2, 3.6]
+    shallow = [3.1, 2.8, 3.0, 3.5, 2.9, 3.2, 3.0, 4.4, 3.1, 3.0]
+
+    overhead = summarize_probe(_rounds(deep, shallow))["overhead_ms"]
+
+    low, high = overhead["median_ratio_95"]
+    assert low < overhead["median_deep_over_shallow"] < high
+    assert low < 1.0 < high
+
+
+def test_summary_leaves_out_rounds_with_a_failed_turn_and_metrics_not_measured() -> None:
+    samples = _rounds([3.0, 3.0, 3.0], [3.0, 3.0, 3.0], cpu_ms=math.nan)
+    samples[3] = ProbeTurn(1, False, _turn(DEEP + 2, 2, 90.0, status=500), math.nan)
+
+    summary = summarize_probe(samples)
+
+    assert (summary["rounds"], summary["errors"]) == (2, 1)
+    assert summary["overhead_ms"]["shallow_p99"] == 3.0
+    assert summary["deep_turns"] == [201, 203]
+    assert "service_cpu_ms" not in summary
