@@ -38,9 +38,9 @@ turn on the deep lineage (turn N+1, N+2, ...) and the second turn of a fresh lin
 whose first turn is made unmeasured at the start of the round, the two in alternating order. Its
 summary (`probe` in each pass, also printed as a table on stderr) gives, deep and shallow, the median
 and p99 of the service overhead, database time, statements, round trips, the service's CPU while the
-turn was in flight (from its threads' schedstat; background work that ran meanwhile included) and the
-end-to-end time, their ratios, and a 95% interval for the ratio of medians from resampling whole rounds.
-The probe's turns are not in the pass's figures.
+turn was in flight (from its threads' schedstat; background work that ran meanwhile included), the
+backend's time and the end-to-end time, their ratios, and a 95% interval for the ratio of medians from
+resampling whole rounds. The probe's turns are not in the pass's figures.
 """
 
 from __future__ import annotations
@@ -80,7 +80,15 @@ SMOOTHING = 9  # turns in the rolling medians of the plot and of the direct floo
 WARMUP_TURNS = 5  # a separate conversation first, so statement preparation and pool growth are not measured
 DEEP = 1  # the measured lineage's index (the warm-up's is 0); the probe's fresh lineages come after it
 PROBE_ROUNDS = 40
-PROBE_METRICS = ("overhead_ms", "db_ms", "statements", "round_trips", "service_cpu_ms", "e2e_ms")
+PROBE_METRICS = (
+    "overhead_ms",
+    "db_ms",
+    "statements",
+    "round_trips",
+    "service_cpu_ms",
+    "backend_ms",
+    "e2e_ms",
+)
 RESAMPLES = 2000  # of the probe's rounds, for the interval of its ratio of medians
 ROOT = Path(__file__).resolve().parent.parent
 
