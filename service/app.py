@@ -30,7 +30,7 @@ from service.proxy import Proxy
 from service.replay import ReplayCache
 from service.store.artifacts import ArtifactStore
 from service.store.conversations import ConversationStore
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.events import EventStore
 from service.store.inspect import InspectStore
 from service.store.invalidations import InvalidationStore
@@ -135,8 +135,8 @@ def create_app(settings: Settings) -> FastAPI:
             # The last turns' artifacts, written before the pool goes.
             await writer.flush()
             await backend.aclose()
-            await engine.dispose()
-            await feed_engine.dispose()
+            await dispose(engine)
+            await dispose(feed_engine)
 
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -119,14 +119,14 @@ def demo(
 
 def _on_database(work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     """Run `work` against CONVSTATE_DATABASE_URL (migrated: `convstate migrate`)."""
-    from service.store.db import create_engine
+    from service.store.db import create_engine, dispose
 
     async def run() -> T:
         engine = create_engine(load_settings().database_url)
         try:
             return await work(engine)
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     return asyncio.run(run())
 

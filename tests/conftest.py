@@ -25,7 +25,7 @@ from service.app import create_app
 from service.config import Settings
 from service.domain.auth import Role
 from service.serving import ServerThread
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.keys import provision_key
 from service.store.migrate import upgrade
 from tests.pg import postgres_url
@@ -82,7 +82,7 @@ async def engine(request: pytest.FixtureRequest, migrated_urls: dict[str, str]) 
     try:
         yield engine
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 @pytest.fixture(scope="session")
@@ -289,4 +289,4 @@ async def pg_engine(migrated_urls: dict[str, str]) -> AsyncIterator[AsyncEngine]
     try:
         yield engine
     finally:
-        await engine.dispose()
+        await dispose(engine)

@@ -14,7 +14,7 @@ import openai
 import pytest
 from sqlalchemy import func, insert, select
 
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.migrate import upgrade
 from service.store.models import Invalidation, PrefixRecord, Response
 from tests.conftest import Service, new_tenant, sql_statements, start_service
@@ -186,7 +186,7 @@ async def _seed(url: str, tenant: str, turns: int) -> None:
             await conn.execute(insert(Response), responses)
             await conn.execute(insert(PrefixRecord), records)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def _counts(url: str, tenant: str) -> tuple[int, int]:
@@ -201,7 +201,7 @@ async def _counts(url: str, tenant: str) -> tuple[int, int]:
                 )
             ).scalar_one()
     finally:
-        await engine.dispose()
+        await dispose(engine)
     return invalidations, valid
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain.fingerprint import PARTS as FINGERPRINT_PARTS
 from service.domain.fingerprint import combined_fingerprint
 from service.domain.invalidation import InvalidationIndex, Rule, Scope, Subject, fingerprint_key, handle_state
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.invalidations import Change, InvalidationStore
 from service.workers.invalidations import CLOCK_MARGIN, InvalidationWatcher
 
@@ -128,7 +128,7 @@ async def test_watcher_follows_the_feed(engine: AsyncEngine) -> None:
         running.cancel()
         async with asyncio.timeout(10):  # a watcher that ignores its cancel fails here, never hangs
             await asyncio.gather(running, return_exceptions=True)
-        await feed.dispose()
+        await dispose(feed)
 
 
 async def test_a_stale_view_invalidates_everything(engine: AsyncEngine) -> None:
@@ -140,4 +140,4 @@ async def test_a_stale_view_invalidates_everything(engine: AsyncEngine) -> None:
     assert watcher.fresh() and watcher.cutoff(_subject(tenant="nobody", model="none")) is None
     await asyncio.sleep(0.1)
     assert watcher.cutoff(_subject()) == math.inf
-    await feed.dispose()
+    await dispose(feed)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.migrate import current_revision, downgrade, head_revision, upgrade
 
 
@@ -18,7 +18,7 @@ async def _scalar(url: str, sql: str) -> Any:
         async with engine.connect() as conn:
             return (await conn.execute(text(sql))).scalar()
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def _all(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -27,7 +27,7 @@ async def _all(url: str, sql: str) -> list[tuple[Any, ...]]:
         async with engine.connect() as conn:
             return [tuple(row) for row in await conn.execute(text(sql))]
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def _revision(url: str) -> str | None:
@@ -35,7 +35,7 @@ async def _revision(url: str) -> str | None:
     try:
         return await current_revision(engine)
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
@@ -58,7 +58,7 @@ def test_up_down_up_keeps_items(dialect: str, new_postgres_database: Any, tmp_pa
                 for statement in engine_sql:
                     await conn.execute(text(statement))
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     asyncio.run(seed())
     downgrade(url, "0002")
@@ -99,7 +99,7 @@ def test_0005_gives_existing_responses_their_lineage_root(
                 for row in rows:
                     await conn.execute(text(insert), row)
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     asyncio.run(seed())
     upgrade(url)
@@ -152,7 +152,7 @@ def test_0006_places_existing_conversation_turns(
                     ],
                 )
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     asyncio.run(seed())
     upgrade(url)

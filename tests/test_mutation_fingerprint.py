@@ -26,7 +26,7 @@ from service.backends.reference.server import create_app as create_reference_app
 from service.domain import fingerprint, plan
 from service.domain.fingerprint import PARTS, part_hash
 from service.serving import ServerThread
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.models import Tenant
 from tests.conftest import MediaServer, Service, start_service
 from tests.oracle import assistant_message, full_render_digest
@@ -99,7 +99,7 @@ def _salt_rotated(chain: Chain) -> None:
             async with engine.begin() as conn:
                 await conn.execute(update(Tenant).values(cache_salt=f"rotated-{next(_versions)}"))
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     chain.turn()
     asyncio.run(rotate())

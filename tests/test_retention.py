@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.items import normalize_input
 from service.store.conversations import ConversationStore
-from service.store.db import create_engine
+from service.store.db import create_engine, dispose
 from service.store.models import Conversation, Item, PrefixRecord, Response
 from service.store.responses import ResponseStore, TurnWrite
 from service.store.retention import RetentionStore
@@ -43,7 +43,7 @@ async def _rows(url: str, response_ids: list[str]) -> dict[str, int]:
                 "prefix_records": await count(PrefixRecord, PrefixRecord.response_id),
             }
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 def test_expired_responses_are_gone_from_reads_at_once_and_from_tables_after_a_pass(service: Service) -> None:

@@ -17,7 +17,7 @@ from service.domain.output import output_items
 from service.errors import ServiceUnavailable
 from service.serving import free_port
 from service.store.conversations import ConversationStore
-from service.store.db import StatementCounter, create_engine
+from service.store.db import StatementCounter, create_engine, dispose
 from service.store.models import Response
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from service.store.turns import TurnStore
@@ -149,4 +149,4 @@ async def test_a_unit_of_work_on_an_unreachable_database_is_a_service_unavailabl
                 await ResponseStore(engine).write_turn(uow, TurnWrite(stored_response("t"), 0, [], [], None))
         assert raised.value.code == "database_unavailable"
     finally:
-        await engine.dispose()
+        await dispose(engine)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.store.db import StatementCounter, create_engine
+from service.store.db import StatementCounter, create_engine, dispose
 from service.store.migrate import upgrade
 from service.store.replay import READY, Claim, Entry, ReplayStore, Selection
 from service.store.tenants import TenantStore
@@ -160,7 +160,7 @@ async def fresh_engine(
     try:
         yield engine
     finally:
-        await engine.dispose()
+        await dispose(engine)
 
 
 async def test_purge_removes_expired_then_the_oldest_beyond_the_bound(fresh_engine: AsyncEngine) -> None:

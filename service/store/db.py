@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Sequence, Sized
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import ColumnElement, String, any_, event, literal
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import InstrumentedAttribute
-from sqlalchemy.util import greenlet_spawn
 
 from service import observe
 
@@ -69,7 +71,14 @@ def _json_text(value: Any) -> str:
 _JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
+_ACQUIRE_TIMEOUT_SECONDS = 30.0
+_SERVER_SETTINGS = {"application_name": "convstate"}
+
+
 def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+    """An engine; on Postgres with its statement pool (see `fetch`). `pool_size` is split between the two,
+    so a replica's connections stay within pool + overflow: the statement pool carries every turn's read
+    and write, a quarter of the pool (at least one) and the overflow the rest."""
     url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if url_text.startswith("sqlite"):
         # One writer at a time anyway; WAL lets readers proceed while a turn commits.
@@ -87,9 +96,10 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
         event.listen(engine.sync_engine, "before_cursor_execute", _count_sqlite)
 
     else:
+        others = max(1, pool_size // 4)
         engine = create_async_engine(
             url_text,
-            pool_size=pool_size,
+            pool_size=others,
             max_overflow=max_overflow,
             # No pre-ping: it would add a round trip to every checkout, twice per turn. Connections are
             # recycled instead, and one that died is discarded by the pool on its first error.
@@ -98,9 +108,10 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             # statements are already prepared (each first use on a connection costs a round trip).
             pool_use_lifo=True,
             **_JSON_CODEC,
-            connect_args={"server_settings": {"application_name": "convstate"}},
+            connect_args={"server_settings": _SERVER_SETTINGS},
         )
         event.listen(engine.sync_engine, "connect", _count_asyncpg)
+        _STATEMENT_POOLS[engine.sync_engine] = _StatementPool(engine, max(1, pool_size - others))
     return engine
 
 
@@ -144,21 +155,79 @@ def autocommit(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
+class _StatementPool:
+    """asyncpg's own pool beside an engine's, for the statements `fetch` runs: a turn's read and its write.
+    Taking a connection from SQLAlchemy's pool and giving it back cost a third of such a statement's CPU
+    (two greenlet switches, the pool's bookkeeping and its reset); asyncpg's pool hands out its
+    connections directly. It is opened on first use, with the engine's own connection settings and
+    codecs, and closed by `dispose`."""
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._size = size
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        pool = self._pool or await self._open()
+        # As long as SQLAlchemy's pool waits; then the turn is answered 503 (a TimeoutError is an outage).
+        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT_SECONDS) as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def _open(self) -> asyncpg.Pool:
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._url,
+                    min_size=0,
+                    max_size=self._size,
+                    server_settings=_SERVER_SETTINGS,
+                    init=_prepare_connection,
+                    reset=_keep_session,
+                )
+            return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+async def _prepare_connection(conn: asyncpg.Connection) -> None:
+    """The codecs SQLAlchemy's asyncpg dialect installs (JSON and JSONB as text, binary format, read with
+    orjson as the engine's reads are), and the statement counting of `_count_asyncpg`."""
+    await conn.set_type_codec(
+        "json", encoder=str.encode, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda text: b"\x01" + text.encode(),  # JSONB's binary format: a version byte, then text
+        decoder=lambda data: orjson.loads(data[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
+    conn._protocol = _CountingProtocol(conn._protocol)
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """No reset on release: `fetch` runs single statements outside any transaction and changes no session
+    state, and asyncpg's default reset is a round trip (RESET ALL, UNLISTEN, ...) on every release. An
+    open transaction, which a cancelled statement could leave, is still rolled back by asyncpg first."""
+
+
+_STATEMENT_POOLS: weakref.WeakKeyDictionary[Engine, _StatementPool] = weakref.WeakKeyDictionary()
+
+
 async def fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Sequence[Any]]:
-    """One statement on Postgres, one round trip, on a pooled connection's asyncpg driver: no result
-    layer, and the connection taken from the pool bare, without the SQLAlchemy connection around it
-    (together most of the CPU of a small statement). No transaction: a single statement commits on its
-    own. `sql` uses asyncpg's $1 parameters; asyncpg prepares it once per connection."""
-    pooled = await engine.raw_connection()
-    try:
-        driver = pooled.driver_connection
-        assert driver is not None
-        try:
-            return list(await driver.fetch(sql, *args))
-        except BaseException:
-            if driver.is_closed():
-                await greenlet_spawn(pooled.invalidate)  # never handed out again
-            raise
-    finally:
-        # Returning it may close it (past the pool's size), which SQLAlchemy does in a greenlet.
-        await greenlet_spawn(pooled.close)
+    """One statement on Postgres, one round trip, no transaction (a single statement commits on its own),
+    on a connection of the engine's statement pool, without SQLAlchemy's result layer. `sql` uses
+    asyncpg's $1 parameters; asyncpg prepares it once per connection."""
+    return await _STATEMENT_POOLS[engine.sync_engine].fetch(sql, *args)
+
+
+async def dispose(engine: AsyncEngine) -> None:
+    """Close the engine's pools: its statement pool, if `fetch` opened one, and SQLAlchemy's."""
+    pool = _STATEMENT_POOLS.pop(engine.sync_engine, None)
+    if pool is not None:
+        await pool.close()
+    await engine.dispose()

@@ -137,7 +137,7 @@ class KeyStore:
 def provision_key(database_url: str, tenant: str, role: Role, name: str) -> str:
     """Blocking, for set-up code (demo, benchmarks, tests): the tenant (created if missing) and a new key
     for it; returns the secret."""
-    from service.store.db import create_engine
+    from service.store.db import create_engine, dispose
     from service.store.tenants import TenantStore
 
     async def provision() -> str:
@@ -147,6 +147,6 @@ def provision_key(database_url: str, tenant: str, role: Role, name: str) -> str:
             await TenantStore(engine).create(tenant, None, now)
             return (await KeyStore(engine).create(tenant, role, name, now))[1]
         finally:
-            await engine.dispose()
+            await dispose(engine)
 
     return asyncio.run(provision())
