@@ -192,6 +192,37 @@ def test_a_full_backend_pool_answers_503_after_the_pool_timeout(
         service.server.stop()
 
 
+def test_a_transient_backend_failure_is_retried_up_to_the_attempts(
+    migrated_urls: dict[str, str], reference_backend: ServerThread, backend_admin: httpx.Client
+) -> None:
+    service = start_service(migrated_urls["sqlite"], reference_backend.url, backend_retry_attempts=3)
+
+    def requests() -> int:
+        count: int = backend_admin.get("/stats").json()["requests"]
+        return count
+
+    try:
+        http = service.http()
+        before = requests()
+        backend_admin.post("/admin/fail", json={"count": 2, "status": 503}).raise_for_status()
+        recovered = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
+        assert recovered.status_code == 200, recovered.text
+        assert requests() - before == 3  # two refused, the third answered
+        before = requests()
+        backend_admin.post("/admin/fail", json={"count": 5, "status": 429}).raise_for_status()
+        refused = http.post("/v1/responses", json={"model": MODEL, "input": "x"})
+        assert _unavailable(refused)["code"] is not None
+        assert requests() - before == 3  # the attempts, no more
+        # A client error is not transient: one request, answered at once.
+        backend_admin.post("/admin/fail", json={"count": 5, "status": 400}).raise_for_status()
+        before = requests()
+        assert http.post("/v1/responses", json={"model": MODEL, "input": "x"}).status_code == 400
+        assert requests() - before == 1
+    finally:
+        backend_admin.post("/admin/fail", json={"count": 0}).raise_for_status()
+        service.server.stop()
+
+
 def test_backend_failures_name_no_address_or_exception(
     migrated_urls: dict[str, str], reference_backend: ServerThread, backend_admin: httpx.Client
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,13 +24,6 @@ from typing import Any
 import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from service import observe
 from service.config import Settings
@@ -279,10 +273,6 @@ def backend_error(status: int, body: bytes) -> BackendMiss | ConvstateError:
 _UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, (*_UNREACHABLE, _TransientStatus))
-
-
 @dataclass(slots=True)
 class ChunkDelta:
     """What one streamed chunk adds: reasoning text, answer text, tool-call pieces (index, id, name, args)."""
@@ -475,15 +465,6 @@ class BackendClient:
         if self._session is not None:
             await self._session.close()
 
-    def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=stop_after_attempt(self._settings.backend_retry_attempts)
-            | stop_after_delay(self._settings.backend_retry_deadline),
-            wait=wait_random_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception(_is_transient),
-            reraise=True,
-        )
-
     async def _acquire(self) -> None:
         """Take one of the backend_max_connections slots, waiting at most backend_pool_timeout."""
         try:
@@ -503,16 +484,7 @@ class BackendClient:
         """POST with bounded, jittered retries on transient failures; transport errors become typed ones.
         The caller holds a slot, and reads (or streams) and releases the response."""
         try:
-            async for attempt in self._retrying():
-                with attempt:
-                    response = await self._http().post(
-                        path.lstrip("/"), data=body, headers={"content-type": "application/json", **headers}
-                    )
-                    if response.status in _TRANSIENT_STATUS:
-                        detail = _error_body(response.status, await response.read()).message
-                        response.release()
-                        raise _TransientStatus(response.status, detail)
-                    return response
+            return await self._send_retrying(path, body, headers)
         except _TransientStatus as exc:
             raise _failed(
                 f"The model backend is unavailable (HTTP {exc.status}).",
@@ -525,7 +497,29 @@ class BackendClient:
             raise BackendTimeout("The model backend did not answer in time.") from None
         except aiohttp.ClientError as exc:
             raise _failed("The model backend failed.", f"{self.base_url}{path}: {exc!r}") from None
-        raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+    async def _send_retrying(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """Up to backend_retry_attempts tries while backend_retry_deadline has not passed, a transient
+        failure followed by a random wait of up to 50 ms, doubling each time, at most 1 s ("full jitter":
+        retries from many turns do not arrive together). A plain loop: a retry library's bookkeeping
+        cost more CPU on every call than the call's own retry logic."""
+        settings = self._settings
+        give_up_at = time.monotonic() + settings.backend_retry_deadline
+        headers = {"content-type": "application/json", **headers}
+        attempt = 1
+        while True:
+            try:
+                response = await self._http().post(path.lstrip("/"), data=body, headers=headers)
+                if response.status in _TRANSIENT_STATUS:
+                    detail = _error_body(response.status, await response.read()).message
+                    response.release()
+                    raise _TransientStatus(response.status, detail)
+                return response
+            except (*_UNREACHABLE, _TransientStatus):
+                if attempt >= settings.backend_retry_attempts or time.monotonic() >= give_up_at:
+                    raise
+            await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** (attempt - 1))))
+            attempt += 1
 
     async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> _Reply:
         await self._acquire()
