@@ -3,7 +3,7 @@
     python -m bench.depth [--turns 200] [--modes full,cache_ref] [--lineages chain,conversation]
                           [--baseline REV] [--direct] [--target NAME=URL ...] [--target-model MODEL]
                           [--target-pid NAME=PID ...] [--target-database NAME=DATABASE ...]
-                          [--probe-rounds K]
+                          [--probe-rounds K] [--prefill-us US]
 
 A pass is one target, backend mode and lineage: a chain of `previous_response_id` or a `conversation`.
 Targets, all on the same reference backend and measured in the same run:
@@ -41,6 +41,11 @@ and p99 of the service overhead, database time, statements, round trips, the ser
 turn was in flight (from its threads' schedstat; background work that ran meanwhile included), the
 backend's time and the end-to-end time, their ratios, and a 95% interval for the ratio of medians from
 resampling whole rounds. The probe's turns are not in the pass's figures.
+
+The reference backend costs nothing but its own work, which grows with the prompt behind a handle, so a
+deep `cache_ref` turn waits longer for it than a shallow one. `--prefill-us US` turns on its simulated
+prefill (a sleep of US microseconds per prompt token not in its prefix cache): then every turn waits
+for the backend about as long as a real model makes it, deep or shallow.
 """
 
 from __future__ import annotations
@@ -675,6 +680,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="K",
         help="rounds of the interleaved deep/shallow probe after each pass (0: no probe)",
     )
+    parser.add_argument(
+        "--prefill-us",
+        type=float,
+        default=0.0,
+        help="the reference backend's simulated prefill, µs per prompt token not in its prefix cache",
+    )
     parser.add_argument("--max-output-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="record the service with py-spy")
     parser.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
@@ -728,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "benchmark": NAME,
         "turns": args.turns,
         "max_output_tokens": args.max_output_tokens,
+        "prefill_us_per_token": args.prefill_us,
         "machine": costs.pop("machine"),
         "passes": per_pass,
         "comparison": compare(per_pass, "convstate", baseline_name),
@@ -768,7 +780,7 @@ def run(
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
     with (
         harness.postgres_server() as server,
-        harness.start_backend(port=args.backend_port) as backend,
+        harness.start_backend(port=args.backend_port, prefill_us_per_token=args.prefill_us) as backend,
     ):
         harness.log(f"reference backend at {backend.url}")
         costs["machine"] = harness.machine(server) | {"reference_backend": backend.url}
