@@ -49,6 +49,7 @@ from service.domain.output import OutputBuilder, terminal_event_type
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
 from service.domain.policy import Decision, ParentPrefix, Reason, backend_miss, reseeded, truncated
 from service.domain.replay import CachePolicy
+from service.domain.threads import choose_thread
 from service.errors import (
     ContextLengthExceeded,
     ConvstateError,
@@ -160,6 +161,8 @@ class PreparedTurn:
     plan: TurnPlan
     response_id: str
     created_at: float
+    # The thread its row goes in (service/domain/threads.py); the one it was stored in once opened.
+    thread: str
     # In a conversation: its state when the turn took the lock.
     conversation: ConversationTurn | None = None
     # Its row was inserted before it ran (streamed and background turns): finishing moves it on.
@@ -473,6 +476,7 @@ class Pipeline:
                 token_ids=self.settings.token_artifacts,
             )
         )
+        continued = parent if conversation is None else None
         return PreparedTurn(
             tenant=tenant,
             request=request,
@@ -480,6 +484,11 @@ class Pipeline:
             plan=plan,
             response_id=response_id,
             created_at=now,
+            thread=choose_thread(
+                response_id,
+                continued.response.thread if continued else None,
+                parent_thread_taken=continued.thread_taken if continued else False,
+            ),
             conversation=conversation,
         )
 
@@ -592,6 +601,7 @@ class Pipeline:
             created_at=turn.created_at,
             completed_at=None if status in ("queued", "in_progress") else time.time(),
             lineage_root=turn.parent.response.lineage_root if turn.parent else turn.response_id,
+            thread=turn.thread,
             conversation_start=turn.conversation_start,
             output=output,
         )
@@ -675,7 +685,7 @@ class Pipeline:
         """Insert the turn's row (with its input and a lease) before its id leaves the service."""
         response = self._response(turn, status, [], None)
         lease = time.time() + self.settings.turn_lease_seconds
-        await self.turns.open(self._turn_write(turn, response, None), lease)
+        turn.thread = await self.turns.open(self._turn_write(turn, response, None), lease)
         turn.opened = True
         return response
 

@@ -33,6 +33,7 @@ def stored_response(tenant: str, **overrides: Any) -> StoredResponse:
     }
     fields.update(overrides)
     fields.setdefault("lineage_root", fields["id"])
+    fields.setdefault("thread", fields["id"])
     return StoredResponse(**fields)
 
 

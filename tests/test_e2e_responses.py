@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -74,6 +75,34 @@ def test_branches_see_only_their_own_lineage(service: Service) -> None:
             service.settings.backend_url, MODEL, messages
         )
         assert child.previous_response_id == root.id
+
+
+def test_forks_and_racing_siblings_each_render_their_own_lineage(service: Service) -> None:
+    """A straight run, a fork of it, a fork of the fork and four children of one parent sent at once
+    (they race for its thread: one continues it, the others start their own): every turn's prompt is
+    the full render of its own lineage, read back from the store."""
+    lineages: dict[str | None, list[dict[str, Any]]] = {None: []}
+
+    def turn(parent: str | None, text: str) -> str:
+        response, headers = _create(service.openai(), input=text, previous_response_id=parent)
+        messages = [*lineages[parent], {"role": "user", "content": text}]
+        assert headers["x-convstate-prompt-digest"] == full_render_digest(
+            service.settings.backend_url, MODEL, messages
+        )
+        lineages[response.id] = [*messages, {"role": "assistant", "content": response.output_text}]
+        return response.id
+
+    run = [turn(None, "root")]
+    for depth in range(1, 4):
+        run.append(turn(run[-1], f"run {depth}"))
+    fork = [turn(run[1], "fork 1")]
+    fork.append(turn(fork[-1], "fork 2"))
+    turn(fork[0], "fork of the fork")
+    with ThreadPoolExecutor(4) as pool:
+        siblings = list(pool.map(lambda n: turn(run[2], f"sibling {n}"), range(4)))
+    for sibling in siblings:
+        turn(sibling, "after the race")
+    turn(run[-1], "the run goes on")
 
 
 def test_instructions_are_not_inherited(service: Service) -> None:

@@ -155,17 +155,19 @@ async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEng
         await conn.execute(
             text(
                 "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
-                " cancel_requested, created_at, expires_at)"
-                " SELECT :tenant || g, :tenant, 'm', 'completed', 0, '{}', true, false, false, 0, 1e12"
+                " cancel_requested, created_at, expires_at, thread)"
+                " SELECT :tenant || g, :tenant, 'm', 'completed', 0, '{}', true, false, false, 0, 1e12,"
+                " :tenant || g"
                 " FROM generate_series(1, 1500) g"
             ),
             {"tenant": tenant},
         )
         await conn.execute(
             text(
-                "INSERT INTO items (id, tenant, response_id, segment, position, type, payload, created_at)"
+                "INSERT INTO items (id, tenant, response_id, segment, position, type, payload, created_at,"
+                " thread, depth)"
                 " SELECT :tenant || g || '.' || s, :tenant, :tenant || g, s, 0, 'message',"
-                " jsonb_build_object('text', repeat('x', 200)), 0"
+                " jsonb_build_object('text', repeat('x', 200)), 0, :tenant || g, 0"
                 " FROM generate_series(1, 1500) g, generate_series(0, 1) s"
             ),
             {"tenant": tenant},

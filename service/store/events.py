@@ -39,7 +39,8 @@ def _encode(event: Event) -> Event:
 def _decode(event: Event) -> Event:
     response = event.get("response")
     if isinstance(response, dict):
-        return {**event, "response": StoredResponse(**response)}
+        # An event recorded before responses had threads carries none (a thread is never rendered).
+        return {**event, "response": StoredResponse(**{"thread": response["id"], **response})}
     return event
 
 

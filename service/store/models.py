@@ -81,6 +81,10 @@ class Conversation(Base):
     __table_args__ = (Index("ix_conversations_tenant", "tenant"),)
 
 
+# The unique index on responses (thread, depth); store/turns.py recognizes a write it refused.
+THREAD_INDEX = "ux_responses_thread"
+
+
 class Response(Base):
     __tablename__ = "responses"
 
@@ -96,6 +100,10 @@ class Response(Base):
     depth: Mapped[int] = mapped_column(Integer)
     # The lineage's first response: "a response and its descendants" is (root, depth >= d), no walk.
     lineage_root: Mapped[str | None] = mapped_column(Id)
+    # The first response of its thread (service/domain/threads.py): a run of the lineage with one
+    # response per depth, whose items the history reads as one range. Unique with the depth, so of two
+    # children of one parent only one continues its thread.
+    thread: Mapped[str] = mapped_column(Id)
     instructions: Mapped[str | None] = mapped_column(Text)
     # The effective request settings (tools, sampling, text, reasoning, metadata, ...), as echoed.
     settings: Mapped[dict[str, Any]] = mapped_column(JsonType)
@@ -117,6 +125,7 @@ class Response(Base):
         Index("ix_responses_expires_at", "expires_at"),
         Index("ix_responses_status_active", "status", postgresql_where="status IN ('queued', 'in_progress')"),
         Index("ix_responses_lineage", "lineage_root", "expires_at"),
+        Index(THREAD_INDEX, "thread", "depth", unique=True),
     )
 
 
@@ -137,10 +146,15 @@ class Item(Base):
     )
     conversation_position: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Double)
+    # Its response's thread and depth, copied when it is written: a thread's items up to a depth are
+    # one range of ix_items_thread, in history order. NULL for items added to a conversation directly.
+    thread: Mapped[str | None] = mapped_column(Id)
+    depth: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_items_response", "response_id", "segment", "position"),
         Index("ix_items_conversation", "conversation_id", "conversation_position"),
+        Index("ix_items_thread", "thread", "depth", "segment", "position"),
     )
 
 

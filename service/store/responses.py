@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.orm import aliased
 
 from service.observe import db_call
 from service.store.db import autocommit, fetch
@@ -61,6 +62,8 @@ class StoredResponse:
     created_at: float
     completed_at: float | None
     lineage_root: str | None
+    # The first response of its thread (service/domain/threads.py).
+    thread: str
     # In a conversation: the conversation's length when the turn began (its history is the items before).
     conversation_start: int | None = None
     output: list[ItemPayload] = field(default_factory=list)
@@ -86,6 +89,8 @@ class StoredPrefix:
 class ParentTurn:
     response: StoredResponse
     prefix: StoredPrefix | None
+    # Another child already continues the parent's thread: a new child starts one of its own.
+    thread_taken: bool = False
 
 
 @dataclass(slots=True)
@@ -149,6 +154,7 @@ RESPONSE_COLUMNS = (
     Response.created_at,
     Response.completed_at,
     Response.lineage_root,
+    Response.thread,
     Response.conversation_start,
 )
 PREFIX_COLUMNS = (
@@ -199,8 +205,16 @@ _LIVE_BY_ID = and_(
     Response.expires_at > bindparam("now"),
     Response.store.is_(True),
 )
+# Whether a response already continues the parent's thread (the unique index on thread and depth): the
+# turn's own choice of thread is made on this, so the write's retry is only for a race.
+_NEXT_IN_THREAD = aliased(Response, name="next_in_thread")
+_THREAD_TAKEN = (
+    select(literal_column("1"))
+    .where(_NEXT_IN_THREAD.thread == Response.thread, _NEXT_IN_THREAD.depth == Response.depth + 1)
+    .exists()
+)
 _PARENT = (
-    _response_with_output(*PREFIX_COLUMNS)
+    _response_with_output(*PREFIX_COLUMNS, _THREAD_TAKEN)
     .outerjoin(PrefixRecord, PrefixRecord.response_id == Response.id)
     .where(_LIVE_BY_ID)
 )
@@ -269,14 +283,15 @@ class ResponseStore:
 
     @db_call
     async def load_parent(self, tenant: str, response_id: str) -> ParentTurn | None:
-        """The parent response, its prefix record and its output items: one round trip."""
+        """The parent response, its prefix record, its output items and whether its thread is taken:
+        one round trip."""
         found = await self._with_output(_PARENT, tenant, response_id)
         if found is None:
             return None
         response, first_row = found
         prefix_values = first_row[_N_RESPONSE : _N_RESPONSE + _N_PREFIX]
         prefix = None if prefix_values[0] is None else StoredPrefix(*prefix_values)
-        return ParentTurn(response, prefix)
+        return ParentTurn(response, prefix, thread_taken=first_row[_N_RESPONSE + _N_PREFIX])
 
     @db_call
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
@@ -559,4 +574,6 @@ def item_row(
         "conversation_id": None,
         "conversation_position": None,
         "created_at": now,
+        "thread": response.thread,
+        "depth": response.depth,
     }

@@ -11,6 +11,10 @@ Whatever its depth, and in a conversation or not, a turn costs the database two 
   COMMIT. Every insert hangs off the response's CTE, and in a conversation the response hangs off the
   conversation row locked by its turn, so a lost lock or a row finished elsewhere writes nothing.
 
+A chain turn's row continues its parent's thread (service/domain/threads.py) unless the read saw another
+child there already; a child that loses a race for the thread since is refused by the unique index on
+(thread, depth), with nothing written, and written once more as a thread of its own (`_in_thread`).
+
 Rows travel as one JSON document per table, read by `jsonb_populate_record` into the table's own row
 type, so the statements are written once from the tables and a new column needs no SQL here (a column
 missing from the document is NULL, not its server default). The
@@ -23,18 +27,20 @@ statements in one transaction, through ResponseStore and ConversationStore.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+import asyncpg
 import orjson
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.errors import LeaseLost
 from service.observe import db_call
 from service.store.conversations import ConversationStore, ConversationTurn, conversation_locked
 from service.store.db import fetch
-from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT
+from service.store.models import INPUT_SEGMENT, OUTPUT_SEGMENT, THREAD_INDEX
 from service.store.responses import (
     PREFIX_COLUMNS,
     RESPONSE_COLUMNS,
@@ -83,15 +89,22 @@ class _Statement:
         return [values[name] for name in self.names]
 
 
-def _parent_query(response_id: str) -> str:
-    """The live stored response `response_id` (an SQL expression), its prefix record and its output items
-    (one JSON array): one row, or none."""
+def _parent_query(response_id: str, *, chain: bool) -> str:
+    """The live stored response `response_id` (an SQL expression), its prefix record, whether another
+    child already continues its thread (in a `chain`; a conversation turn never continues one) and its
+    output items (one JSON array): one row, or none."""
     columns = ", ".join(
         [f"r.{column.name}" for column in RESPONSE_COLUMNS]
         + [f"p.{column.name}" for column in PREFIX_COLUMNS]
     )
+    # One probe of the unique index on (thread, depth): the turn chooses its thread before its write.
+    taken = (
+        "EXISTS (SELECT 1 FROM responses n WHERE n.thread = r.thread AND n.depth = r.depth + 1)"
+        if chain
+        else "false"
+    )
     return f"""
-        SELECT {columns},
+        SELECT {columns}, {taken} AS thread_taken,
                (SELECT jsonb_agg(i.payload ORDER BY i.position) FROM items i
                  WHERE i.response_id = r.id AND i.segment = {OUTPUT_SEGMENT}) AS output
           FROM responses r LEFT JOIN prefix_records p ON p.response_id = r.id
@@ -99,7 +112,7 @@ def _parent_query(response_id: str) -> str:
            AND r.expires_at > :now AND r.store"""
 
 
-_PARENT = _Statement.of(_parent_query(":response_id"))
+_PARENT = _Statement.of(_parent_query(":response_id", chain=True))
 
 # Take the turn lock (free, or its lease lapsed) and read the head with it.
 _BEGIN = _Statement.of(f"""
@@ -109,7 +122,7 @@ _BEGIN = _Statement.of(f"""
            AND (active_response_id IS NULL OR lock_expires_at < :now)
         RETURNING version, head_response_id, next_position)
     SELECT turn.version, turn.head_response_id, turn.next_position, parent.*
-      FROM turn LEFT JOIN LATERAL ({_parent_query("turn.head_response_id")}) parent ON true""")
+      FROM turn LEFT JOIN LATERAL ({_parent_query("turn.head_response_id", chain=False)}) parent ON true""")
 
 _N_RESPONSE = len(RESPONSE_COLUMNS)
 _N_PREFIX = len(PREFIX_COLUMNS)
@@ -181,6 +194,14 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _thread_taken(error: asyncpg.UniqueViolationError | IntegrityError) -> bool:
+    """Whether a write was refused by the unique index on (thread, depth). Postgres names the index;
+    SQLite its columns."""
+    if isinstance(error, asyncpg.UniqueViolationError):
+        return bool(error.constraint_name == THREAD_INDEX)
+    return "responses.thread, responses.depth" in str(error.orig)
+
+
 def _parent(row: Sequence[Any]) -> ParentTurn | None:
     """A ParentTurn from `_parent_query`'s columns; None when they are NULL (no parent, or not live)."""
     if row[0] is None:
@@ -189,7 +210,7 @@ def _parent(row: Sequence[Any]) -> ParentTurn | None:
     response.output = row[-1] or []
     prefix_values = row[_N_RESPONSE : _N_RESPONSE + _N_PREFIX]
     prefix = None if prefix_values[0] is None else StoredPrefix(*prefix_values)
-    return ParentTurn(response, prefix)
+    return ParentTurn(response, prefix, thread_taken=row[-2])
 
 
 class TurnStore:
@@ -242,21 +263,45 @@ class TurnStore:
         return ConversationTurn(version, head, next_position), _parent(parent)
 
     @db_call
-    async def open(self, turn: TurnWrite, lease_expires_at: float) -> None:
+    async def open(self, turn: TurnWrite, lease_expires_at: float) -> str:
         """A queued or running response as accepted: its row with its input items and a lease, no output
-        yet; readable at once from any replica. One round trip on Postgres."""
+        yet; readable at once from any replica. One round trip on Postgres. Returns the thread it was
+        stored in (see `_in_thread`), which its output items must carry when it finishes."""
+        return await self._in_thread(turn, lambda chosen: self._open(chosen, lease_expires_at))
+
+    async def _open(self, turn: TurnWrite, lease_expires_at: float) -> None:
         if not self._postgres:
             await self.responses.open_turn(turn, lease_expires_at)
             return
         await self._fetch(_WRITES[False, None], self._values(turn, None, lease_expires_at, opened=False))
 
     @db_call
-    async def write(self, turn: TurnWrite, conversation: ConversationAppend | None, *, opened: bool) -> None:
+    async def write(self, turn: TurnWrite, conversation: ConversationAppend | None, *, opened: bool) -> str:
         """Commit a finished turn whole: its row (inserted, or the `opened` one moved on from in
         progress), items and prefix record, and in a conversation the append that places its items,
-        moves the head and frees the lock (a failed turn only frees it). One round trip on Postgres.
-        LeaseLost if the open row was finalized elsewhere meanwhile, conversation_locked if the turn's
-        lock lapsed and another turn took it; nothing is written then."""
+        moves the head and frees the lock (a failed turn only frees it). One round trip on Postgres
+        (two when it lost a race for its thread: `_in_thread`). LeaseLost if the open row was finalized
+        elsewhere meanwhile, conversation_locked if the turn's lock lapsed and another turn took it;
+        nothing is written then. Returns the thread it is in."""
+        return await self._in_thread(turn, lambda chosen: self._write(chosen, conversation, opened=opened))
+
+    @staticmethod
+    async def _in_thread(turn: TurnWrite, insert: Callable[[TurnWrite], Awaitable[None]]) -> str:
+        """Run `insert` with the thread the turn chose; if another child of the same parent claimed that
+        thread since the parent was read (the unique index on thread and depth refused the row, and
+        nothing was written), once more as the first response of a thread of its own. The thread it
+        was stored in."""
+        response = turn.response
+        try:
+            await insert(turn)
+        except (asyncpg.UniqueViolationError, IntegrityError) as error:
+            if response.thread == response.id or not _thread_taken(error):
+                raise
+            await insert(replace(turn, response=replace(response, thread=response.id)))
+            return response.id
+        return response.thread
+
+    async def _write(self, turn: TurnWrite, conversation: ConversationAppend | None, *, opened: bool) -> None:
         if not self._postgres:
             await self._write_in_transaction(turn, conversation, opened=opened)
             return
