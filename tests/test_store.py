@@ -22,8 +22,9 @@ from tests.factories import prefix_write, stored_response
 
 
 async def _turn(
-    store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str
+    store: ResponseStore, tenant: str, parent: StoredResponse | None, text: str, *, continues: bool = False
 ) -> StoredResponse:
+    """A child of `parent`: a thread of its own, unless it `continues` the parent's."""
     now = time.time()
     response = stored_response(
         tenant,
@@ -31,6 +32,8 @@ async def _turn(
         depth=parent.depth + 1 if parent else 0,
         output=output_items(f"re: {text}", None, []),
     )
+    if continues and parent is not None:
+        response.thread = parent.thread
     await _write(
         store,
         TurnWrite(response, now + 3600, normalize_input(text), response.output, prefix_write(f"pc_{text}")),
@@ -143,12 +146,13 @@ async def test_turn_is_all_or_nothing(engine: AsyncEngine) -> None:
 
 
 async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEngine) -> None:
-    """On Postgres the history walks its lineage and reads each ancestor's items by index: the buffers it
-    touches follow the history, not the size of the items table (joined, Postgres scanned all of it)."""
+    """On Postgres the history walks its lineage's threads and reads each thread's items by index: the
+    buffers it touches follow the history, not the size of the items table (joined, Postgres scanned all
+    of it)."""
     store, tenant = ResponseStore(pg_engine), uuid.uuid4().hex
     leaf = None
     for word in ("a", "b", "c"):
-        leaf = await _turn(store, tenant, leaf, word)
+        leaf = await _turn(store, tenant, leaf, word, continues=True)
     assert leaf is not None
     async with pg_engine.connect() as conn:
         # Other turns: 1,500 responses of two items each.
@@ -187,7 +191,7 @@ async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEng
                 text(
                     "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
                     " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                    " AND query LIKE '%WITH RECURSIVE lineage%' AND query NOT LIKE '%invalidations%'"
+                    " AND query LIKE '%WITH RECURSIVE threads%' AND query NOT LIKE '%invalidations%'"
                 )
             )
         ).one()

@@ -1,8 +1,9 @@
 """Responses, their items and prefix records.
 
 Round trips are fixed whatever the depth of the conversation: the parent with its prefix record and
-output items is one query, the history (full path only) is one query, and writing a turn is one
-transaction of three inserts. On Postgres a turn's own read and write go through store/turns.py instead
+output items is one query, the history (full path only) is one query that reads a range of the items
+index per thread of the lineage (service/domain/threads.py), and writing a turn is one transaction of
+three inserts. On Postgres a turn's own read and write go through store/turns.py instead
 (one statement each); the statements here are SQLite's, and every other reader's and writer's. A
 streamed or background turn's row is inserted first (in progress, with a lease its runner renews) and
 moved on to its final status by one conditional UPDATE with its output and prefix record; the reaper and
@@ -222,43 +223,49 @@ _RESPONSE = _response_with_output().where(_LIVE_BY_ID)
 
 
 def _history(*, lookup: bool) -> Select[Any]:
-    """The items of a lineage in history order: its responses walked up from `response_id`, then their
-    items. With `lookup` (Postgres), every ancestor and every ancestor's items are read by an index
-    lookup of their own (LATERAL, with LIMIT and ORDER BY so Postgres cannot flatten them into joins),
-    so the cost follows the history. Left to plain joins, Postgres hashes a small table's scan at each
-    step of the walk and again for the items: a cost of depth times everything stored."""
-    columns = (Response.id, Response.previous_response_id, Response.depth)
-    start = select(*columns).where(
+    """The items of a lineage in history order, read a thread at a time (service/domain/threads.py):
+    from `response_id`, its thread's items up to its depth; then, from the parent of its thread's first
+    response, that parent's thread's items up to the parent's depth; and so on. Depths only grow along a
+    lineage, so (depth, segment, position) is history order. A straight chain is one range of
+    ix_items_thread, a history with k forks k + 1 ranges and a walk of k steps. With `lookup` (Postgres),
+    each step and each range is an index lookup of its own (LATERAL, with LIMIT or ORDER BY so Postgres
+    cannot flatten them into joins): left to plain joins, Postgres may hash a scan of the whole table."""
+    start = select(Response.thread, Response.depth).where(
         Response.id == bindparam("response_id"), Response.tenant == bindparam("tenant")
     )
-    lineage = start.cte("lineage", recursive=True)
+    threads = start.cte("threads", recursive=True)
+    # A step: the parent of the thread's first response (whose id is the thread), and its thread.
+    first, parent = aliased(Response, name="first"), aliased(Response, name="parent")
+    order = (Item.depth, Item.segment, Item.position)
     if not lookup:
-        lineage = lineage.union_all(
-            select(*columns).join(lineage, Response.id == lineage.c.previous_response_id)
+        threads = threads.union_all(
+            select(parent.thread, parent.depth)
+            .select_from(threads)
+            .join(first, first.id == threads.c.thread)
+            .join(parent, parent.id == first.previous_response_id)
         )
-        return (
-            select(Item.response_id, Item.segment, Item.payload)
-            .join(lineage, Item.response_id == lineage.c.id)
-            .order_by(lineage.c.depth, Item.segment, Item.position)
-        )
-    parent = (
-        select(*columns)
-        .where(Response.id == lineage.c.previous_response_id)
-        .limit(literal_column("1"))
-        .lateral("parent")
+        in_thread = and_(Item.thread == threads.c.thread, Item.depth <= threads.c.depth)
+        return select(Item.response_id, Item.segment, Item.payload).join(threads, in_thread).order_by(*order)
+    previous = (
+        select(first.previous_response_id)
+        .where(first.id == threads.c.thread)
+        .correlate_except(first)
+        .scalar_subquery()
     )
-    lineage = lineage.union_all(select(*parent.c).select_from(lineage).join(parent, true()))
+    step = select(parent.thread, parent.depth).where(parent.id == previous).limit(literal_column("1"))
+    walked = step.lateral("step")
+    threads = threads.union_all(select(*walked.c).select_from(threads).join(walked, true()))
     own = (
-        select(Item.segment, Item.position, Item.payload)
-        .where(Item.response_id == lineage.c.id)
-        .order_by(Item.segment, Item.position)
+        select(Item.response_id, Item.segment, Item.payload, Item.depth, Item.position)
+        .where(Item.thread == threads.c.thread, Item.depth <= threads.c.depth)
+        .order_by(*order)
         .lateral("own")
     )
     return (
-        select(lineage.c.id, own.c.segment, own.c.payload)
-        .select_from(lineage)
+        select(own.c.response_id, own.c.segment, own.c.payload)
+        .select_from(threads)
         .join(own, true())
-        .order_by(lineage.c.depth, own.c.segment, own.c.position)
+        .order_by(own.c.depth, own.c.segment, own.c.position)
     )
 
 
@@ -315,7 +322,8 @@ class ResponseStore:
     @db_call
     async def history(self, tenant: str, response_id: str) -> list[tuple[bool, list[ItemPayload]]]:
         """Every segment of the lineage ending at `response_id`, oldest first: one query, whose cost
-        follows the items it returns (the walk is one index lookup per ancestor, and so are its items)."""
+        follows the items it returns (a range of the items index per thread, and a walk of one index
+        lookup per fork; none in a straight chain)."""
         rows: Sequence[Sequence[Any]]
         if self._postgres:
             rows = await fetch(self.engine, _HISTORY_ASYNCPG, response_id, tenant)
