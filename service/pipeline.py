@@ -44,6 +44,7 @@ from service.domain import ids
 from service.domain.artifacts import TurnTokens, rebuild, unpack
 from service.domain.chat import chat_options, responses_usage
 from service.domain.fingerprint import combined_fingerprint
+from service.domain.histories import HistoryCache
 from service.domain.items import Item, Segment, compaction_item
 from service.domain.output import OutputBuilder, terminal_event_type
 from service.domain.plan import ParentState, RenderInputs, TurnInputs, TurnPlan, plan_turn
@@ -305,6 +306,7 @@ class Pipeline:
         self.invalidations = invalidations
         self.tasks = TaskSet()
         self.background = BackgroundRunner(self, events)
+        self.histories = HistoryCache(settings.history_cache_bytes)
 
     @property
     def accepting(self) -> bool:
@@ -567,15 +569,24 @@ class Pipeline:
 
     async def _history(self, turn: PreparedTurn) -> Sequence[Segment]:
         """The history before this turn: one query, from the conversation or the lineage (none for an
-        unstored parent, which comes with its history)."""
+        unstored parent, which comes with its history, nor for a lineage this process keeps)."""
         parent, request = turn.parent, turn.request
         if request.unstored_parent is not None:
             turn.history = request.unstored_parent.history
         elif request.conversation_id is not None:
             turn.history = await self.conversations.history(turn.tenant, request.conversation_id)
         else:
-            turn.history = await self.responses.history(turn.tenant, parent.response.id) if parent else []
+            turn.history = await self._chain_history(turn.tenant, parent.response.id) if parent else []
         return turn.history
+
+    async def _chain_history(self, tenant: str, response_id: str) -> Sequence[Segment]:
+        """The history through a stored response: as kept by this process, or read (and kept)."""
+        kept = self.histories.get(tenant, response_id)
+        if kept is not None:
+            return kept
+        read = await self.responses.history(tenant, response_id)
+        self.histories.keep(tenant, response_id, read)
+        return read
 
     # --- persist ------------------------------------------------------------------------------------
 
@@ -624,10 +635,20 @@ class Pipeline:
         if turn.request.store:
             prefix = _prefix_write(reply, sent, turn, self.backend.base_url)
             await self._write(turn, response, prefix)
+            self._keep_history(turn, response)
             self._offer_artifact(turn, reply, sent, prefix)
             if sent.decision.reason is Reason.CANARY and reply.handle is not None:
                 self.tasks.spawn(self.canary.check(turn.tenant, turn.plan, response, reply.handle))
         return TurnResult(response, sent.decision, reply.prompt_digest, reply.bytes_sent)
+
+    def _keep_history(self, turn: PreparedTurn, response: StoredResponse) -> None:
+        """A chain turn that rendered its history (the full path) keeps it, with its own items, for a
+        child taking the full path on this replica."""
+        request = turn.request
+        if turn.history is None or request.conversation_id is not None or request.unstored_parent is not None:
+            return
+        parent_id = turn.parent.response.id if turn.parent else None
+        self.histories.extend(turn.tenant, parent_id, response.id, request.input, response.output)
 
     def expires_at(self, turn: PreparedTurn) -> float:
         return turn.created_at + self.tenants.response_ttl_seconds(turn.tenant)

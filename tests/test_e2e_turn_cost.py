@@ -122,14 +122,16 @@ def _turn_cost(
 FOREIGN_KEY_CHECKS = {"chain": 1 + 2 + 1, "conversation": 1 + 2 * 2 + 1}
 
 
-@pytest.mark.parametrize("lineage", ["chain", "conversation"])
 @pytest.mark.parametrize(
-    ("mode", "decision", "statements"),
+    ("mode", "lineage", "decision", "statements"),
     [
         # the parent (in a conversation with the lock), the write
-        ("cache_ref", "cache_ref; reason=hit", 2),
-        # the parent, the history, the write
-        ("full", "full; reason=mode_full", 3),
+        ("cache_ref", "chain", "cache_ref; reason=hit", 2),
+        ("cache_ref", "conversation", "cache_ref; reason=hit", 2),
+        # the parent and the write: the history is the one this process kept (service/domain/histories.py)
+        ("full", "chain", "full; reason=mode_full", 2),
+        # the turn lock with the head, the conversation's history, the write
+        ("full", "conversation", "full; reason=mode_full", 3),
     ],
 )
 def test_what_the_database_executes_per_turn(
