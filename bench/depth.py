@@ -3,7 +3,7 @@
     python -m bench.depth [--turns 200] [--modes full,cache_ref] [--lineages chain,conversation]
                           [--baseline REV] [--direct] [--target NAME=URL ...] [--target-model MODEL]
                           [--target-pid NAME=PID ...] [--target-database NAME=DATABASE ...]
-                          [--probe-rounds K] [--prefill-us US]
+                          [--probe-rounds K] [--paired-rounds K] [--prefill-us US]
 
 A pass is one target, backend mode and lineage: a chain of `previous_response_id` or a `conversation`.
 Targets, all on the same reference backend and measured in the same run:
@@ -42,6 +42,25 @@ turn was in flight (from its threads' schedstat; background work that ran meanwh
 backend's time and the end-to-end time, their ratios, and a 95% interval for the ratio of medians from
 resampling whole rounds. The probe's turns are not in the pass's figures.
 
+Passes of two revisions are also minutes apart, and on a shared or virtual machine the same code's
+CPU per turn moves by up to 2x between passes, so their ratio is the machine's. With `--baseline`, a
+paired comparison (`--paired-rounds K`, default 200; 0 turns it off) sets the two revisions against
+each other on the same machine, for each lineage and mode: both services run at once, each on its own
+fresh database and the same reference backend; each is warmed up and builds one lineage to N turns;
+then K rounds, each one turn on this checkout's lineage and one on the baseline's, at the same depth,
+the two in alternating order. Its summary (`comparison.<lineage>.<mode>_paired_against_baseline`,
+also printed as a table on stderr; the passes' own ratios stay beside it) gives, current and
+baseline, the median and p99 of the same metrics as the probe, their ratios and a 95% interval for
+the ratio of medians from resampling whole rounds. Two CPU figures, which answer different questions:
+
+- `service_cpu_ms` per turn: the service's threads' CPU while that turn was in flight (schedstat,
+  before and after the turn). What the turn itself costs; background work that lands between turns
+  (the token-artifact writer's batches every 0.25 s, the invalidation feed's poll) is missed, and
+  background work that happens to run during the turn is counted.
+- `process_cpu_ms_per_round`: each service's whole-process CPU over the K rounds divided by K
+  (clock ticks). Everything the service spent, background work included; both services ran through
+  the same window, so it is paired too, by window rather than by turn.
+
 The reference backend costs nothing but its own work, which grows with the prompt behind a handle, so a
 deep `cache_ref` turn waits longer for it than a shallow one. `--prefill-us US` turns on its simulated
 prefill (a sleep of US microseconds per prompt token not in its prefix cache): then every turn waits
@@ -61,7 +80,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +104,7 @@ SMOOTHING = 9  # turns in the rolling medians of the plot and of the direct floo
 WARMUP_TURNS = 5  # a separate conversation first, so statement preparation and pool growth are not measured
 DEEP = 1  # the measured lineage's index (the warm-up's is 0); the probe's fresh lineages come after it
 PROBE_ROUNDS = 40
-PROBE_METRICS = (
+ROUND_METRICS = (  # what both sides of a probe or paired round are compared on
     "overhead_ms",
     "db_ms",
     "statements",
@@ -94,7 +113,8 @@ PROBE_METRICS = (
     "backend_ms",
     "e2e_ms",
 )
-RESAMPLES = 2000  # of the probe's rounds, for the interval of its ratio of medians
+RESAMPLES = 2000  # of a probe's or paired comparison's rounds, for the interval of a ratio of medians
+PAIRED_ROUNDS = 200
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -128,11 +148,13 @@ class Pass:
 
 
 @dataclass(frozen=True, slots=True)
-class ProbeTurn:
-    """One measured turn of the probe: on the pass's deep lineage, or the second turn of a fresh one."""
+class RoundTurn:
+    """One measured turn of an interleaved round, on one of its two sides: in the probe, the pass's deep
+    lineage (`first`) or the second turn of a fresh one; in the paired comparison, this checkout
+    (`first`) or the baseline."""
 
     round: int
-    deep: bool
+    first: bool
     sample: Turn
     service_cpu_ms: float  # the service's threads' CPU while the turn was in flight; NaN if unknown
 
@@ -291,11 +313,11 @@ def _measure(
     return samples, cost
 
 
-def probe(one: Driver, deep_turns: int, rounds: int, service_pid: int | None) -> list[ProbeTurn]:
+def probe(one: Driver, deep_turns: int, rounds: int, service_pid: int | None) -> list[RoundTurn]:
     """Deep and shallow turns interleaved, so that both see the same machine: each round one turn on the
     deep lineage (turn `deep_turns` + 1, + 2, ...) and the second turn of a fresh lineage, whose first
     turn is made unmeasured at the start of the round; which of the two goes first alternates."""
-    samples: list[ProbeTurn] = []
+    samples: list[RoundTurn] = []
     for round_ in range(rounds):
         fresh = DEEP + 1 + round_
         opening = one(fresh, 1)
@@ -305,14 +327,93 @@ def probe(one: Driver, deep_turns: int, rounds: int, service_pid: int | None) ->
         deep_first = round_ % 2 == 0
         for deep in (deep_first, not deep_first):
             lineage, turn = (DEEP, deep_turns + 1 + round_) if deep else (fresh, 2)
-            cpu_before = harness.threads_cpu_ms(service_pid) if service_pid else math.nan
-            sample = one(lineage, turn)
-            cpu_ms = harness.threads_cpu_ms(service_pid) - cpu_before if service_pid else math.nan
-            samples.append(ProbeTurn(round_, deep, sample, cpu_ms))
+            sample, cpu_ms = _turn_with_cpu(one, lineage, turn, service_pid)
+            samples.append(RoundTurn(round_, deep, sample, cpu_ms))
             if sample.error is not None:
                 harness.log(f"probe round {round_} failed: {sample.error}")
                 return samples
     return samples
+
+
+def _turn_with_cpu(one: Driver, lineage: int, turn: int, service_pid: int | None) -> tuple[Turn, float]:
+    """A turn and the service's threads' CPU while it was in flight (NaN without the service's pid)."""
+    cpu_before = harness.threads_cpu_ms(service_pid) if service_pid else math.nan
+    sample = one(lineage, turn)
+    return sample, harness.threads_cpu_ms(service_pid) - cpu_before if service_pid else math.nan
+
+
+# --- the paired comparison: this checkout and the baseline at once ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One of the paired comparison's two services: how to make its turns, and its process."""
+
+    one: Driver
+    pid: int | None
+
+
+def paired(current: Side, baseline: Side, first_turn: int, rounds: int) -> list[RoundTurn]:
+    """Each round one turn on this checkout's lineage and one on the baseline's, both turn
+    `first_turn` + round (the lineages were built to the same depth); which goes first alternates."""
+    samples: list[RoundTurn] = []
+    for round_ in range(rounds):
+        current_first = round_ % 2 == 0
+        for is_current in (current_first, not current_first):
+            side = current if is_current else baseline
+            sample, cpu_ms = _turn_with_cpu(side.one, DEEP, first_turn + round_, side.pid)
+            samples.append(RoundTurn(round_, is_current, sample, cpu_ms))
+            if sample.error is not None:
+                harness.log(f"paired round {round_} failed: {sample.error}")
+                return samples
+    return samples
+
+
+def run_paired(
+    mode: str,
+    lineage: str,
+    baseline_source: Path,
+    server_url: str,
+    backend: harness.Process,
+    turns: int,
+    rounds: int,
+    max_output_tokens: int,
+    postmaster: int | None,
+) -> dict[str, Any]:
+    """Both services started at once on fresh databases, warmed up, a lineage of `turns` turns built on
+    each, then `rounds` paired rounds: their summary, with each process's CPU over the rounds."""
+    with ExitStack() as stack:
+        sides: list[Side] = []
+        services = []
+        for source in (None, baseline_source):
+            database_url = stack.enter_context(harness.fresh_database(server_url, source=source))
+            services.append(
+                stack.enter_context(harness.launch_service_from(source, database_url, backend.url, mode, {}))
+            )
+        for service in services:
+            service.wait_ready()
+            driver = responses_driver(f"{service.url}/v1", service.api_key, lineage, max_output_tokens)
+            sides.append(Side(driver, service.pid))
+        current, baseline = sides
+        for conversation, length in ((0, WARMUP_TURNS), (DEEP, turns)):
+            for turn in range(1, length + 1):
+                for side in sides:
+                    if (sample := side.one(conversation, turn)).error is not None:
+                        raise RuntimeError(f"paired {mode}/{lineage}: turn {turn} failed: {sample.error}")
+        load_before = os.getloadavg()
+        meter = harness.CpuMeter({"current": services[0].pid, "baseline": services[1].pid}, postmaster)
+        samples = paired(current, baseline, turns + 1, rounds)
+        cost = meter.stop(len({sample.round for sample in samples}))
+    summary = summarize_paired(samples)
+    process_cpu = cost.pop("cpu_ms_per_turn")
+    summary["process_cpu_ms_per_round"] = {
+        "current": process_cpu["current"],
+        "baseline": process_cpu["baseline"],
+        "current_over_baseline": harness.ratio(process_cpu["current"], process_cpu["baseline"]),
+        "postgres": process_cpu.get("postgres"),
+    }
+    summary["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    return summary | cost
 
 
 # --- summaries -------------------------------------------------------------------------------------
@@ -349,13 +450,24 @@ def summarize(samples: list[Turn], window: int) -> dict[str, Any]:
     }
 
 
-def summarize_probe(samples: Sequence[ProbeTurn]) -> dict[str, Any]:
-    """Deep over shallow per metric, from the rounds whose two turns both succeeded: each side's median
-    and p99 and their ratios, and a 95% interval for the ratio of medians from resampling those rounds
-    (how far the probe's own sampling moves it). A metric a turn did not report (NaN) is left out."""
-    rounds: dict[int, dict[bool, ProbeTurn]] = {}
+def summarize_probe(samples: Sequence[RoundTurn]) -> dict[str, Any]:
+    """Deep over shallow per metric (see `summarize_rounds`)."""
+    return summarize_rounds(samples, "deep", "shallow")
+
+
+def summarize_paired(samples: Sequence[RoundTurn]) -> dict[str, Any]:
+    """This checkout over the baseline per metric (see `summarize_rounds`)."""
+    return summarize_rounds(samples, "current", "baseline")
+
+
+def summarize_rounds(samples: Sequence[RoundTurn], first: str, second: str) -> dict[str, Any]:
+    """The `first` side over the `second` per metric, from the rounds whose two turns both succeeded:
+    each side's median and p99 and their ratios, and a 95% interval for the ratio of medians from
+    resampling those rounds (how far the rounds' own sampling moves it). A metric a turn did not
+    report (NaN) is left out."""
+    rounds: dict[int, dict[bool, RoundTurn]] = {}
     for sample in samples:
-        rounds.setdefault(sample.round, {})[sample.deep] = sample
+        rounds.setdefault(sample.round, {})[sample.first] = sample
     pairs = [
         (both[True], both[False])
         for both in rounds.values()
@@ -367,70 +479,97 @@ def summarize_probe(samples: Sequence[ProbeTurn]) -> dict[str, Any]:
     }
     if not pairs:
         return summary
-    summary["deep_turns"] = [pairs[0][0].sample.turn, pairs[-1][0].sample.turn]
+    summary[f"{first}_turns"] = [pairs[0][0].sample.turn, pairs[-1][0].sample.turn]
     summary["decisions"] = {
-        "deep": harness.decisions([deep.sample for deep, _ in pairs]),
-        "shallow": harness.decisions([shallow.sample for _, shallow in pairs]),
+        first: harness.decisions([one.sample for one, _ in pairs]),
+        second: harness.decisions([other.sample for _, other in pairs]),
     }
     picker = random.Random(0)  # the same resamples for every metric and every run
     resamples = [[picker.randrange(len(pairs)) for _ in pairs] for _ in range(RESAMPLES)]
-    for metric in PROBE_METRICS:
-        deep_values = [deep.value(metric) for deep, _ in pairs]
-        shallow_values = [shallow.value(metric) for _, shallow in pairs]
-        if not any(math.isnan(value) for value in deep_values + shallow_values):
-            summary[metric] = deep_over_shallow(deep_values, shallow_values, resamples)
+    for metric in ROUND_METRICS:
+        ones = [one.value(metric) for one, _ in pairs]
+        others = [other.value(metric) for _, other in pairs]
+        if not any(math.isnan(value) for value in ones + others):
+            summary[metric] = side_over_side(ones, others, resamples, first, second)
     return summary
 
 
-def deep_over_shallow(
-    deep: Sequence[float], shallow: Sequence[float], resamples: Sequence[Sequence[int]]
+def side_over_side(
+    ones: Sequence[float],
+    others: Sequence[float],
+    resamples: Sequence[Sequence[int]],
+    first: str,
+    second: str,
 ) -> dict[str, Any]:
-    """`deep[i]` and `shallow[i]` were measured in the same round; `resamples` are lists of rounds."""
-    deep_median, shallow_median = statistics.median(deep), statistics.median(shallow)
-    deep_p99, shallow_p99 = harness.percentile(deep, 99), harness.percentile(shallow, 99)
-    resampled = (_ratio_of_medians(deep, shallow, picks) for picks in resamples)
+    """`ones[i]` (the `first` side) and `others[i]` were measured in the same round; `resamples` are
+    lists of rounds."""
+    one_median, other_median = statistics.median(ones), statistics.median(others)
+    one_p99, other_p99 = harness.percentile(ones, 99), harness.percentile(others, 99)
+    resampled = (_ratio_of_medians(ones, others, picks) for picks in resamples)
     ratios = [ratio for ratio in resampled if ratio is not None]
     return {
-        "deep_median": round(deep_median, 3),
-        "shallow_median": round(shallow_median, 3),
-        "median_deep_over_shallow": harness.ratio(deep_median, shallow_median),
+        f"{first}_median": round(one_median, 3),
+        f"{second}_median": round(other_median, 3),
+        f"median_{first}_over_{second}": harness.ratio(one_median, other_median),
         "median_ratio_95": (
             [round(harness.percentile(ratios, 2.5), 3), round(harness.percentile(ratios, 97.5), 3)]
             if ratios
             else None
         ),
-        "deep_p99": round(deep_p99, 3),
-        "shallow_p99": round(shallow_p99, 3),
-        "p99_deep_over_shallow": harness.ratio(deep_p99, shallow_p99),
+        f"{first}_p99": round(one_p99, 3),
+        f"{second}_p99": round(other_p99, 3),
+        f"p99_{first}_over_{second}": harness.ratio(one_p99, other_p99),
     }
 
 
-def _ratio_of_medians(deep: Sequence[float], shallow: Sequence[float], picks: Sequence[int]) -> float | None:
+def _ratio_of_medians(ones: Sequence[float], others: Sequence[float], picks: Sequence[int]) -> float | None:
     return harness.ratio(
-        statistics.median([deep[i] for i in picks]), statistics.median([shallow[i] for i in picks])
+        statistics.median([ones[i] for i in picks]), statistics.median([others[i] for i in picks])
     )
 
 
 def probe_table(per_pass: dict[str, dict[str, Any]]) -> list[str]:
     """The probes of a run as text lines: deep and shallow median / p99, and deep over shallow."""
+    probes = {name: summary.get("probe", {}) for name, summary in per_pass.items()}
+    return rounds_table("probe: pass", probes, "deep", "shallow")
+
+
+def paired_table(paired_summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The paired comparisons of a run as text lines, with each process's CPU per round."""
+    lines = rounds_table("paired: mode/lineage", paired_summaries, "current", "baseline")
+    for name, summary in paired_summaries.items():
+        cpu = summary["process_cpu_ms_per_round"]
+        lines.append(
+            f"{name}: process CPU per round {cpu['current']} / {cpu['baseline']} ms,"
+            f" current/baseline {cpu['current_over_baseline']};"
+            f" other processes {summary['other_processes_cores']} cores,"
+            f" load average {summary['load_average_before_after']}"
+        )
+    return lines
+
+
+def rounds_table(heading: str, summaries: dict[str, dict[str, Any]], first: str, second: str) -> list[str]:
+    """Interleaved rounds' summaries as text lines: each side's median / p99, and first over second
+    (no lines when none has a round)."""
+    if not any(found.get("rounds") for found in summaries.values()):
+        return []
     lines = [
-        f"{'probe: pass':<36} {'metric':<15} {'deep med / p99':>17} {'shallow med / p99':>19}"
-        "   deep/shallow: median [95%] / p99"
+        f"{heading:<36} {'metric':<15} {first + ' med / p99':>17} {second + ' med / p99':>19}"
+        f"   {first}/{second}: median [95%] / p99"
     ]
-    for name, summary in per_pass.items():
-        found = summary.get("probe", {})
+    for name, found in summaries.items():
         if found.get("rounds"):
-            first, last = found["deep_turns"]
-            lines.append(f"{name} ({found['rounds']} rounds, deep turns {first}-{last})")
-        for metric in PROBE_METRICS:
+            start, end = found[f"{first}_turns"]
+            lines.append(f"{name} ({found['rounds']} rounds, {first} turns {start}-{end})")
+        for metric in ROUND_METRICS:
             if figures := found.get(metric):
                 interval = figures["median_ratio_95"] or [math.nan, math.nan]
                 lines.append(
                     f"{'':<36} {metric:<15}"
-                    f" {figures['deep_median']:>8.2f} / {figures['deep_p99']:<6.2f}"
-                    f" {figures['shallow_median']:>10.2f} / {figures['shallow_p99']:<6.2f}"
-                    f"   {figures['median_deep_over_shallow']} [{interval[0]}-{interval[1]}]"
-                    f" / {figures['p99_deep_over_shallow']}"
+                    f" {figures[f'{first}_median']:>8.2f} / {figures[f'{first}_p99']:<6.2f}"
+                    f" {figures[f'{second}_median']:>10.2f} / {figures[f'{second}_p99']:<6.2f}"
+                    f"   {figures[f'median_{first}_over_{second}']} [{interval[0]}-{interval[1]}]"
+                    f" / {figures[f'p99_{first}_over_{second}']}"
                 )
     return lines
 
@@ -681,6 +820,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="rounds of the interleaved deep/shallow probe after each pass (0: no probe)",
     )
     parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=PAIRED_ROUNDS,
+        metavar="K",
+        help="with --baseline: rounds of the paired comparison, both revisions at once (0: none)",
+    )
+    parser.add_argument(
         "--prefill-us",
         type=float,
         default=0.0,
@@ -695,6 +841,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--turns must be at least 20 (early and late windows)")
     if args.probe_rounds < 0:
         parser.error("--probe-rounds must be 0 (no probe) or more")
+    if args.paired_rounds < 0:
+        parser.error("--paired-rounds must be 0 (no paired comparison) or more")
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     lineages = [lineage.strip() for lineage in args.lineages.split(",") if lineage.strip()]
     if not set(lineages) <= set(LINEAGES):
@@ -723,7 +871,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if pids or databases:
             parser.error(f"--target-pid/--target-database name no --target: {sorted({*pids, *databases})}")
         passes = _passes(modes, lineages, targets, args.direct)
-        results, costs = run(passes, args, window)
+        paired_runs = (
+            [(mode, lineage) for lineage in lineages for mode in modes]
+            if baseline_source is not None and args.paired_rounds
+            else []
+        )
+        results, costs = run(passes, paired_runs, baseline_source, args)
 
     per_pass = {name: {**summarize(samples, window), **costs[name]} for name, samples in results.items()}
     if DIRECT in results:
@@ -733,6 +886,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 values = over_direct(samples, floor)
                 per_pass[name]["over_direct_ms"] = summarize_over_direct(values, len(samples), window)
     baseline_name = next((t.name for t in targets if t.source is not None), None)
+    comparison = compare(per_pass, "convstate", baseline_name)
+    paired_summaries: dict[str, dict[str, Any]] = costs.pop("paired")
+    for name, paired_summary in paired_summaries.items():
+        mode, lineage = name.split("/")
+        comparison.setdefault(lineage, {})[f"{mode}_paired_against_baseline"] = paired_summary
     figure = harness.RESULTS / f"{args.name}.png"
     plot(results, figure)
     summary: dict[str, Any] = {
@@ -742,13 +900,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "prefill_us_per_token": args.prefill_us,
         "machine": costs.pop("machine"),
         "passes": per_pass,
-        "comparison": compare(per_pass, "convstate", baseline_name),
+        "comparison": comparison,
         "over_direct_against_convstate": against_convstate(per_pass, [t.name for t in targets if t.url]),
         "side_by_side": side_by_side(per_pass),
         "plot": str(figure.relative_to(ROOT)),
     }
     harness.write_result(args.name, summary, results)
-    for line in probe_table(per_pass):
+    for line in probe_table(per_pass) + paired_table(paired_summaries):
         harness.log(line)
 
 
@@ -773,10 +931,15 @@ def contextmanager_or_none(revision: str | None) -> Iterator[Path | None]:
 
 
 def run(
-    passes: Sequence[Pass], args: argparse.Namespace, window: int
+    passes: Sequence[Pass],
+    paired_runs: Sequence[tuple[str, str]],
+    baseline_source: Path | None,
+    args: argparse.Namespace,
 ) -> tuple[dict[str, list[Turn]], dict[str, Any]]:
+    """The passes, then the paired comparisons (mode, lineage) against the baseline at `baseline_source`
+    (its summaries under `paired` in the costs)."""
     results: dict[str, list[Turn]] = {}
-    costs: dict[str, Any] = {}
+    costs: dict[str, Any] = {"paired": {}}
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
     with (
         harness.postgres_server() as server,
@@ -804,6 +967,21 @@ def run(
                 postmaster,
             )
             costs[run_.name] = {"machine_busy_percent_before": busy, **cost}
+        for mode, lineage in paired_runs:
+            assert baseline_source is not None
+            harness.log(f"paired {mode}/{lineage}: {args.turns} turns each, then {args.paired_rounds} rounds")
+            busy = harness.wait_for_quiet(args.quiet_wait)
+            costs["paired"][f"{mode}/{lineage}"] = {"machine_busy_percent_before": busy} | run_paired(
+                mode,
+                lineage,
+                baseline_source,
+                server,
+                backend,
+                args.turns,
+                args.paired_rounds,
+                args.max_output_tokens,
+                postmaster,
+            )
     return results, costs
 
 
