@@ -401,7 +401,8 @@ def run_paired(
                     if (sample := side.one(conversation, turn)).error is not None:
                         raise RuntimeError(f"paired {mode}/{lineage}: turn {turn} failed: {sample.error}")
         load_before = os.getloadavg()
-        meter = harness.CpuMeter({"current": services[0].pid, "baseline": services[1].pid}, postmaster)
+        processes = {"current": services[0].pid, "baseline": services[1].pid, "backend": backend.pid}
+        meter = harness.CpuMeter(processes, postmaster)
         samples = paired(current, baseline, turns + 1, rounds)
         cost = meter.stop(len({sample.round for sample in samples}))
     summary = summarize_paired(samples)
@@ -410,6 +411,7 @@ def run_paired(
         "current": process_cpu["current"],
         "baseline": process_cpu["baseline"],
         "current_over_baseline": harness.ratio(process_cpu["current"], process_cpu["baseline"]),
+        "backend": process_cpu["backend"],
         "postgres": process_cpu.get("postgres"),
     }
     summary["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
