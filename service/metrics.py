@@ -27,7 +27,15 @@ cached_tokens = Counter(
     "convstate_backend_cached_tokens_total", "Cached prompt tokens reported by the backend"
 )
 canary_checks = Counter("convstate_canary_checks_total", "Canary full renders compared", ["result"])
-db_pool_checked_out = Gauge("convstate_db_pool_checked_out", "Database connections in use")
+db_pool_checked_out = Gauge(
+    "convstate_db_pool_checked_out",
+    "Database connections in use (both pools: the turns' statements and the rest)",
+)
+kept_histories = Counter(
+    "convstate_kept_histories_total",
+    "Full-path chain turns whose history was kept by this process (hit) or read from the database (miss)",
+    ["result"],
+)
 artifact_queue_depth = Gauge("convstate_artifact_queue_depth", "Turns waiting for the artifact writer")
 artifact_drops = Counter(
     "convstate_artifact_drops_total", "Token artifacts not stored", ["reason"]

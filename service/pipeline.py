@@ -582,6 +582,7 @@ class Pipeline:
     async def _chain_history(self, tenant: str, response_id: str) -> Sequence[Segment]:
         """The history through a stored response: as kept by this process, or read (and kept)."""
         kept = self.histories.get(tenant, response_id)
+        metrics.kept_histories.labels("miss" if kept is None else "hit").inc()
         if kept is not None:
             return kept
         read = await self.responses.history(tenant, response_id)

@@ -66,6 +66,7 @@ def test_the_least_recently_used_history_goes_first_and_none_is_kept_past_the_li
 def test_kept_histories_render_what_the_database_renders(service_factory: Any, dialect: str) -> None:
     kept: Service = service_factory(dialect)
     read: Service = service_factory(dialect, history_cache_bytes=0)
+    hits, misses = _kept_histories(kept)
     rng = random.Random(7)
     ids: dict[str, list[str]] = {"kept": [], "read": []}
     statements: dict[str, list[int]] = {"kept": [], "read": []}
@@ -91,3 +92,16 @@ def test_kept_histories_render_what_the_database_renders(service_factory: Any, d
     assert [count - 1 for count in statements["read"]] == statements["kept"]
     if dialect == "postgres":
         assert set(statements["kept"]) == {2}
+    # Every turn of the keeping service found its parent's history kept; every turn of the other read it.
+    assert _kept_histories(kept) == (hits + len(statements["kept"]), misses + len(statements["read"]))
+
+
+def _kept_histories(service: Service) -> tuple[float, float]:
+    """convstate_kept_histories_total by result (hit, miss): one registry for every service in this
+    process, so callers compare before and after."""
+    counts = dict.fromkeys(("hit", "miss"), 0.0)
+    for line in service.http().get("/metrics").text.splitlines():
+        if line.startswith("convstate_kept_histories_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            counts[result] = float(line.rsplit(" ", 1)[1])
+    return counts["hit"], counts["miss"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain import ids
 from service.domain.items import normalize_input
 from service.domain.output import output_items
-from service.store.db import StatementCounter
+from service.store.db import StatementCounter, connections_in_use, fetch
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.unit import unit_of_work
@@ -197,3 +198,14 @@ async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEng
         ).one()
     assert calls == 2 and pages >= 40
     assert blocks / calls < 30, (blocks, pages)
+
+
+async def test_connections_in_use_count_both_pools(pg_engine: AsyncEngine) -> None:
+    """The pool gauge operators size pools by sees the turns' statement pool as well as SQLAlchemy's."""
+    assert connections_in_use(pg_engine) == 0
+    running = asyncio.ensure_future(fetch(pg_engine, "SELECT pg_sleep(0.5)"))
+    await asyncio.sleep(0.2)
+    async with pg_engine.connect():
+        assert connections_in_use(pg_engine) == 2
+    await running
+    assert connections_in_use(pg_engine) == 0

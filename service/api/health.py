@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.api.json import JSONBody
+from service.store.db import connections_in_use
 from service.store.migrate import behind_head, current_revision, head_revision
 
 router = APIRouter(tags=["health"])
@@ -20,9 +21,7 @@ async def healthz() -> JSONBody:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def prometheus_metrics(request: Request) -> Response:
-    pool = request.app.state.engine.pool
-    if hasattr(pool, "checkedout"):
-        metrics.db_pool_checked_out.set(pool.checkedout())
+    metrics.db_pool_checked_out.set(connections_in_use(request.app.state.engine))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

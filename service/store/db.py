@@ -187,6 +187,9 @@ class _StatementPool:
                 )
             return self._pool
 
+    def in_use(self) -> int:
+        return 0 if self._pool is None else self._pool.get_size() - self._pool.get_idle_size()
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
@@ -223,6 +226,14 @@ async def fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Sequence[Any]
     on a connection of the engine's statement pool, without SQLAlchemy's result layer. `sql` uses
     asyncpg's $1 parameters; asyncpg prepares it once per connection."""
     return await _STATEMENT_POOLS[engine.sync_engine].fetch(sql, *args)
+
+
+def connections_in_use(engine: AsyncEngine) -> int:
+    """Connections checked out of the engine's pool and of its statement pool."""
+    pool: Any = engine.sync_engine.pool
+    checked_out = pool.checkedout() if hasattr(pool, "checkedout") else 0
+    statements = _STATEMENT_POOLS.get(engine.sync_engine)
+    return int(checked_out) + (statements.in_use() if statements is not None else 0)
 
 
 async def dispose(engine: AsyncEngine) -> None:
