@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -14,14 +15,16 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.items import normalize_input
+from service.serving import ServerThread
 from service.store.conversations import ConversationStore
 from service.store.db import create_engine, dispose
+from service.store.migrate import upgrade
 from service.store.models import Conversation, Item, PrefixRecord, Response
 from service.store.responses import ResponseStore, TurnWrite
 from service.store.retention import RetentionStore
 from service.store.unit import unit_of_work
 from service.workers.retention import retention_pass
-from tests.conftest import Service, new_tenant
+from tests.conftest import Service, new_tenant, start_service
 from tests.factories import prefix_write, stored_response
 
 MODEL = "ref-chatml"
@@ -46,7 +49,22 @@ async def _rows(url: str, response_ids: list[str]) -> dict[str, int]:
         await dispose(engine)
 
 
-def test_expired_responses_are_gone_from_reads_at_once_and_from_tables_after_a_pass(service: Service) -> None:
+@pytest.fixture
+def lone_service(new_postgres_database: Any, reference_backend: ServerThread) -> Iterator[Service]:
+    """A service alone on its database, its retention worker an hour apart: every service of the session
+    runs retention passes on the shared database, and one landing between a response's expiry and the
+    test's look at it would purge what the test means to see expired first."""
+    url = new_postgres_database()
+    upgrade(url)
+    service = start_service(url, reference_backend.url, retention_interval=3600)
+    yield service
+    service.server.stop()
+
+
+def test_expired_responses_are_gone_from_reads_at_once_and_from_tables_after_a_pass(
+    lone_service: Service,
+) -> None:
+    service = lone_service
     tenant = new_tenant(service.settings.database_url)
     client, admin = service.openai(tenant.user_key), service.admin()
     keeper = client.responses.create(model=MODEL, input="kept at the default retention").id
