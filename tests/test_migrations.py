@@ -53,9 +53,14 @@ async def _revision(url: str) -> str | None:
         await dispose(engine)
 
 
+def _empty_database(dialect: str, new_postgres_database: Any, tmp_path: Any) -> str:
+    """A database with no tables yet, for a migration test on `dialect`."""
+    return new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 def test_up_down_up_keeps_items(dialect: str, new_postgres_database: Any, tmp_path: Any) -> None:
-    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    url = _empty_database(dialect, new_postgres_database, tmp_path)
     upgrade(url)
     assert asyncio.run(_revision(url)) == head_revision()
     engine_sql = [
@@ -90,7 +95,7 @@ def test_up_down_up_keeps_items(dialect: str, new_postgres_database: Any, tmp_pa
 def test_0005_gives_existing_responses_their_lineage_root(
     dialect: str, new_postgres_database: Any, tmp_path: Any
 ) -> None:
-    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    url = _empty_database(dialect, new_postgres_database, tmp_path)
     upgrade(url, "0004")
     insert = (
         "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
@@ -134,7 +139,7 @@ def test_0005_gives_existing_responses_their_lineage_root(
 def test_0006_places_existing_conversation_turns(
     dialect: str, new_postgres_database: Any, tmp_path: Any
 ) -> None:
-    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    url = _empty_database(dialect, new_postgres_database, tmp_path)
     upgrade(url, "0005")
     response = (
         "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
@@ -194,7 +199,7 @@ SELECT 'resp_o.' || s, 't', resp.id, s, 0, 'message', jsonb_build_object('id', '
 def test_0012_makes_existing_responses_threads_of_their_own_that_new_turns_continue(
     dialect: str, new_postgres_database: Any, tmp_path: Any
 ) -> None:
-    url = new_postgres_database() if dialect == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    url = _empty_database(dialect, new_postgres_database, tmp_path)
     upgrade(url, "0011")
     response = (
         "INSERT INTO responses (id, tenant, model, status, depth, settings, store, background,"
