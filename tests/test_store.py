@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.domain import ids
 from service.domain.items import normalize_input
 from service.domain.output import output_items
-from service.store.db import StatementCounter, connections_in_use, fetch
+from service.store.db import StatementCounter, connections_in_use, create_engine, dispose, fetch
 from service.store.responses import ResponseStore, StoredResponse, TurnWrite
 from service.store.tenants import TenantStore
 from service.store.unit import unit_of_work
@@ -209,3 +210,77 @@ async def test_connections_in_use_count_both_pools(pg_engine: AsyncEngine) -> No
         assert connections_in_use(pg_engine) == 2
     await running
     assert connections_in_use(pg_engine) == 0
+
+
+# The statement pool: one connection (a pool_size of 1 leaves it one), so which connection served a
+# statement shows in the server's process id.
+_BACKEND_PID = "SELECT pg_backend_pid()"
+
+
+async def _served_by(engine: AsyncEngine, sql: str = _BACKEND_PID) -> int:
+    return int((await fetch(engine, sql))[0][0])
+
+
+async def test_statement_pool_keeps_a_connection_whose_statement_the_server_refused(
+    migrated_urls: dict[str, str],
+) -> None:
+    engine = create_engine(migrated_urls["postgres"], pool_size=1)
+    try:
+        before = await _served_by(engine)
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await fetch(engine, "SELECT 1 / 0")
+        assert await _served_by(engine) == before
+    finally:
+        await dispose(engine)
+
+
+async def test_statement_pool_closes_a_connection_whose_statement_was_cancelled(
+    migrated_urls: dict[str, str],
+) -> None:
+    """A cancelled statement leaves its connection mid-exchange: a new one serves the next caller, who
+    was waiting for the only slot."""
+    engine = create_engine(migrated_urls["postgres"], pool_size=1)
+    try:
+        before = await _served_by(engine)
+        cancelled = asyncio.ensure_future(fetch(engine, "SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(_served_by(engine))
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert await asyncio.wait_for(waiting, 5) != before
+        assert connections_in_use(engine) == 0
+    finally:
+        await dispose(engine)
+
+
+async def test_statement_pool_hands_its_connection_to_each_waiting_caller_in_turn(
+    migrated_urls: dict[str, str],
+) -> None:
+    engine = create_engine(migrated_urls["postgres"], pool_size=1)
+    try:
+        served = await asyncio.gather(
+            *(_served_by(engine, "SELECT pg_backend_pid() FROM pg_sleep(0.05)") for _ in range(4))
+        )
+        assert len(set(served)) == 1
+        assert connections_in_use(engine) == 0
+    finally:
+        await dispose(engine)
+
+
+async def test_statement_pool_gives_up_on_a_wait_after_the_pool_timeout(
+    migrated_urls: dict[str, str],
+) -> None:
+    engine = create_engine(migrated_urls["postgres"], pool_size=1, pool_timeout=0.2)
+    try:
+        busy = asyncio.ensure_future(fetch(engine, "SELECT pg_sleep(0.6)"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await fetch(engine, "SELECT 1")
+        await busy
+        # The caller that gave up left nothing behind: the connection goes to the next caller.
+        assert await _served_by(engine) > 0
+        assert connections_in_use(engine) == 0
+    finally:
+        await dispose(engine)

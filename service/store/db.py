@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import deque
 from collections.abc import Sequence, Sized
+from types import MethodType
 from typing import Any
 
 import asyncpg
@@ -28,7 +30,11 @@ class _CountingProtocol:
         self._protocol = protocol
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._protocol, name)
+        value = getattr(self._protocol, name)
+        if isinstance(value, MethodType):
+            # A bound method stays what it is: kept, so the driver's next call finds it without this hook.
+            setattr(self, name, value)
+        return value
 
     def bind_execute(self, *args: Any, **kwargs: Any) -> Any:
         observe.count_round_trip(1)
@@ -71,14 +77,16 @@ def _json_text(value: Any) -> str:
 _JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
-_ACQUIRE_TIMEOUT_SECONDS = 30.0
 _SERVER_SETTINGS = {"application_name": "convstate"}
 
 
-def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+def create_engine(
+    url: str | URL, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout: float = 30.0
+) -> AsyncEngine:
     """An engine; on Postgres with its statement pool (see `fetch`). `pool_size` is split between the two,
     so a replica's connections stay within pool + overflow: the statement pool carries every turn's read
-    and write, a quarter of the pool (at least one) and the overflow the rest."""
+    and write, a quarter of the pool (at least one) and the overflow the rest. Either pool waits at most
+    `pool_timeout` seconds for a free connection, then raises TimeoutError (a 503 for the client)."""
     url_text = url if isinstance(url, str) else url.render_as_string(hide_password=False)
     if url_text.startswith("sqlite"):
         # One writer at a time anyway; WAL lets readers proceed while a turn commits.
@@ -101,6 +109,7 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             url_text,
             pool_size=others,
             max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
             # No pre-ping: it would add a round trip to every checkout, twice per turn. Connections are
             # recycled instead, and one that died is discarded by the pool on its first error.
             pool_recycle=1800,
@@ -111,7 +120,8 @@ def create_engine(url: str | URL, *, pool_size: int = 10, max_overflow: int = 20
             connect_args={"server_settings": _SERVER_SETTINGS},
         )
         event.listen(engine.sync_engine, "connect", _count_asyncpg)
-        _STATEMENT_POOLS[engine.sync_engine] = _StatementPool(engine, max(1, pool_size - others))
+        statements = _StatementPool(engine, max(1, pool_size - others), pool_timeout)
+        _STATEMENT_POOLS[engine.sync_engine] = statements
     return engine
 
 
@@ -156,44 +166,114 @@ def autocommit(engine: AsyncEngine) -> AsyncEngine:
 
 
 class _StatementPool:
-    """asyncpg's own pool beside an engine's, for the statements `fetch` runs: a turn's read and its write.
-    Taking a connection from SQLAlchemy's pool and giving it back cost a third of such a statement's CPU
-    (two greenlet switches, the pool's bookkeeping and its reset); asyncpg's pool hands out its
-    connections directly. It is opened on first use, with the engine's own connection settings and
-    codecs, and closed by `dispose`."""
+    """A pool of asyncpg connections beside an engine's, for the statements `fetch` runs: a turn's read and
+    its write. Taking a connection from SQLAlchemy's pool and giving it back cost a third of such a
+    statement's CPU (two greenlet switches, the pool's bookkeeping and its reset), and asyncpg's own pool
+    still starts a task to acquire with a timeout and another to release, and arms a timer on each
+    release: per statement, more than the statement's own client work. This one hands an idle connection
+    over and takes it back with no task, timer or round trip: `fetch` runs single statements outside any
+    transaction and changes no session state, so a connection needs no reset between them.
 
-    def __init__(self, engine: AsyncEngine, size: int) -> None:
+    Connections open on demand, with the engine's settings and codecs, up to `size`; the most recently
+    returned is handed out first, so turns keep to connections whose statements are already prepared. One
+    that closed (the server restarted or dropped it) is noticed when it is next taken and replaced. A
+    statement that fails in the server leaves its connection as it was; one that is cancelled, or fails
+    in the client or on the wire, leaves it in a state nobody knows, so it is closed instead of returned.
+    """
+
+    def __init__(self, engine: AsyncEngine, size: int, timeout: float) -> None:
         self._url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._size = size
-        self._pool: asyncpg.Pool | None = None
-        self._opening = asyncio.Lock()
+        self._timeout = timeout
+        self._opened = 0  # connections open or being opened, idle ones included
+        self._idle: list[asyncpg.Connection] = []
+        # Callers waiting for a connection, first come first served. A waiter is handed an idle connection,
+        # or None: the slot of one that closed, in which it opens its own.
+        self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
+        self._closed = False
 
     async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
-        pool = self._pool or await self._open()
-        # As long as SQLAlchemy's pool waits; then the turn is answered 503 (a TimeoutError is an outage).
-        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT_SECONDS) as conn:
-            return list(await conn.fetch(sql, *args))
+        conn = await self._acquire()
+        try:
+            rows: list[Sequence[Any]] = await conn.fetch(sql, *args)
+        except asyncpg.PostgresError:
+            self._release(conn)
+            raise
+        except BaseException:
+            conn.terminate()
+            self._hand_over(None)
+            raise
+        self._release(conn)
+        return rows
 
-    async def _open(self) -> asyncpg.Pool:
-        async with self._opening:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self._url,
-                    min_size=0,
-                    max_size=self._size,
-                    server_settings=_SERVER_SETTINGS,
-                    init=_prepare_connection,
-                    reset=_keep_session,
-                )
-            return self._pool
+    async def _acquire(self) -> asyncpg.Connection:
+        if self._closed:
+            raise asyncpg.InterfaceError("the statement pool is closed")
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.is_closed():
+                return conn
+            self._opened -= 1
+        if self._opened < self._size:
+            self._opened += 1
+            return await self._connect()
+        waiter: asyncio.Future[asyncpg.Connection | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout):
+                handed = await waiter
+        except BaseException:
+            # The wait ended by a cancellation (the timeout's, or the caller's), which cancelled the future
+            # too, unless a connection was handed over just before: then it goes to the next caller.
+            if not waiter.cancelled():
+                self._hand_over(waiter.result())
+            raise
+        return handed if handed is not None else await self._connect()
+
+    async def _connect(self) -> asyncpg.Connection:
+        """A new connection, in a slot already counted in `_opened`; the slot is given back if it fails."""
+        try:
+            conn = await asyncpg.connect(self._url, timeout=self._timeout, server_settings=_SERVER_SETTINGS)
+        except BaseException:
+            self._hand_over(None)
+            raise
+        try:
+            await _prepare_connection(conn)
+        except BaseException:
+            conn.terminate()
+            self._hand_over(None)
+            raise
+        return conn
+
+    def _release(self, conn: asyncpg.Connection) -> None:
+        if self._closed or conn.is_closed():
+            conn.terminate()
+            self._hand_over(None)
+        else:
+            self._hand_over(conn)
+
+    def _hand_over(self, conn: asyncpg.Connection | None) -> None:
+        """A connection given back (or, None, the slot of one that closed) goes to the longest waiter,
+        else back to the idle ones."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if conn is None:
+            self._opened -= 1
+        else:
+            self._idle.append(conn)
 
     def in_use(self) -> int:
-        return 0 if self._pool is None else self._pool.get_size() - self._pool.get_idle_size()
+        return self._opened - len(self._idle)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        """Close the idle connections; one in use is closed when its statement ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        self._opened -= len(idle)
+        await asyncio.gather(*(conn.close(timeout=5) for conn in idle), return_exceptions=True)
 
 
 async def _prepare_connection(conn: asyncpg.Connection) -> None:
@@ -210,12 +290,6 @@ async def _prepare_connection(conn: asyncpg.Connection) -> None:
         format="binary",
     )
     conn._protocol = _CountingProtocol(conn._protocol)
-
-
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """No reset on release: `fetch` runs single statements outside any transaction and changes no session
-    state, and asyncpg's default reset is a round trip (RESET ALL, UNLISTEN, ...) on every release. An
-    open transaction, which a cancelled statement could leave, is still rolled back by asyncpg first."""
 
 
 _STATEMENT_POOLS: weakref.WeakKeyDictionary[Engine, _StatementPool] = weakref.WeakKeyDictionary()
