@@ -20,6 +20,7 @@ from service.api import (
     prefixes,
     responses,
 )
+from service.api.direct import DirectDispatch, DirectRoute
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
@@ -141,14 +142,21 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     errors.install(app)
+    routers = (
+        health.router,
+        responses.router,
+        conversations.router,
+        completions.router,
+        prefixes.router,
+        admin.router,
+        admin_replay.router,
+    )
+    for router in routers:
+        app.include_router(router)
+    direct = [route for router in routers for route in router.routes if isinstance(route, DirectRoute)]
+    # Middleware added last runs first: the request's accounting wraps the direct dispatch.
+    app.add_middleware(DirectDispatch, routes=direct)
     app.add_middleware(RequestAccounting, max_request_bytes=settings.max_request_bytes)
-    app.include_router(health.router)
-    app.include_router(responses.router)
-    app.include_router(conversations.router)
-    app.include_router(completions.router)
-    app.include_router(prefixes.router)
-    app.include_router(admin.router)
-    app.include_router(admin_replay.router)
     return app
 
 

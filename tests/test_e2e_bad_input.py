@@ -144,6 +144,29 @@ def test_nesting_is_bounded(service: Service, backend_admin: httpx.Client) -> No
     assert _backend_requests(backend_admin) == before
 
 
+def test_a_turn_without_a_json_body_is_refused(service: Service, backend_admin: httpx.Client) -> None:
+    """No body, or one that does not say it is JSON: a 400 saying what to send, never a backend call. A
+    body that is there is refused before the key is checked, as a malformed one is; a missing one only
+    after (a caller without a key learns that first)."""
+    before = _backend_requests(backend_admin)
+    turn = b'{"model": "ref-chatml", "input": "x"}'
+    plain = service.http().post("/v1/responses", content=turn, headers={"content-type": "text/plain"})
+    assert plain.status_code == 400, plain.text
+    assert "Content-Type: application/json" in _error(plain)["message"]
+    empty = service.http().post("/v1/responses")
+    assert empty.status_code == 400, empty.text
+    assert _error(empty)["message"] == "The request has no body; send a JSON object."
+    with httpx.Client(base_url=service.url) as anonymous:
+        assert anonymous.post("/v1/responses").status_code == 401
+        refused = anonymous.post("/v1/responses", content=turn, headers={"content-type": "text/plain"})
+        assert refused.status_code == 400
+    # The JSON media types FastAPI accepts: with parameters, and any application/*+json.
+    for media in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        accepted = service.http().post("/v1/responses", content=turn, headers={"content-type": media})
+        assert accepted.status_code == 200, (media, accepted.text)
+    assert _backend_requests(backend_admin) == before + 2
+
+
 def test_bytes_that_are_not_utf8_are_a_parse_error(service: Service) -> None:
     # A surrogate encoded as if it were a character: not UTF-8.
     body = b'{"model": "ref-chatml", "input": "\xed\xa0\x80"}'

@@ -12,4 +12,6 @@ def test_metrics_count_decisions_and_routes(service: Service) -> None:
     text = service.http().get("/metrics").text
     assert 'convstate_decisions_total{path="full",reason="mode_full"}' in text
     assert 'route="/v1/responses/{response_id}"' in text  # templated, so label cardinality stays bounded
+    # A turn is served straight from the front door (service/api/direct.py), still under its route.
+    assert 'convstate_requests_total{method="POST",route="/v1/responses",status="200"}' in text
     assert "convstate_backend_bytes_sent_total" in text and "convstate_stage_seconds_bucket" in text

@@ -112,6 +112,16 @@ class _CheckedRequest(Request):
         return self._checked_json
 
 
+async def checked_request(request: Request) -> Request:
+    """The request with its path and query checked and its JSON body, if any, parsed and checked, once:
+    `request.json()` then returns it without parsing again."""
+    request = _CheckedRequest(request.scope, request.receive)
+    _check_parameters(request)
+    if await request.body():
+        await request.json()
+    return request
+
+
 class CheckedRoute(APIRoute):
     """A route whose path, query and JSON body are checked before FastAPI validates them against the
     route's schema. The body is parsed here, once (FastAPI reads it back through `request.json()`), so
@@ -122,10 +132,6 @@ class CheckedRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            request = _CheckedRequest(request.scope, request.receive)
-            _check_parameters(request)
-            if await request.body():
-                await request.json()
-            return await handler(request)
+            return await handler(await checked_request(request))
 
         return checked

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from service import observe
 from service.api.body import CheckedRoute, parse_json
-from service.api.deps import authenticate, current_tenant, pipeline, response_store
+from service.api.deps import Caller, authenticate, current_tenant, pipeline, response_store
+from service.api.direct import DirectRoute
 from service.api.errors import convstate_error_response, error_responses, validation_error
 from service.api.json import JSONBody
 from service.api.objects import list_object, response_object
@@ -120,13 +121,11 @@ _TURN_RESPONSES = {
 }
 
 
-@router.post("", response_model=None, responses={**_TURN_RESPONSES, **error_responses(404)})
 async def create_response(
-    body: CreateResponseBody,
-    request: Request,
-    tenant: Tenant,
-    turns: Annotated[Pipeline, Depends(pipeline)],
+    request: Request, body: CreateResponseBody, caller: Caller
 ) -> JSONBody | StreamingResponse:
+    tenant = caller.tenant
+    turns: Pipeline = request.app.state.pipeline
     if body.convstate_prefix is not None:
         body = await with_prefix(request, tenant, body.convstate_prefix)
     turn = turn_request(body, request.state.request_id, request.app.state.settings.max_input_items)
@@ -147,6 +146,18 @@ async def create_response(
         headers["x-convstate-prompt-digest"] = result.prompt_digest
     headers["x-convstate-bytes-sent"] = str(result.bytes_sent)
     return JSONBody(response_object(result.response), headers=headers)
+
+
+# Every turn comes through here: a DirectRoute (service/api/direct.py) spares it FastAPI's dependency
+# machinery.
+router.add_api_route(
+    "",
+    create_response,
+    methods=["POST"],
+    response_model=None,
+    responses={**_TURN_RESPONSES, **error_responses(404)},
+    route_class_override=DirectRoute,
+)
 
 
 async def with_prefix(request: Request, tenant: str, name: str) -> CreateResponseBody:
