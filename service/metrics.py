@@ -17,6 +17,9 @@ stage_seconds = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+# Observed on every request: labelled once.
+db_seconds = stage_seconds.labels("db")
+backend_seconds = stage_seconds.labels("backend")
 decisions = Counter("convstate_decisions_total", "Turn decisions", ["path", "reason"])
 fallbacks = Counter("convstate_backend_misses_total", "Cache references the backend refused", ["code"])
 bytes_forwarded = Counter(

@@ -4,8 +4,8 @@ request size limit, counted on the bytes as they arrive (a chunked body declares
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,7 +24,8 @@ class RequestAccounting:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _header(scope, b"x-request-id") or f"req_{uuid.uuid4().hex}"
+        # A request id only has to be unique, not unguessable: no read of the system's randomness.
+        request_id = _header(scope, b"x-request-id") or f"req_{random.getrandbits(128):032x}"
         scope.setdefault("state", {})["request_id"] = request_id
         stats = observe.RequestStats(request_id)
         token = observe.current.set(stats)
@@ -69,8 +70,8 @@ class RequestAccounting:
             method = scope["method"]
             metrics.requests.labels(method, path, str(status)).inc()
             metrics.request_seconds.labels(method, path).observe(time.perf_counter() - stats.started)
-            metrics.stage_seconds.labels("db").observe(stats.db_seconds)
-            metrics.stage_seconds.labels("backend").observe(stats.backend_seconds)
+            metrics.db_seconds.observe(stats.db_seconds)
+            metrics.backend_seconds.observe(stats.backend_seconds)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

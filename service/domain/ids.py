@@ -10,19 +10,17 @@ import os
 import time
 
 
-def _uuid7_hex() -> str:
+def new_id(prefix: str) -> str:
+    # One read of the system's randomness per id (a turn makes several): 10 bytes for the UUIDv7, 8 more.
+    random = os.urandom(18)
+    rand = int.from_bytes(random[:10], "big")
     unix_ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
     value = (unix_ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76  # version
     value |= ((rand >> 62) & 0xFFF) << 64  # rand_a
     value |= 0b10 << 62  # variant
     value |= rand & ((1 << 62) - 1)  # rand_b
-    return f"{value:032x}"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{_uuid7_hex()}{os.urandom(8).hex()}"
+    return f"{prefix}_{value:032x}{random[10:].hex()}"
 
 
 RESPONSE = "resp"
