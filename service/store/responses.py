@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
+    CTE,
+    ColumnElement,
+    FromClause,
+    Integer,
     Select,
     and_,
     bindparam,
-    cast,
+    case,
     insert,
     literal_column,
     or_,
@@ -34,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from service.observe import db_call
 from service.store.db import autocommit, fetch
@@ -220,32 +223,24 @@ _PARENT = (
     .where(_LIVE_BY_ID)
 )
 _RESPONSE = _response_with_output().where(_LIVE_BY_ID)
+_EXISTS: Select[Any] = select(literal_column("1")).where(_LIVE_BY_ID)
 
 
-def _history(*, lookup: bool) -> Select[Any]:
-    """The items of a lineage in history order, read a thread at a time (service/domain/threads.py):
-    from `response_id`, its thread's items up to its depth; then, from the parent of its thread's first
-    response, that parent's thread's items up to the parent's depth; and so on. Depths only grow along a
-    lineage, so (depth, segment, position) is history order. A straight chain is one range of
-    ix_items_thread, a history with k forks k + 1 ranges and a walk of k steps. With `lookup` (Postgres),
-    each step and each range is an index lookup of its own (LATERAL, with LIMIT or ORDER BY so Postgres
-    cannot flatten them into joins): left to plain joins, Postgres may hash a scan of the whole table."""
-    start = select(Response.thread, Response.depth).where(
-        Response.id == bindparam("response_id"), Response.tenant == bindparam("tenant")
-    )
+def _threads(start: Select[str, int], *, lookup: bool) -> CTE:
+    """The threads of a lineage (service/domain/threads.py), as (thread, depth) rows: `start`'s row (a
+    response's thread and depth), then the thread and depth of the parent of each thread's first response
+    (whose id is the thread), and so on: one row per thread, k + 1 for a lineage with k forks. With
+    `lookup` (Postgres), each step is an index lookup of its own (LATERAL, with LIMIT so Postgres cannot
+    flatten it into a join): left to plain joins, Postgres may hash a scan of the whole table."""
     threads = start.cte("threads", recursive=True)
-    # A step: the parent of the thread's first response (whose id is the thread), and its thread.
     first, parent = aliased(Response, name="first"), aliased(Response, name="parent")
-    order = (Item.depth, Item.segment, Item.position)
     if not lookup:
-        threads = threads.union_all(
+        return threads.union_all(
             select(parent.thread, parent.depth)
             .select_from(threads)
             .join(first, first.id == threads.c.thread)
             .join(parent, parent.id == first.previous_response_id)
         )
-        in_thread = and_(Item.thread == threads.c.thread, Item.depth <= threads.c.depth)
-        return select(Item.response_id, Item.segment, Item.payload).join(threads, in_thread).order_by(*order)
     previous = (
         select(first.previous_response_id)
         .where(first.id == threads.c.thread)
@@ -254,10 +249,35 @@ def _history(*, lookup: bool) -> Select[Any]:
     )
     step = select(parent.thread, parent.depth).where(parent.id == previous).limit(literal_column("1"))
     walked = step.lateral("step")
-    threads = threads.union_all(select(*walked.c).select_from(threads).join(walked, true()))
+    return threads.union_all(select(*walked.c).select_from(threads).join(walked, true()))
+
+
+def _in_thread(threads: CTE) -> ColumnElement[bool]:
+    """A walked thread's items in the lineage: those up to its depth, one range of ix_items_thread."""
+    return and_(Item.thread == threads.c.thread, Item.depth <= threads.c.depth)
+
+
+def _history(*, lookup: bool) -> Select[Any]:
+    """The items of a lineage in history order, read a thread at a time (`_threads`): from
+    `response_id`, its thread's items up to its depth; then, from the parent of its thread's first
+    response, that parent's thread's items up to the parent's depth; and so on. Depths only grow along a
+    lineage, so (depth, segment, position) is history order. A straight chain is one range of
+    ix_items_thread, a history with k forks k + 1 ranges and a walk of k steps. With `lookup` (Postgres),
+    each range is an index lookup of its own (LATERAL, with ORDER BY so Postgres cannot flatten it)."""
+    start = select(Response.thread, Response.depth).where(
+        Response.id == bindparam("response_id"), Response.tenant == bindparam("tenant")
+    )
+    threads = _threads(start, lookup=lookup)
+    order = (Item.depth, Item.segment, Item.position)
+    if not lookup:
+        return (
+            select(Item.response_id, Item.segment, Item.payload)
+            .join(threads, _in_thread(threads))
+            .order_by(*order)
+        )
     own = (
         select(Item.response_id, Item.segment, Item.payload, Item.depth, Item.position)
-        .where(Item.thread == threads.c.thread, Item.depth <= threads.c.depth)
+        .where(_in_thread(threads))
         .order_by(*order)
         .lateral("own")
     )
@@ -269,10 +289,135 @@ def _history(*, lookup: bool) -> Select[Any]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """A part of an input_items listing: its number (the listing's first key), the FROM its range hangs
+    off, the range, and the keys that order it, in the index's order."""
+
+    number: int
+    outer: FromClause
+    where: ColumnElement[bool]
+    keys: tuple[InstrumentedAttribute[Any], ...]
+
+
+def _input_items(*, lookup: bool, descending: bool, after: bool) -> Select[Any]:
+    """A page of the items a response was generated from (`ResponseStore.input_items`), read in three
+    parts, each a range of an index: in a conversation, its items before the turn (ix_items_conversation);
+    the history of the response's parent, a range of ix_items_thread per thread, walked as the turn's own
+    history read walks it (`_threads`); the response's own input (ix_items_thread). Listing order is
+    (part, keys): 0 and the conversation position, or 1 and (depth, segment, position), history order.
+
+    With `after`, the page starts past that item when it is in the listing (else the page is empty): its
+    key, mapped into each part's own terms, bounds that part's range, so a page reads from its place in
+    the index on. With `lookup` (Postgres), each range is a LATERAL index lookup with its own ORDER BY and
+    LIMIT: a page reads at most `limit` rows of each range, whatever the depth. Parameters: response_id,
+    tenant, now, limit and, with `after`, after."""
+    start = (
+        select(
+            Response.previous_response_id,
+            Response.thread,
+            Response.depth,
+            Response.conversation_id,
+            Response.conversation_start,
+        )
+        .where(_LIVE_BY_ID)
+        .cte("start")
+    )
+    parent = (
+        select(Response.thread, Response.depth)
+        .select_from(start)
+        .join(Response, Response.id == start.c.previous_response_id)
+    )
+    threads = _threads(parent, lookup=lookup)
+    earlier = and_(
+        Item.conversation_id == start.c.conversation_id,
+        Item.conversation_position < start.c.conversation_start,
+        Item.tenant == bindparam("tenant"),
+    )
+    own = and_(Item.thread == start.c.thread, Item.depth == start.c.depth, Item.segment == INPUT_SEGMENT)
+    history_keys = (Item.depth, Item.segment, Item.position)
+    parts = [
+        _Part(0, start, earlier, (Item.conversation_position,)),
+        _Part(1, threads, _in_thread(threads), history_keys),
+        _Part(1, start, own, history_keys),
+    ]
+    if after:
+        # The cursor item, if listed. A conversation item (part 0) is before every item of part 1, whose
+        # bound is then a depth below all; an item of part 1 is after every conversation item, whose
+        # bound is then the conversation's start, above all of them.
+        in_lineage = select(literal_column("1")).where(_in_thread(threads)).exists()
+        cursor = (
+            select(
+                case((earlier, Item.conversation_position), else_=start.c.conversation_start).label("at"),
+                case((earlier, literal_column("-1")), else_=Item.depth).label("depth"),
+                Item.segment,
+                Item.position,
+            )
+            .select_from(start)
+            .join(Item, Item.id == bindparam("after"))
+            .where(or_(earlier, in_lineage, own))
+            .cte("cursor")
+        )
+        # Bounds as scalar subqueries (NULL, so no rows, when the cursor is not listed), not a join:
+        # joined, SQLite may plan the cursor first and index the whole items table to meet it.
+        at, depth, segment, position = (select(column).scalar_subquery() for column in cursor.c)
+        bounds = {0: (at,), 1: (depth, segment, position)}
+        parts = [
+            replace(part, where=and_(part.where, _past(part.keys, bounds[part.number], descending)))
+            for part in parts
+        ]
+    arms = []
+    for n, part in enumerate(parts):
+        # Every part's keys as three columns, for one ORDER BY over their union.
+        keys = (*part.keys, *(literal_column("0") for _ in range(3 - len(part.keys))))
+        columns = (Item.payload.label("payload"), *(key.label(f"k{i}") for i, key in enumerate(keys)))
+        number = literal_column(str(part.number), Integer).label("part")
+        if not lookup:
+            arms.append(select(number, *columns).select_from(part.outer).join(Item, part.where))
+            continue
+        found = (
+            select(*columns)
+            .where(part.where)
+            .order_by(*(key.desc() if descending else key for key in part.keys))
+            .limit(bindparam("limit"))
+            .lateral(f"part_{n}")
+        )
+        arms.append(select(number, *found.c).select_from(part.outer).join(found, true()))
+    page = union_all(*arms).subquery("page")
+    order = (page.c.part, page.c.k0, page.c.k1, page.c.k2)
+    return (
+        select(page.c.payload)
+        .order_by(*(column.desc() if descending else column for column in order))
+        .limit(bindparam("limit"))
+    )
+
+
+def _past(
+    keys: Sequence[InstrumentedAttribute[Any]], bound: Sequence[ColumnElement[Any]], descending: bool
+) -> ColumnElement[bool]:
+    """Keys past a bound in listing order. Several keys: a row comparison, and the first key's bound
+    alone beside it. Postgres starts a range at the tighter of two plain bounds of a column, but cannot
+    weigh a row comparison against the plain bound of a thread's depth: without it, a page before a
+    cursor would scan the thread's index entries from its end down to the cursor."""
+    if len(keys) == 1:
+        return keys[0] < bound[0] if descending else keys[0] > bound[0]
+    row, cursor = tuple_(*keys), tuple_(*bound)
+    if descending:
+        return and_(keys[0] <= bound[0], row < cursor)
+    return and_(keys[0] >= bound[0], row > cursor)
+
+
 # Run on the driver (store/db.py `fetch`): a deep history is hundreds of rows, and a result layer costs
 # per row. Its parameters, in order: response_id, tenant.
 _HISTORY_ASYNCPG = str(_history(lookup=True).compile(dialect=asyncpg_dialect()))  # type: ignore[no-untyped-call]
 _HISTORY_BY_JOIN = _history(lookup=False)
+# Built once, by (lookup, descending, after).
+_INPUT_ITEMS = {
+    (lookup, descending, after): _input_items(lookup=lookup, descending=descending, after=after)
+    for lookup in (False, True)
+    for descending in (False, True)
+    for after in (False, True)
+}
 _INSERT_RESPONSE = insert(Response)
 _INSERT_ITEMS = insert(Item)
 _INSERT_PREFIX = insert(PrefixRecord)
@@ -484,63 +629,16 @@ class ResponseStore:
     ) -> tuple[bool, list[ItemPayload]] | None:
         """(has_more, page) of the items used to generate the response, as OpenAI lists them: in a
         conversation, its items before the turn; else its ancestors' inputs and outputs; then its own
-        input. None if the response is unknown. One statement whatever the depth: the lineage walk reads
-        ids only, payloads are read for the page."""
-        live = and_(_live_response(tenant, response_id, time.time()), Response.store.is_(True))
-        exists: Select[Any] = select(literal_column("1")).where(live)
-        lineage = (
-            select(Response.id, Response.previous_response_id, Response.depth)
-            .where(live)
-            .cte("lineage", recursive=True)
-        )
-        lineage = lineage.union_all(
-            select(Response.id, Response.previous_response_id, Response.depth).join(
-                lineage, Response.id == lineage.c.previous_response_id
-            )
-        )
-        # History order is (part, key): the conversation's items before the turn by their position, then
-        # the lineage's by (depth, input before output, position).
-        lineage_key = (cast(lineage.c.depth, BigInteger) * 2 + Item.segment) * literal_column(
-            "2147483648"  # positions within a segment stay below 2**31
-        ) + Item.position
-        earlier = (
-            select(
-                Item.id,
-                Item.payload,
-                literal_column("0").label("part"),
-                Item.conversation_position.label("key"),
-            )
-            .join(
-                Response,
-                and_(
-                    Item.conversation_id == Response.conversation_id,
-                    Item.conversation_position < Response.conversation_start,
-                ),
-            )
-            .where(live, Item.tenant == tenant)
-        )
-        own = (
-            select(Item.id, Item.payload, literal_column("1"), lineage_key)
-            .join(lineage, Item.response_id == lineage.c.id)
-            .where(or_(Item.response_id != response_id, Item.segment == INPUT_SEGMENT))
-        )
-        used = union_all(earlier, own).cte("used")
-        place = tuple_(used.c.part, used.c.key)
-        query = select(used.c.payload)
+        input. None if the response is unknown. One statement whatever the depth, reading a range of an
+        index per part of the listing and per thread of the lineage (`_input_items`); a second one only
+        for an empty page, to tell an unknown response from the end of the listing."""
+        query = _INPUT_ITEMS[(self._postgres, descending, after is not None)]
+        params = {"tenant": tenant, "response_id": response_id, "now": time.time(), "limit": limit + 1}
         if after is not None:
-            cursor = tuple_(
-                *(
-                    select(column).where(used.c.id == after).scalar_subquery()
-                    for column in (used.c.part, used.c.key)
-                )
-            )
-            query = query.where(place < cursor if descending else place > cursor)
-        query = query.order_by(
-            *(column.desc() if descending else column for column in (used.c.part, used.c.key))
-        )
+            params["after"] = after
         async with self._reads.connect() as conn:
-            rows = (await conn.execute(query.limit(limit + 1))).all()
-            if not rows and not (await conn.execute(exists)).first():
+            rows = (await conn.execute(query, params)).all()
+            if not rows and not (await conn.execute(_EXISTS, params)).first():
                 return None
         return len(rows) > limit, [row.payload for row in rows[:limit]]
 
