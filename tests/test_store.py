@@ -201,6 +201,64 @@ async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEng
     assert blocks / calls < 30, (blocks, pages)
 
 
+async def test_input_items_cost_does_not_grow_with_depth(pg_engine: AsyncEngine) -> None:
+    """A page of a response's input items is one statement whose work in Postgres (the buffers it
+    touches) is the same at depth 200 as at depth 20, in either order, from the start or from a cursor:
+    a range of an index per thread, read from the page's place on. A walk of the chain an ancestor at a
+    time was one statement too, but touched nine times as many buffers at depth 200 as at depth 20."""
+    store, tenant = ResponseStore(pg_engine), uuid.uuid4().hex
+    leaves: dict[int, StoredResponse] = {}
+    turn = None
+    for depth in range(201):
+        turn = await _turn(store, tenant, turn, f"t{depth}", continues=True)
+        if depth in (20, 200):
+            leaves[depth] = turn
+    async with pg_engine.connect() as conn:
+        await conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        await conn.commit()
+
+    async def page(response: StoredResponse, **query: Any) -> tuple[int, int]:
+        """The statements of one page (of 10, with more listed) and the buffers Postgres touched for it."""
+        async with pg_engine.connect() as conn:
+            await conn.execute(text("SELECT pg_stat_statements_reset()"))
+            await conn.commit()
+        counter = StatementCounter()
+        try:
+            found = await store.input_items(tenant, response.id, limit=10, **query)
+        finally:
+            counter.close()
+        assert found is not None and found[0] and len(found[1]) == 10
+        async with pg_engine.connect() as conn:
+            # The listing's statement walks the lineage and reads conversation positions; no other does.
+            calls, blocks = (
+                await conn.execute(
+                    text(
+                        "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
+                        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                        " AND query LIKE '%WITH RECURSIVE%' AND query LIKE '%conversation_position%'"
+                    )
+                )
+            ).one()
+        assert calls == counter.count
+        return counter.count, int(blocks)
+
+    costs: dict[str, dict[int, tuple[int, int]]] = {}
+    for depth, leaf in leaves.items():
+        listed = await store.input_items(tenant, leaf.id, after=None, limit=100, descending=False)
+        assert listed is not None
+        middle = listed[1][20]["id"]  # a cursor with pages on both sides
+        for name, query in {
+            "newest": {"after": None, "descending": True},
+            "oldest": {"after": None, "descending": False},
+            "after": {"after": middle, "descending": False},
+            "before": {"after": middle, "descending": True},
+        }.items():
+            costs.setdefault(name, {})[depth] = await page(leaf, **query)
+    for name, (shallow, deep) in ((name, (by[20], by[200])) for name, by in costs.items()):
+        assert shallow[0] == deep[0] == 1, (name, costs)
+        assert deep[1] <= shallow[1] + 2, (name, costs)
+
+
 async def test_connections_in_use_count_both_pools(pg_engine: AsyncEngine) -> None:
     """The pool gauge operators size pools by sees the turns' statement pool as well as SQLAlchemy's."""
     assert connections_in_use(pg_engine) == 0

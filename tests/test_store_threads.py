@@ -167,3 +167,52 @@ async def test_two_racing_children_both_land_in_different_threads(engine: AsyncE
         assert _read(await store.history(tenant, response_id)) == _followed(written, response_id)
     again = await turns.load_parent(tenant, root.id, time.time())
     assert again is not None and again.thread_taken
+
+
+async def test_input_items_after_a_fork_page_through_their_own_lineage_only(engine: AsyncEngine) -> None:
+    """A chain that forks, and forks again: the thread a fork left goes on past the fork point, at the
+    depths of the fork's own turns. Each response's input_items, paged with every limit in both orders,
+    are its parent's history then its own input, as following previous_response_id finds them; has_more
+    holds exactly while items remain; a cursor from another branch is not in the listing."""
+    turns, tenant = _turns(engine), uuid.uuid4().hex
+    written: dict[str, Written] = {}
+
+    async def add(parent: StoredResponse | None, text: str) -> StoredResponse:
+        read = await turns.load_parent(tenant, parent.id, time.time()) if parent else None
+        turn = _child(tenant, read, text)
+        response, _ = await _store(turns, turn, opened=False)
+        written[response.id] = Written.of(response, turn)
+        return response
+
+    root = await add(None, "root")
+    a1 = await add(root, "a1")
+    a3 = await add(await add(a1, "a2"), "a3")
+    f2 = await add(a1, "f2")
+    f3 = await add(f2, "f3")
+    g4 = await add(await add(f2, "g3"), "g4")
+    assert len({root.thread, f2.thread, g4.thread}) == 3
+    assert (a3.thread, f3.thread) == (root.thread, f2.thread)  # both threads go on past a fork
+    store = ResponseStore(engine)
+    for leaf in (a3, f3, g4):
+        parent = leaf.previous_response_id
+        assert parent is not None
+        listed = [item for _, ids in _followed(written, parent) for item in ids] + written[leaf.id].input_ids
+        for descending in (False, True):
+            expected = listed[::-1] if descending else listed
+            for limit in range(1, len(expected) + 2):
+                got: list[str] = []
+                after = None
+                while True:
+                    page = await store.input_items(
+                        tenant, leaf.id, after=after, limit=limit, descending=descending
+                    )
+                    assert page is not None
+                    has_more, items = page
+                    got += [item["id"] for item in items]
+                    assert has_more == (len(got) < len(expected)), (leaf.id, descending, limit, got)
+                    if not has_more:
+                        break
+                    after = got[-1]
+                assert got == expected, (descending, limit)
+    elsewhere = written[a3.id].input_ids[0]
+    assert await store.input_items(tenant, g4.id, after=elsewhere, limit=5, descending=False) == (False, [])
