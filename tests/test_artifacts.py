@@ -7,9 +7,8 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import metrics
@@ -28,6 +27,7 @@ from service.domain.artifacts import (
 from service.domain.items import normalize_input
 from service.domain.prefix import token_digest
 from service.store.artifacts import ArtifactStore
+from service.store.db import StatementCounter
 from service.store.models import PrefixRecord
 from service.store.responses import ResponseStore, TurnWrite
 from service.store.unit import unit_of_work
@@ -232,31 +232,29 @@ async def test_a_turn_stores_only_what_it_added_and_its_whole_prompt_is_rebuilt_
     assert await store.chain(c, "another tenant") is None
 
 
-async def test_the_writer_prepares_the_same_statements_whatever_its_batch_size(
-    pg_engine: AsyncEngine,
-) -> None:
-    """An IN list of each length is another prepared statement: batches of every size would push a turn's
-    own statements out of the connections' statement caches, and turns would prepare them again."""
+async def test_a_batch_is_two_statements_on_postgres_whatever_its_size(pg_engine: AsyncEngine) -> None:
+    """One statement reads a batch's parents and one writes it (its artifacts and the records it
+    contradicted): two round trips, no BEGIN or COMMIT. And the same two prepared statements whatever the
+    batch's size (`= ANY($1)`): an IN list of each length would be another statement, pushing a turn's own
+    statements out of the connection's statement cache, so that turns prepared them again."""
     tenant = uuid.uuid4().hex
-    turns = await _stored_turns(pg_engine, tenant, 12, [[1]] * 12)
-    texts: set[str] = set()
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        texts.add(statement)
-
-    event.listen(pg_engine.sync_engine, "before_cursor_execute", note)
+    turns = await _stored_turns(pg_engine, tenant, 10, [[1]] * 10)
     writer = ArtifactWriter(ArtifactQueue(10), ArtifactStore(pg_engine), batch=10)
+    counter = StatementCounter()
     try:
+        # The first batch prepares both statements on the pool's connection.
         await writer.write([turn_tokens(turns[1], tenant, turns[0], [1, 2], [3])])
-        after_one = set(texts)
-        start = 2
-        for size in (2, 3, 4):
-            batch = turns[start : start + size]
-            await writer.write([turn_tokens(x, tenant, turns[0], [1, 2], [3]) for x in batch])
-            start += size
+        costs = []
+        # The last batch's ids contradict the first turn's claim (that the next prompt starts [1]).
+        for batch, prompt in ((turns[2:4], [1, 2]), (turns[4:7], [1, 2]), (turns[7:10], [9, 2])):
+            counter.reset()
+            rows = [turn_tokens(x, tenant, turns[0], prompt, [3]) for x in batch]
+            assert await writer.write(rows) == len(batch)
+            costs.append((counter.count, counter.round_trips))
     finally:
-        event.remove(pg_engine.sync_engine, "before_cursor_execute", note)
-    assert texts == after_one
+        counter.close()
+    assert costs == [(2, 2)] * 3
+    assert await _record_status(pg_engine, turns[0]) == ("invalidated", CONTRADICTED)
 
 
 async def test_an_artifact_of_a_response_deleted_meanwhile_is_skipped(engine: AsyncEngine) -> None:

@@ -1,9 +1,12 @@
 """Token artifacts: the cold-path table of a turn's raw token ids.
 
 Only the artifact writer (service/workers/artifacts.py), reseed on a backend miss, the admin API and
-retention touch it; a turn that hits its parent's handle never does. The writer stores a batch in one
-transaction: which of its responses still exist, then one multi-row insert, then the parent records its
-observations contradicted.
+retention touch it; a turn that hits its parent's handle never does. The writer reads a batch's parents
+in one query and stores the batch atomically: the artifacts of its responses that still exist, and the
+parent records its observations contradicted. On Postgres both are single statements on the driver
+(store/db.py `fetch`): the write is one statement of data-modifying CTEs, its rows one JSON document read
+by `jsonb_populate_recordset` into the table's row type, as a turn's own write is (store/turns.py). On
+SQLite the write is up to three statements in one transaction.
 """
 
 from __future__ import annotations
@@ -12,12 +15,28 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, literal, select, update
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    any_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.domain.artifacts import CONTRADICTED
 from service.observe import db_call
-from service.store.db import autocommit, one_of
+from service.store.db import autocommit, fetch
 from service.store.models import PrefixRecord, Response, TokenArtifact
 
 
@@ -79,41 +98,92 @@ _ARTIFACT_COLUMNS = tuple(getattr(TokenArtifact, name) for name in StoredArtifac
 _INSERT = insert(TokenArtifact)
 
 
+_PARENT_COLUMNS: tuple[Any, ...] = (
+    PrefixRecord.response_id,
+    PrefixRecord.fingerprint,
+    PrefixRecord.safe_boundary,
+    PrefixRecord.safe_tokens,
+    PrefixRecord.prefix_hash,
+    TokenArtifact.prompt_ids,
+    TokenArtifact.output_ids,
+    TokenArtifact.prompt_start,
+)
+
+
+def _parents(match: ColumnElement[bool]) -> Select[Any]:
+    """The prefix records `match` picks, with their artifacts' ids where written."""
+    return (
+        select(*_PARENT_COLUMNS)
+        .outerjoin(TokenArtifact, TokenArtifact.response_id == PrefixRecord.response_id)
+        .where(match)
+    )
+
+
+# `= ANY($1)`: one prepared statement whatever the batch's size. An IN list of each length would be
+# another, and batches of varying size would push a turn's own statements out of each connection's
+# statement cache, so that turns prepared them again. Its one parameter: the ids.
+_PARENTS_ASYNCPG = str(
+    _parents(PrefixRecord.response_id == any_(bindparam("ids", type_=ARRAY(String)))).compile(
+        dialect=asyncpg_dialect()  # type: ignore[no-untyped-call]
+    )
+)
+_PARENTS_BY_LIST = _parents(PrefixRecord.response_id.in_(bindparam("ids", expanding=True)))
+
+# The batch's write, atomic as one statement: the artifacts of the responses that still exist (one
+# deleted meanwhile is skipped), and the records of `$2` still valid invalidated; answers how many
+# artifacts were written.
+_WRITE_ASYNCPG = """
+    WITH written AS (
+        INSERT INTO token_artifacts
+        SELECT a.* FROM jsonb_populate_recordset(NULL::token_artifacts, $1::jsonb) a
+         WHERE EXISTS (SELECT 1 FROM responses r WHERE r.id = a.response_id)
+        RETURNING 1),
+    contradicted AS (
+        UPDATE prefix_records SET status = 'invalidated', invalid_reason = $3
+         WHERE response_id = ANY($2::varchar[]) AND status = 'valid')
+    SELECT count(*) FROM written"""
+
+
+def _bytea(value: object) -> str:
+    """Packed ids in a JSON document: bytea's hex input form."""
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 class ArtifactStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._reads = autocommit(engine)
+        self._postgres = engine.dialect.name == "postgresql"
 
     @db_call
     async def parents(self, response_ids: Collection[str]) -> dict[str, ParentRow]:
         """The prefix records of these responses, with their artifacts' ids where written: one query."""
         if not response_ids:
             return {}
-        query = (
-            select(
-                PrefixRecord.response_id,
-                PrefixRecord.fingerprint,
-                PrefixRecord.safe_boundary,
-                PrefixRecord.safe_tokens,
-                PrefixRecord.prefix_hash,
-                TokenArtifact.prompt_ids,
-                TokenArtifact.output_ids,
-                TokenArtifact.prompt_start,
-            )
-            .outerjoin(TokenArtifact, TokenArtifact.response_id == PrefixRecord.response_id)
-            .where(one_of(self.engine, PrefixRecord.response_id, list(response_ids)))
-        )
-        async with self._reads.connect() as conn:
-            rows = await conn.execute(query)
-            return {row[0]: ParentRow(row[1], bool(row[2]), *row[3:]) for row in rows}
+        rows: Sequence[Sequence[Any]]
+        if self._postgres:
+            rows = await fetch(self.engine, _PARENTS_ASYNCPG, list(response_ids))
+        else:
+            async with self._reads.connect() as conn:
+                rows = (await conn.execute(_PARENTS_BY_LIST, {"ids": list(response_ids)})).all()
+        return {row[0]: ParentRow(row[1], bool(row[2]), *row[3:]) for row in rows}
 
     @db_call
     async def write(self, rows: Sequence[Mapping[str, Any]], contradicted: Collection[str]) -> int:
         """Insert the artifacts of responses that still exist (one deleted meanwhile is skipped) and
-        invalidate the records in `contradicted`, in one transaction; how many artifacts were written."""
+        invalidate the records in `contradicted`, atomically: one statement on Postgres, one
+        transaction on SQLite. How many artifacts were written."""
+        if self._postgres:
+            document = orjson.dumps(rows, default=_bytea).decode()
+            [(written,)] = await fetch(
+                self.engine, _WRITE_ASYNCPG, document, list(contradicted), CONTRADICTED
+            )
+            return int(written)
         async with self.engine.begin() as conn:
             wanted = [row["response_id"] for row in rows]
-            found = await conn.execute(select(Response.id).where(one_of(self.engine, Response.id, wanted)))
+            found = await conn.execute(select(Response.id).where(Response.id.in_(wanted)))
             existing = set(found.scalars())
             kept = [row for row in rows if row["response_id"] in existing]
             if kept:
@@ -121,10 +191,7 @@ class ArtifactStore:
             if contradicted:
                 await conn.execute(
                     update(PrefixRecord)
-                    .where(
-                        one_of(self.engine, PrefixRecord.response_id, list(contradicted)),
-                        PrefixRecord.status == "valid",
-                    )
+                    .where(PrefixRecord.response_id.in_(list(contradicted)), PrefixRecord.status == "valid")
                     .values(status="invalidated", invalid_reason=CONTRADICTED)
                 )
         return len(kept)

@@ -11,11 +11,9 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy import ColumnElement, String, any_, event, literal
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.orm import InstrumentedAttribute
 
 from service import observe
 
@@ -123,18 +121,6 @@ def create_engine(
         statements = _StatementPool(engine, max(1, pool_size - others), pool_timeout)
         _STATEMENT_POOLS[engine.sync_engine] = statements
     return engine
-
-
-def one_of(
-    engine: AsyncEngine, column: InstrumentedAttribute[str], values: Sequence[str]
-) -> ColumnElement[bool]:
-    """`column IN values` as one statement whatever the number of values: `= ANY($1)` on Postgres. An IN
-    list of each length is another prepared statement, and batches of varying size (the artifact writer's)
-    would push the turn's own statements out of each connection's statement cache, so that turns prepare
-    them again."""
-    if engine.dialect.name == "postgresql":
-        return column == any_(literal(list(values), ARRAY(String)))
-    return column.in_(list(values))
 
 
 class StatementCounter:
