@@ -31,7 +31,7 @@ from service.store.db import StatementCounter
 from service.store.models import PrefixRecord
 from service.store.responses import ResponseStore, TurnWrite
 from service.store.unit import unit_of_work
-from service.workers.artifacts import ArtifactQueue, ArtifactWriter
+from service.workers.artifacts import INLINE_IDS, ArtifactQueue, ArtifactWriter
 from service.workers.retention import retention_pass
 from tests.factories import prefix_write, stored_response
 
@@ -255,6 +255,18 @@ async def test_a_batch_is_two_statements_on_postgres_whatever_its_size(pg_engine
         counter.close()
     assert costs == [(2, 2)] * 3
     assert await _record_status(pg_engine, turns[0]) == ("invalidated", CONTRADICTED)
+
+
+async def test_a_batch_of_many_ids_is_packed_in_a_worker_thread_and_stored_alike(engine: AsyncEngine) -> None:
+    tenant = uuid.uuid4().hex
+    a, b = await _stored_turns(engine, tenant, 2)
+    prompt = list(range(INLINE_IDS))
+    store = ArtifactStore(engine)
+    batch = [turn_tokens(a, tenant, None, prompt, [7]), turn_tokens(b, tenant, a, [*prompt, 7, 8], [9])]
+    assert await ArtifactWriter(ArtifactQueue(10), store, batch=10).write(batch) == 2
+    stored = await store.get(b, tenant)
+    assert stored is not None and unpack(stored.prompt_ids) == [*prompt, 7, 8]
+    assert (stored.prompt_count, stored.append_safe) == (INLINE_IDS + 2, True)
 
 
 async def test_an_artifact_of_a_response_deleted_meanwhile_is_skipped(engine: AsyncEngine) -> None:
