@@ -8,9 +8,9 @@ import base64
 from collections.abc import Iterator
 
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.backends.client import BackendClient, reply_session_token
+from service.backends.http import Headers
 from service.backends.reference.config import ReferenceSettings
 from service.backends.reference.router import create_router
 from service.backends.reference.server import create_app
@@ -57,8 +57,8 @@ async def test_token_ids_and_the_session_token_whole_and_streamed(routed: str) -
 
 
 def test_the_session_token_is_read_from_the_header_or_llm_d_s_cookie() -> None:
-    def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
-        return CIMultiDictProxy(CIMultiDict(pairs))
+    def headers(*pairs: tuple[str, str]) -> Headers:
+        return Headers([(name.lower(), value) for name, value in pairs])
 
     assert reply_session_token(headers(("X-Session-Token", "aGVhZGVy"))) == "aGVhZGVy"
     cookie = "llm-d-session=bnMvcG9kLTE=; Path=/; HttpOnly; SameSite=Lax"

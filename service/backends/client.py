@@ -1,8 +1,9 @@
 """Client for a vLLM-compatible backend: chat completions, /tokenize, /v1/models (+ the prompt_cache
 extension described in docs/backend-protocol.md).
 
-Bodies are serialized once with orjson and posted as bytes over pooled aiohttp connections (measured:
-httpx's pool scans every pooled connection on each request, a third of a turn's client CPU). Transient
+Bodies are serialized once with orjson and posted as bytes over kept-alive connections of a minimal
+HTTP/1.1 transport (http.py; measured: httpx's pool scans every pooled connection on each request, a
+third of a turn's client CPU, and aiohttp's request machinery cost twice the transport's). Transient
 failures (connect errors, 429/502/503) are retried with jittered backoff inside a total deadline; a typed
 cache miss (409 prompt_cache_miss) is raised as BackendMiss for the pipeline to fall back on, never
 retried here. A request waits at most backend_pool_timeout for one of backend_max_connections, then
@@ -21,11 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 
 from service import observe
+from service.backends.http import Headers, Pool, Response, TransportError, Unreachable
 from service.config import Settings
 from service.domain.fingerprint import BackendModelInfo
 from service.errors import (
@@ -106,12 +106,12 @@ SESSION_HEADER = "x-session-token"
 SESSION_COOKIE = "llm-d-session"
 
 
-def reply_session_token(headers: CIMultiDictProxy[str]) -> str | None:
+def reply_session_token(headers: Headers) -> str | None:
     """llm-d's session token from a reply: the `x-session-token` header (earlier llm-d) or the
     `llm-d-session` cookie (current llm-d's session-affinity scorer)."""
     if token := headers.get(SESSION_HEADER):
         return token
-    for cookie in headers.getall("set-cookie", []):
+    for cookie in headers.getall("set-cookie"):
         name, _, rest = cookie.partition("=")
         if name.strip() == SESSION_COOKIE:
             return rest.split(";", 1)[0].strip() or None
@@ -193,7 +193,7 @@ class _Reply:
     """A backend response read whole."""
 
     status: int
-    headers: CIMultiDictProxy[str]
+    headers: Headers
     body: bytes
 
 
@@ -269,11 +269,6 @@ def backend_error(status: int, body: bytes) -> BackendMiss | ConvstateError:
     return _failed(f"The model backend failed (HTTP {status}).", message)
 
 
-# Connection-level failures: the request did not reach a backend that could answer it, so it is safe to
-# send again (a generation has no side effect besides a handle nobody will use).
-_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
-
-
 @dataclass(slots=True)
 class ChunkDelta:
     """What one streamed chunk adds: reasoning text, answer text, tool-call pieces (index, id, name, args)."""
@@ -290,7 +285,7 @@ class EventStream:
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         bytes_sent: int,
         started: float,
         release_slot: Callable[[], None],
@@ -304,23 +299,27 @@ class EventStream:
         return self._bytes_sent
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
+        rest = b""
         try:
-            async for raw in self._response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = orjson.loads(data)
-                error = chunk.get("error")
-                if isinstance(error, dict):
-                    # vLLM reports a failure inside generation in band: an error object instead of a chunk.
-                    raise _failed("The model backend failed mid-stream.", str(error.get("message")))
-                yield chunk
+            async for data in self._response.chunks():
+                # Server-sent events, one per `data:` line; a line may span chunks, and a last one
+                # without its newline is an unfinished event, dropped as the SSE specification says.
+                *lines, rest = (rest + data).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    chunk = orjson.loads(payload)
+                    error = chunk.get("error")
+                    if isinstance(error, dict):
+                        # vLLM reports a failure inside generation in band: an error object, no chunk.
+                        raise _failed("The model backend failed mid-stream.", str(error.get("message")))
+                    yield chunk
         except TimeoutError:
             raise BackendTimeout("The model backend stopped answering mid-stream.") from None
-        except aiohttp.ClientError as exc:
+        except TransportError as exc:
             raise _failed("The model backend failed mid-stream.", repr(exc)) from None
         finally:
             await self.aclose()
@@ -343,7 +342,7 @@ class ChatStream(EventStream):
         self,
         client: BackendClient,
         model: str,
-        response: aiohttp.ClientResponse,
+        response: Response,
         bytes_sent: int,
         started: float,
         release_slot: Callable[[], None],
@@ -430,41 +429,23 @@ class BackendClient:
     def __init__(self, settings: Settings) -> None:
         self.base_url = settings.backend_url
         self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool(
+            settings.backend_url,
+            connect_timeout=settings.backend_connect_timeout,
+            read_timeout=settings.backend_timeout,
+            # Below the 5 s uvicorn (and so vLLM) keeps an idle connection: we never reuse one the
+            # server is closing.
+            keepalive=2.0,
+            headers=_auth_headers(settings),
+        )
         self._models: dict[str, BackendModelInfo] = {}
         self._models_fetched_at = float("-inf")
         self._models_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(settings.backend_max_connections)
         self._models_status = "unknown"
 
-    def _http(self) -> aiohttp.ClientSession:
-        """The pooled session, made on first use (inside the running event loop)."""
-        if self._session is None:
-            settings = self._settings
-            self._session = aiohttp.ClientSession(
-                base_url=settings.backend_url + "/",
-                connector=aiohttp.TCPConnector(
-                    limit=settings.backend_max_connections,
-                    # Below the 5 s uvicorn (and so vLLM) keeps an idle connection: we never reuse one
-                    # the server is closing.
-                    keepalive_timeout=2.0,
-                ),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=settings.backend_connect_timeout,
-                    sock_read=settings.backend_timeout,
-                ),
-                json_serialize=lambda value: orjson.dumps(value).decode(),
-                headers=_auth_headers(settings),
-                # Never keep the backend's cookies: llm-d's session cookie names the replica of one
-                # lineage, and a shared jar would send it with every other tenant's turns.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
     async def _acquire(self) -> None:
         """Take one of the backend_max_connections slots, waiting at most backend_pool_timeout."""
@@ -485,7 +466,7 @@ class BackendClient:
                 "The model backend is busy; retry shortly.", code="backend_busy"
             ) from None
 
-    async def _send(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _send(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """POST with bounded, jittered retries on transient failures; transport errors become typed ones.
         The caller holds a slot, and reads (or streams) and releases the response."""
         try:
@@ -496,31 +477,32 @@ class BackendClient:
                 f"{self.base_url}{path}: {exc}",
                 status=503 if exc.status in (429, 503) else 502,
             ) from None
-        except _UNREACHABLE as exc:
+        except Unreachable as exc:
             raise _failed("The model backend is unreachable.", f"{self.base_url}{path}: {exc!r}") from None
         except TimeoutError:
             raise BackendTimeout("The model backend did not answer in time.") from None
-        except aiohttp.ClientError as exc:
+        except TransportError as exc:
             raise _failed("The model backend failed.", f"{self.base_url}{path}: {exc!r}") from None
 
-    async def _send_retrying(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _send_retrying(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """Up to backend_retry_attempts tries while backend_retry_deadline has not passed, a transient
         failure followed by a random wait of up to 50 ms, doubling each time, at most 1 s ("full jitter":
         retries from many turns do not arrive together). A plain loop: a retry library's bookkeeping
         cost more CPU on every call than the call's own retry logic."""
         settings = self._settings
         give_up_at = time.monotonic() + settings.backend_retry_deadline
-        headers = {"content-type": "application/json", **headers}
         attempt = 1
         while True:
             try:
-                response = await self._http().post(path.lstrip("/"), data=body, headers=headers)
+                response = await self._pool.request(b"POST", path, body, headers)
                 if response.status in _TRANSIENT_STATUS:
-                    detail = _error_body(response.status, await response.read()).message
-                    response.release()
+                    try:
+                        detail = _error_body(response.status, await response.read()).message
+                    finally:
+                        response.release()
                     raise _TransientStatus(response.status, detail)
                 return response
-            except (*_UNREACHABLE, _TransientStatus):
+            except (Unreachable, _TransientStatus):
                 if attempt >= settings.backend_retry_attempts or time.monotonic() >= give_up_at:
                     raise
             await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** (attempt - 1))))
@@ -534,7 +516,7 @@ class BackendClient:
                 return _Reply(response.status, response.headers, await response.read())
             except TimeoutError:
                 raise BackendTimeout("The model backend did not answer in time.") from None
-            except aiohttp.ClientError as exc:
+            except TransportError as exc:
                 raise _failed("The model backend failed.", f"{self.base_url}{path}: {exc!r}") from None
             finally:
                 response.release()
@@ -595,16 +577,16 @@ class BackendClient:
         # The stream gives the slot back when it is closed.
         return ChatStream(self, str(body.get("model")), response, len(payload), started, self._slots.release)
 
-    async def _open_stream(
-        self, path: str, payload: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
+    async def _open_stream(self, path: str, payload: bytes, headers: dict[str, str]) -> Response:
         """Take a slot and send; the error of a refused request raises here, with the slot given back."""
         await self._acquire()
         try:
             response = await self._send(path, payload, headers)
             if response.status >= 400:
-                error_body = await response.read()
-                response.release()
+                try:
+                    error_body = await response.read()
+                finally:
+                    response.release()
                 self._raise_for_status(response.status, error_body)
         except BaseException:
             self._slots.release()
@@ -671,16 +653,20 @@ class BackendClient:
     async def _refresh_models(self, seconds: float | None = None) -> None:
         cards: list[Any] = []
         try:
-            timeout = aiohttp.ClientTimeout(total=seconds or self._settings.backend_connect_timeout)
-            async with self._http().get("v1/models", timeout=timeout) as response:
-                if response.status in (401, 403):
-                    self._models_status = "unauthorized"
-                elif response.status >= 400:
-                    self._models_status = f"http_{response.status}"
-                else:
-                    cards = orjson.loads(await response.read()).get("data") or []
-                    self._models_status = "ok"
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(seconds or self._settings.backend_connect_timeout):
+                response = await self._pool.request(b"GET", "/v1/models")
+                try:
+                    body = await response.read()
+                finally:
+                    response.release()
+            if response.status in (401, 403):
+                self._models_status = "unauthorized"
+            elif response.status >= 400:
+                self._models_status = f"http_{response.status}"
+            else:
+                cards = orjson.loads(body).get("data") or []
+                self._models_status = "ok"
+        except (Unreachable, TransportError, TimeoutError):
             self._models_status = "unreachable"
         except (ValueError, AttributeError):
             self._models_status = "malformed"
