@@ -3,7 +3,22 @@ in `backend_miss:*` means the cache path stopped paying."""
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+@functools.cache
+def labelled(metric: M, *values: str) -> M:
+    """`metric.labels(*values)`, made once per label values: `labels` checks and locks on every call, and
+    the request path counts several metrics per request. Label values are as bounded as the metric's own
+    children, which prometheus keeps anyway."""
+    return metric.labels(*values)
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 

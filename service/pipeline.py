@@ -582,7 +582,7 @@ class Pipeline:
     async def _chain_history(self, tenant: str, response_id: str) -> Sequence[Segment]:
         """The history through a stored response: as kept by this process, or read (and kept)."""
         kept = self.histories.get(tenant, response_id)
-        metrics.kept_histories.labels("miss" if kept is None else "hit").inc()
+        metrics.labelled(metrics.kept_histories, "miss" if kept is None else "hit").inc()
         if kept is not None:
             return kept
         read = await self.responses.history(tenant, response_id)
@@ -909,8 +909,8 @@ def _client_message(exc: BaseException) -> str:
 
 
 def _count(reply: ChatReply, decision: Decision) -> None:
-    metrics.decisions.labels(decision.path, decision.label).inc()
-    metrics.bytes_forwarded.labels(decision.path).inc(reply.bytes_sent)
+    metrics.labelled(metrics.decisions, decision.path, decision.label).inc()
+    metrics.labelled(metrics.bytes_forwarded, decision.path).inc(reply.bytes_sent)
     metrics.prompt_tokens.inc(reply.prompt_tokens)
     metrics.cached_tokens.inc(reply.cached_tokens)
 

@@ -68,8 +68,9 @@ class RequestAccounting:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             method = scope["method"]
-            metrics.requests.labels(method, path, str(status)).inc()
-            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - stats.started)
+            metrics.labelled(metrics.requests, method, path, str(status)).inc()
+            elapsed = time.perf_counter() - stats.started
+            metrics.labelled(metrics.request_seconds, method, path).observe(elapsed)
             metrics.db_seconds.observe(stats.db_seconds)
             metrics.backend_seconds.observe(stats.backend_seconds)
 
