@@ -33,7 +33,14 @@ CONTRADICTED = "append_unsafe_observed"
 
 
 def pack(token_ids: Sequence[int]) -> bytes:
-    return zlib.compress(pack_tokens(token_ids), COMPRESSION_LEVEL)
+    data = pack_tokens(token_ids)
+    # zlib sets up and clears its window and hash table on every call: 256 KiB at its defaults, which for
+    # a turn's few hundred ids cost several times the compressing. A window no larger than the data (at
+    # least zlib's smallest, 512 bytes) and a hash table to match compress as well, or within a few per
+    # cent; `unpack` reads any window size.
+    window_bits = min(15, max(9, (len(data) - 1).bit_length()))
+    packer = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, window_bits, max(1, window_bits - 7))
+    return packer.compress(data) + packer.flush()
 
 
 def unpack(blob: bytes) -> list[int]:
