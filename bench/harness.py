@@ -571,9 +571,15 @@ def _provision(database_url: str, source: Path | None) -> str:
 
 
 def launch_service_from(
-    source: Path | None, database_url: str, backend_url: str, mode: str, settings: Mapping[str, object]
+    source: Path | None,
+    database_url: str,
+    backend_url: str,
+    mode: str,
+    settings: Mapping[str, object],
+    wrapper: Sequence[str] = (),
 ) -> Process:
-    """`launch_service` of the service at `source` (another revision's tree), or this checkout's (None)."""
+    """`launch_service` of the service at `source` (another revision's tree), or this checkout's (None);
+    `wrapper` runs it under another program (valgrind, for `bench.instructions`)."""
     api_key = _provision(database_url, source)
     port = free_port()
     env = {
@@ -583,7 +589,8 @@ def launch_service_from(
         **{f"CONVSTATE_{key.upper()}": str(value) for key, value in settings.items()},
         **({"PYTHONPATH": str(source)} if source is not None else {}),
     }
-    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    serve = ["-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    args = [*wrapper, sys.executable, *serve]
     service = Process("service", args, env, port, "/readyz", cwd=source)
     service.api_key = api_key
     return service

@@ -4,7 +4,11 @@ their summaries (deep against shallow, this checkout against a baseline)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pytest
+
+from bench import instructions
 from bench.depth import DEEP, RoundTurn, Side, paired, probe, summarize_paired, summarize_probe
 from bench.harness import Turn
 
@@ -147,3 +151,14 @@ def test_paired_summary_sets_each_round_s_current_turn_against_its_baseline_turn
     assert summary["statements"]["median_current_over_baseline"] == 1.0
     assert "service_cpu_ms" not in summary
     assert summary["decisions"] == {"current": {HIT: 40}, "baseline": {HIT: 40}}
+
+
+def test_instructions_are_read_from_the_dump_summary(tmp_path: Path) -> None:
+    dump = tmp_path / "callgrind.out.1.1"
+    dump.write_text(
+        "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 307554167\ntotals: 360155649\n"
+    )
+    assert instructions.summary(dump) == 307_554_167
+    dump.write_text("events: Ir\ntotals: 1\n")
+    with pytest.raises(ValueError):
+        instructions.summary(dump)
