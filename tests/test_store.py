@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -147,6 +149,26 @@ async def test_turn_is_all_or_nothing(engine: AsyncEngine) -> None:
     assert await store.get(tenant, duplicate.id) is None
 
 
+async def _statement_cost(
+    engine: AsyncEngine, matching: list[str], not_matching: list[str] | None = None
+) -> tuple[int, int]:
+    """Calls, and buffers touched (hit or read), of the statements pg_stat_statements recorded on the
+    engine's database since its last reset whose text is LIKE every one of `matching` and none of
+    `not_matching`."""
+    async with engine.connect() as conn:
+        calls, blocks = (
+            await conn.execute(
+                text(
+                    "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
+                    " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    " AND query LIKE ALL(:matching) AND NOT query LIKE ANY(:not_matching)"
+                ),
+                {"matching": matching, "not_matching": not_matching or []},
+            )
+        ).one()
+    return int(calls), int(blocks)
+
+
 async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEngine) -> None:
     """On Postgres the history walks its lineage's threads and reads each thread's items by index: the
     buffers it touches follow the history, not the size of the items table (joined, Postgres scanned all
@@ -187,16 +209,7 @@ async def test_the_history_reads_its_own_items_not_the_table(pg_engine: AsyncEng
         await conn.commit()
     for _ in range(2):
         assert _texts(await store.history(tenant, leaf.id)) == ["a", "re: a", "b", "re: b", "c", "re: c"]
-    async with pg_engine.connect() as conn:
-        calls, blocks = (
-            await conn.execute(
-                text(
-                    "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
-                    " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                    " AND query LIKE '%WITH RECURSIVE threads%' AND query NOT LIKE '%invalidations%'"
-                )
-            )
-        ).one()
+    calls, blocks = await _statement_cost(pg_engine, ["%WITH RECURSIVE threads%"], ["%invalidations%"])
     assert calls == 2 and pages >= 40
     assert blocks / calls < 30, (blocks, pages)
 
@@ -228,17 +241,8 @@ async def test_input_items_cost_does_not_grow_with_depth(pg_engine: AsyncEngine)
         finally:
             counter.close()
         assert found is not None and found[0] and len(found[1]) == 10
-        async with pg_engine.connect() as conn:
-            # The listing's statement walks the lineage and reads conversation positions; no other does.
-            calls, blocks = (
-                await conn.execute(
-                    text(
-                        "SELECT sum(calls), sum(shared_blks_hit + shared_blks_read) FROM pg_stat_statements"
-                        " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                        " AND query LIKE '%WITH RECURSIVE%' AND query LIKE '%conversation_position%'"
-                    )
-                )
-            ).one()
+        # The listing's statement walks the lineage and reads conversation positions; no other does.
+        calls, blocks = await _statement_cost(pg_engine, ["%WITH RECURSIVE%", "%conversation_position%"])
         assert calls == counter.count
         return counter.count, int(blocks)
 
@@ -279,17 +283,25 @@ async def _served_by(engine: AsyncEngine, sql: str = _BACKEND_PID) -> int:
     return int((await fetch(engine, sql))[0][0])
 
 
+@asynccontextmanager
+async def _one_connection(url: str, pool_timeout: float = 30.0) -> AsyncIterator[AsyncEngine]:
+    """An engine whose statement pool has one connection; none is left in use at the end."""
+    engine = create_engine(url, pool_size=1, pool_timeout=pool_timeout)
+    try:
+        yield engine
+        assert connections_in_use(engine) == 0
+    finally:
+        await dispose(engine)
+
+
 async def test_statement_pool_keeps_a_connection_whose_statement_the_server_refused(
     migrated_urls: dict[str, str],
 ) -> None:
-    engine = create_engine(migrated_urls["postgres"], pool_size=1)
-    try:
+    async with _one_connection(migrated_urls["postgres"]) as engine:
         before = await _served_by(engine)
         with pytest.raises(asyncpg.DivisionByZeroError):
             await fetch(engine, "SELECT 1 / 0")
         assert await _served_by(engine) == before
-    finally:
-        await dispose(engine)
 
 
 async def test_statement_pool_closes_a_connection_whose_statement_was_cancelled(
@@ -297,8 +309,7 @@ async def test_statement_pool_closes_a_connection_whose_statement_was_cancelled(
 ) -> None:
     """A cancelled statement leaves its connection mid-exchange: a new one serves the next caller, who
     was waiting for the only slot."""
-    engine = create_engine(migrated_urls["postgres"], pool_size=1)
-    try:
+    async with _one_connection(migrated_urls["postgres"]) as engine:
         before = await _served_by(engine)
         cancelled = asyncio.ensure_future(fetch(engine, "SELECT pg_sleep(10)"))
         await asyncio.sleep(0.2)
@@ -308,30 +319,22 @@ async def test_statement_pool_closes_a_connection_whose_statement_was_cancelled(
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         assert await asyncio.wait_for(waiting, 5) != before
-        assert connections_in_use(engine) == 0
-    finally:
-        await dispose(engine)
 
 
 async def test_statement_pool_hands_its_connection_to_each_waiting_caller_in_turn(
     migrated_urls: dict[str, str],
 ) -> None:
-    engine = create_engine(migrated_urls["postgres"], pool_size=1)
-    try:
+    async with _one_connection(migrated_urls["postgres"]) as engine:
         served = await asyncio.gather(
             *(_served_by(engine, "SELECT pg_backend_pid() FROM pg_sleep(0.05)") for _ in range(4))
         )
         assert len(set(served)) == 1
-        assert connections_in_use(engine) == 0
-    finally:
-        await dispose(engine)
 
 
 async def test_statement_pool_gives_up_on_a_wait_after_the_pool_timeout(
     migrated_urls: dict[str, str],
 ) -> None:
-    engine = create_engine(migrated_urls["postgres"], pool_size=1, pool_timeout=0.2)
-    try:
+    async with _one_connection(migrated_urls["postgres"], pool_timeout=0.2) as engine:
         busy = asyncio.ensure_future(fetch(engine, "SELECT pg_sleep(0.6)"))
         await asyncio.sleep(0.1)
         with pytest.raises(TimeoutError):
@@ -339,6 +342,3 @@ async def test_statement_pool_gives_up_on_a_wait_after_the_pool_timeout(
         await busy
         # The caller that gave up left nothing behind: the connection goes to the next caller.
         assert await _served_by(engine) > 0
-        assert connections_in_use(engine) == 0
-    finally:
-        await dispose(engine)
