@@ -111,9 +111,9 @@ class Settings(BaseSettings):
     websocket_allowed_origins: str = ""
     # `store: false` responses a WebSocket connection keeps, so `previous_response_id` continues them on
     # that connection (oldest out first; 0: none).
+    websocket_cached_responses: int = Field(16, ge=0, le=1024)
     # Chain histories kept in the process for full-path turns (service/domain/histories.py); 0: none.
     history_cache_bytes: int = Field(64 * 1024**2, ge=0)
-    websocket_cached_responses: int = Field(16, ge=0, le=1024)
 
     log_level: str = "info"
 

@@ -87,10 +87,6 @@ def note_cache(result: str) -> None:
         stats.cache = result
 
 
-def in_database() -> AbstractContextManager[None]:
-    return _Timed(db=True)
-
-
 def in_backend() -> AbstractContextManager[None]:
     return _Timed(db=False)
 
