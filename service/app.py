@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import (
@@ -20,7 +22,7 @@ from service.api import (
     prefixes,
     responses,
 )
-from service.api.direct import DirectDispatch, DirectRoute
+from service.api.direct import DirectDispatch, DirectRoute, LastResort
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
@@ -139,7 +141,15 @@ def create_app(settings: Settings) -> FastAPI:
             await dispose(engine)
             await dispose(feed_engine)
 
-    app = FastAPI(title="convstate", version=__version__, lifespan=lifespan)
+    app = ConvstateAPI(
+        max_request_bytes=settings.max_request_bytes,
+        title="convstate",
+        version=__version__,
+        lifespan=lifespan,
+        # FastAPI's native OpenTelemetry checks for configured providers on every request; off, that check
+        # is a flag. CONVSTATE_OPENTELEMETRY turns it on (docs/operations.md).
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.settings = settings
     errors.install(app)
     routers = (
@@ -151,13 +161,31 @@ def create_app(settings: Settings) -> FastAPI:
         admin.router,
         admin_replay.router,
     )
-    for router in routers:
-        app.include_router(router)
-    direct = [route for router in routers for route in router.routes if isinstance(route, DirectRoute)]
-    # Middleware added last runs first: the request's accounting wraps the direct dispatch.
-    app.add_middleware(DirectDispatch, routes=direct)
-    app.add_middleware(RequestAccounting, max_request_bytes=settings.max_request_bytes)
+    app.include_routers(routers)
     return app
+
+
+class ConvstateAPI(FastAPI):
+    """FastAPI with convstate's two layers outermost: the request's accounting around everything (so the
+    last-resort 500 too carries the request id and is counted), then the direct dispatch of the turn's
+    route (api/direct.py), in front of FastAPI's own middleware."""
+
+    def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.max_request_bytes = max_request_bytes
+        self._direct: list[DirectRoute] = []
+
+    def include_routers(self, routers: Sequence[APIRouter]) -> None:
+        """Include each router, and note its direct routes (the app keeps an included router whole, so
+        they are found here, not among the app's routes)."""
+        for router in routers:
+            self.include_router(router)
+            self._direct.extend(route for route in router.routes if isinstance(route, DirectRoute))
+
+    def build_middleware_stack(self) -> ASGIApp:
+        last_resort = cast(LastResort, self.exception_handlers[Exception])
+        dispatch = DirectDispatch(super().build_middleware_stack(), self._direct, last_resort)
+        return RequestAccounting(dispatch, self.max_request_bytes)
 
 
 def app_from_environment() -> FastAPI:

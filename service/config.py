@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     history_cache_bytes: int = Field(64 * 1024**2, ge=0)
 
     log_level: str = "info"
+    # FastAPI's native OpenTelemetry spans and metrics per request, sent to the providers the process has
+    # (opentelemetry-instrument, FASTAPI_OTEL_AUTO_CONFIGURE). Off: no per-request check for them.
+    opentelemetry: bool = False
 
     @field_validator("database_url")
     @classmethod

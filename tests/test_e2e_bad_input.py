@@ -260,3 +260,33 @@ def test_chunked_body_over_the_limit_gets_413(service_factory: Any, backend_admi
         "/v1/responses", content=_chunks(1024), headers={"content-type": "application/json"}
     )
     assert fits.status_code == 200, fits.text
+
+
+def test_an_unexpected_error_is_a_500_without_its_text_and_logged_with_the_request_id(
+    service: Service, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last resort, on the turn's direct route and on a route FastAPI dispatches: OpenAI's envelope,
+    nothing of the exception, the request's id in the reply and in the logged traceback."""
+    secret = "postgresql://internal:5432 exploded"
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(service.app.state.pipeline, "create", broken)
+    monkeypatch.setattr(service.app.state.conversations, "create", broken)
+    http = service.http()
+    for path, body in (("/v1/responses", {"model": MODEL, "input": "x"}), ("/v1/conversations", {})):
+        caplog.clear()
+        reply = http.post(path, json=body, headers={"x-request-id": f"req-broken{len(path)}"})
+        assert reply.status_code == 500, path
+        assert _error(reply) == {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert secret not in reply.text
+        assert reply.headers["x-request-id"] == f"req-broken{len(path)}"
+        # (The server may log the exception too, on a route FastAPI dispatches; that line is its own.)
+        logged = [record for record in caplog.records if record.name == "convstate.api" and record.exc_info]
+        assert [getattr(record, "request_id", None) for record in logged] == [f"req-broken{len(path)}"], path

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from opentelemetry import trace
+
+from service.api.direct import DirectDispatch
+from service.api.middleware import RequestAccounting
 from tests.conftest import Service
 
 
@@ -15,3 +21,48 @@ def test_metrics_count_decisions_and_routes(service: Service) -> None:
     # A turn is served straight from the front door (service/api/direct.py), still under its route.
     assert 'convstate_requests_total{method="POST",route="/v1/responses",status="200"}' in text
     assert "convstate_backend_bytes_sent_total" in text and "convstate_stage_seconds_bucket" in text
+
+
+def test_the_turns_route_is_dispatched_directly_inside_the_accounting(service: Service) -> None:
+    """The request's accounting is the app's outermost layer, and it hands a turn to the direct dispatch
+    (service/api/direct.py), which knows the turn's route: no router or FastAPI middleware in between."""
+    service.openai().responses.create(model="ref-chatml", input="built")  # the stack is built on first use
+    stack = service.app.middleware_stack
+    assert isinstance(stack, RequestAccounting) and isinstance(stack.app, DirectDispatch)
+    assert stack.app.routes() == [("POST", "/v1/responses")]
+
+
+class _ServerSpans(trace.TracerProvider):
+    """An OpenTelemetry tracer provider that notes the server spans started through it, as (port, path)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, object]] = []
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _NotingTracer(self.seen)
+
+
+class _NotingTracer(trace.NoOpTracer):
+    def __init__(self, seen: list[tuple[object, object]]) -> None:
+        self._seen = seen
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+        if kwargs.get("kind") is trace.SpanKind.SERVER:
+            attributes = kwargs.get("attributes") or {}
+            self._seen.append((attributes.get("server.port"), attributes.get("url.path")))
+        return super().start_span(name, *args, **kwargs)
+
+
+def test_opentelemetry_spans_only_when_asked_for(service_factory: Any) -> None:
+    """With providers configured in the process, FastAPI's native telemetry makes a span per request
+    when CONVSTATE_OPENTELEMETRY is on, and none when it is off (the default)."""
+    spans = _ServerSpans()
+    # The process's provider, for good: services with the setting off ignore it (the reference backend,
+    # a FastAPI app in this process too, does not, so spans are told apart by port).
+    trace.set_tracer_provider(spans)
+    for on in (True, False):
+        service = service_factory(opentelemetry=on)
+        port = int(service.url.rsplit(":", 1)[1])
+        spans.seen.clear()
+        service.openai().responses.create(model="ref-chatml", input="traced?")
+        assert [path for at, path in spans.seen if at == port] == (["/v1/responses"] if on else [])

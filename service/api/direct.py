@@ -58,21 +58,30 @@ class DirectRoute(CheckedRoute):
         return direct
 
 
+LastResort = Callable[[Request, Exception], Awaitable[Response]]
+
+
 class DirectDispatch:
-    """ASGI middleware that hands a request for a DirectRoute to its handler itself. FastAPI's own way
-    there (exception and exit-stack middleware, the router's matching over every route, the route's
-    request/response wrapper) cost a turn several times what this lookup does. The route's errors are
-    answered as the app's handlers answer them: a ConvstateError in its envelope here, anything else
-    raised on to the app's last-resort handler (a logged 500). A path this does not know, such as one
+    """ASGI middleware, in front of FastAPI's own, that hands a request for a DirectRoute to its handler
+    itself. FastAPI's way there (its error, telemetry and body-limit middleware, the router's matching
+    over every route, the route's request/response wrapper) cost a turn several times what this lookup
+    does. The route's errors are answered as the app's handlers answer them: a ConvstateError in its
+    envelope, anything else by `last_resort`, the app's handler for `Exception` (a logged 500), which
+    FastAPI would have called from its outermost middleware. A path this does not know, such as one
     under a `root_path`, goes through FastAPI to the same route."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[DirectRoute]) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[DirectRoute], last_resort: LastResort) -> None:
         self.app = app
         self._routes = {
             (method, route.path): (route, route.get_route_handler())
             for route in routes
             for method in route.methods or ()
         }
+        self._last_resort = last_resort
+
+    def routes(self) -> list[tuple[str, str]]:
+        """The (method, path) pairs this serves."""
+        return list(self._routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = self._routes.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
@@ -81,8 +90,11 @@ class DirectDispatch:
             return
         route, handler = found
         scope["route"] = route  # as FastAPI records it: the request metrics are labelled by its path
+        request = Request(scope, receive)
         try:
-            response = await handler(Request(scope, receive))
+            response = await handler(request)
         except ConvstateError as exc:
             response = convstate_error_response(exc)
+        except Exception as exc:
+            response = await self._last_resort(request, exc)
         await response(scope, receive, send)
