@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -127,6 +128,11 @@ def create_app(settings: Settings) -> FastAPI:
                 )
             ),
         ]
+        # What imports and start-up made lives as long as the process. Frozen, the collector never walks it
+        # again: left in the oldest generation, it made the first full collection while serving a pause of
+        # about 0.1 s (160,000 objects), and every later one as long.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from opentelemetry import trace
@@ -66,3 +67,9 @@ def test_opentelemetry_spans_only_when_asked_for(service_factory: Any) -> None:
         spans.seen.clear()
         service.openai().responses.create(model="ref-chatml", input="traced?")
         assert [path for at, path in spans.seen if at == port] == (["/v1/responses"] if on else [])
+
+
+def test_what_start_up_made_is_out_of_the_collectors_reach(service: Service) -> None:
+    """A full collection while serving walks what serving made, not the app, its pools and what imports
+    made: the service freezes those once started (service/app.py)."""
+    assert all(tracked is not service.app for tracked in gc.get_objects())
