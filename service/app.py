@@ -27,7 +27,7 @@ from service.api.direct import DirectDispatch, DirectRoute, LastResort
 from service.api.middleware import RequestAccounting
 from service.backends.client import BackendClient
 from service.config import AuthMode, Settings, load_settings
-from service.logs import configure_logging
+from service.logs import AccessLog, configure_logging
 from service.pipeline import Pipeline
 from service.prefixes import Prefixes
 from service.proxy import Proxy
@@ -146,6 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
             await backend.aclose()
             await dispose(engine)
             await dispose(feed_engine)
+            if isinstance(app, ConvstateAPI):
+                app.access_log.flush()  # the last requests' lines
 
     app = ConvstateAPI(
         max_request_bytes=settings.max_request_bytes,
@@ -179,6 +181,7 @@ class ConvstateAPI(FastAPI):
     def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
         super().__init__(**options)
         self.max_request_bytes = max_request_bytes
+        self.access_log = AccessLog()
         self._direct: list[DirectRoute] = []
 
     def include_routers(self, routers: Sequence[APIRouter]) -> None:
@@ -191,7 +194,7 @@ class ConvstateAPI(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         last_resort = cast(LastResort, self.exception_handlers[Exception])
         dispatch = DirectDispatch(super().build_middleware_stack(), self._direct, last_resort)
-        return RequestAccounting(dispatch, self.max_request_bytes)
+        return RequestAccounting(dispatch, self.max_request_bytes, self.access_log)
 
 
 def app_from_environment() -> FastAPI:

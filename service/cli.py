@@ -62,11 +62,17 @@ def serve(
             port=settings.port,
             log_level=settings.log_level,
             log_config=None,
+            access_log=False,  # the service writes its own (service/logs.py)
         )
         return
     service = create_app(settings)
     config = uvicorn.Config(
-        service, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None
+        service,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,  # the service writes its own (service/logs.py)
     )
     DrainingServer(config, lambda: service.state.pipeline.drain(settings.shutdown_grace_seconds)).run()
 

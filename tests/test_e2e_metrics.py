@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gc
+import logging
 from typing import Any
 
+import pytest
 from opentelemetry import trace
 
 from service.api.direct import DirectDispatch
 from service.api.middleware import RequestAccounting
-from tests.conftest import Service
+from service.serving import ServerThread
+from tests.conftest import Service, start_service
 
 
 def test_metrics_count_decisions_and_routes(service: Service) -> None:
@@ -73,3 +76,25 @@ def test_what_start_up_made_is_out_of_the_collectors_reach(service: Service) -> 
     """A full collection while serving walks what serving made, not the app, its pools and what imports
     made: the service freezes those once started (service/app.py)."""
     assert all(tracked is not service.app for tracked in gc.get_objects())
+
+
+def test_each_request_has_an_access_line_by_shutdown_at_the_latest(
+    migrated_urls: dict[str, str], reference_backend: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's own access log (service/logs.py), one line per request under its request id; lines
+    still waiting for their batch are written when the service stops."""
+    caplog.set_level(logging.INFO, logger="convstate.access")
+    service = start_service(migrated_urls["postgres"], reference_backend.url)
+    try:
+        http = service.http()
+        turn = http.post("/v1/responses", json={"model": "ref-chatml", "input": "logged"})
+        missing = http.get("/v1/responses/resp_missing")
+    finally:
+        service.server.stop()
+    lines = {
+        record.__dict__["request_id"]: record.getMessage()
+        for record in caplog.records
+        if record.name == "convstate.access"
+    }
+    assert lines[turn.headers["x-request-id"]] == "POST /v1/responses 200"
+    assert lines[missing.headers["x-request-id"]] == "GET /v1/responses/resp_missing 404"

@@ -1,6 +1,7 @@
 """Request accounting as pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path): a request
-id (taken from `x-request-id` or made), a Server-Timing header with db, backend and total, and the
-request size limit, counted on the bytes as they arrive (a chunked body declares no length)."""
+id (taken from `x-request-id` or made), a Server-Timing header with db, backend and total, the request
+size limit, counted on the bytes as they arrive (a chunked body declares no length), the request metrics
+and the access log's line (service/logs.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics, observe
 from service.api.errors import convstate_error_response
 from service.errors import RequestTooLarge
+from service.logs import AccessLog
 
 
 class RequestAccounting:
-    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_request_bytes: int, access: AccessLog) -> None:
         self.app = app
         self.max_request_bytes = max_request_bytes
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # A line when the connection ends; its turns are accounted for one by one (api/responses.py).
+            started = time.perf_counter()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                elapsed = time.perf_counter() - started
+                self.access.add(
+                    "WEBSOCKET", scope["path"], 101, elapsed, _request_id(scope), scope.get("client")
+                )
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # A request id only has to be unique, not unguessable: no read of the system's randomness.
-        request_id = _header(scope, b"x-request-id") or f"req_{random.getrandbits(128):032x}"
+        request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         stats = observe.RequestStats(request_id)
         token = observe.current.set(stats)
@@ -73,6 +86,12 @@ class RequestAccounting:
             metrics.labelled(metrics.request_seconds, method, path).observe(elapsed)
             metrics.db_seconds.observe(stats.db_seconds)
             metrics.backend_seconds.observe(stats.backend_seconds)
+            self.access.add(method, scope["path"], status, elapsed, request_id, scope.get("client"))
+
+
+def _request_id(scope: Scope) -> str:
+    # A request id only has to be unique, not unguessable: no read of the system's randomness.
+    return _header(scope, b"x-request-id") or f"req_{random.getrandbits(128):032x}"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
