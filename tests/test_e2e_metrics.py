@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from typing import Any
 
 import pytest
 from opentelemetry import trace
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+from websockets.typing import Origin
 
 from service.api.direct import DirectDispatch
 from service.api.middleware import RequestAccounting
@@ -89,6 +93,18 @@ def test_each_request_has_an_access_line_by_shutdown_at_the_latest(
         http = service.http()
         turn = http.post("/v1/responses", json={"model": "ref-chatml", "input": "logged"})
         missing = http.get("/v1/responses/resp_missing")
+        socket = service.url.replace("http://", "ws://") + "/v1/responses"
+        headers = {"authorization": f"Bearer {service.api_key}"}
+        for origin, request_id in (
+            (None, "req-socket-accepted"),
+            ("https://elsewhere.example", "req-socket-refused"),
+        ):
+            with contextlib.suppress(InvalidStatus):  # the cross-origin page is refused
+                connect(
+                    socket,
+                    origin=Origin(origin) if origin else None,
+                    additional_headers={**headers, "x-request-id": request_id},
+                ).close()
     finally:
         service.server.stop()
     lines = {
@@ -98,3 +114,5 @@ def test_each_request_has_an_access_line_by_shutdown_at_the_latest(
     }
     assert lines[turn.headers["x-request-id"]] == "POST /v1/responses 200"
     assert lines[missing.headers["x-request-id"]] == "GET /v1/responses/resp_missing 404"
+    assert lines["req-socket-accepted"] == "WEBSOCKET /v1/responses 101"
+    assert lines["req-socket-refused"] == "WEBSOCKET /v1/responses 403"

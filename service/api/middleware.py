@@ -25,15 +25,7 @@ class RequestAccounting:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # A line when the connection ends; its turns are accounted for one by one (api/responses.py).
-            started = time.perf_counter()
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                elapsed = time.perf_counter() - started
-                self.access.add(
-                    "WEBSOCKET", scope["path"], 101, elapsed, _request_id(scope), scope.get("client")
-                )
+            await self._websocket(scope, receive, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -87,6 +79,27 @@ class RequestAccounting:
             metrics.db_seconds.observe(stats.db_seconds)
             metrics.backend_seconds.observe(stats.backend_seconds)
             self.access.add(method, scope["path"], status, elapsed, request_id, scope.get("client"))
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A line when the connection ends, with the status of its handshake: 101 when accepted, 403 when
+        closed before (as the server answers then). Its turns are accounted for one by one
+        (api/responses.py)."""
+        started = time.perf_counter()
+        status = 403
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "websocket.accept":
+                status = 101
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.access.add(
+                "WEBSOCKET", scope["path"], status, elapsed, _request_id(scope), scope.get("client")
+            )
 
 
 def _request_id(scope: Scope) -> str:
