@@ -259,8 +259,13 @@ class PromptCache:
         text = self.renderer.decode(output, skip_special_tokens=True)
         if getattr(handler, "parser_cls", None) is None:
             return reply_message(text, None, [])
-        parser = handler._make_parser(
-            request, self.renderer.tokenizer, handler._effective_chat_template_kwargs(request)
+        # As vLLM's chat handler makes its parser for a request, from public parts: the handler's parser
+        # class and model config, and the template arguments the renderer renders the request with.
+        parser = handler.parser_cls(
+            self.renderer.tokenizer,
+            request.tools,
+            chat_template_kwargs=self.renderer.online.effective_chat_template_kwargs(request),
+            model_config=handler.model_config,
         )
         parser.set_prompt_token_ids(prompt)
         reasoning, content, calls = parser.parse(
