@@ -295,6 +295,7 @@ def test_config_values_reach_the_service(monkeypatch: pytest.MonkeyPatch) -> Non
         "reseed": "render",
         "websocketCachedResponses": 0,
         "replayTtlSeconds": 30 * 86400,
+        "opentelemetry": True,
     }
     values = merged(MINIMAL, {"config": config})
     manifests = _chart().render(values=values, name=RELEASE, namespace=NAMESPACE)
@@ -306,6 +307,7 @@ def test_config_values_reach_the_service(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.replay_max_bytes == 4 * 1024**3 and settings.stream_events_max == 1_000_000
     assert settings.token_artifacts is False and settings.reseed is ReseedMode.RENDER
     assert settings.websocket_cached_responses == 0 and settings.replay_ttl_seconds == 30 * 86400
+    assert settings.opentelemetry is True
 
 
 def test_probes_and_ports() -> None:
