@@ -146,11 +146,12 @@ def create_app(settings: Settings) -> FastAPI:
             await backend.aclose()
             await dispose(engine)
             await dispose(feed_engine)
-            if isinstance(app, ConvstateAPI):
-                app.access_log.flush()  # the last requests' lines
+            access_log.flush()  # the last requests' lines
 
+    access_log = AccessLog()
     app = ConvstateAPI(
         max_request_bytes=settings.max_request_bytes,
+        access_log=access_log,
         title="convstate",
         version=__version__,
         lifespan=lifespan,
@@ -178,10 +179,10 @@ class ConvstateAPI(FastAPI):
     last-resort 500 too carries the request id and is counted), then the direct dispatch of the turn's
     route (api/direct.py), in front of FastAPI's own middleware."""
 
-    def __init__(self, *, max_request_bytes: int, **options: Any) -> None:
+    def __init__(self, *, max_request_bytes: int, access_log: AccessLog, **options: Any) -> None:
         super().__init__(**options)
         self.max_request_bytes = max_request_bytes
-        self.access_log = AccessLog()
+        self.access_log = access_log
         self._direct: list[DirectRoute] = []
 
     def include_routers(self, routers: Sequence[APIRouter]) -> None:

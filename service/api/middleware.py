@@ -82,7 +82,7 @@ class RequestAccounting:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A line when the connection ends, with the status of its handshake: 101 when accepted, 403 when
-        closed before (as the server answers then). Its turns are accounted for one by one
+        closed before (as the server answers then). Each of its turns has a request id of its own
         (api/responses.py)."""
         started = time.perf_counter()
         status = 403
@@ -102,9 +102,13 @@ class RequestAccounting:
             )
 
 
-def _request_id(scope: Scope) -> str:
+def new_request_id() -> str:
     # A request id only has to be unique, not unguessable: no read of the system's randomness.
-    return _header(scope, b"x-request-id") or f"req_{random.getrandbits(128):032x}"
+    return f"req_{random.getrandbits(128):032x}"
+
+
+def _request_id(scope: Scope) -> str:
+    return _header(scope, b"x-request-id") or new_request_id()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

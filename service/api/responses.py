@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from service.api.deps import Caller, authenticate, current_tenant, pipeline, res
 from service.api.direct import DirectRoute
 from service.api.errors import convstate_error_response, error_responses, validation_error
 from service.api.json import JSONBody
+from service.api.middleware import new_request_id
 from service.api.objects import list_object, response_object
 from service.api.schemas import (
     UNSUPPORTED_FIELDS,
@@ -268,7 +268,7 @@ async def responses_socket(websocket: WebSocket) -> None:
                 body = CreateResponseBody.model_validate(fields)
             except ValidationError as exc:
                 raise validation_error(exc) from None
-            request_id = f"req_{uuid.uuid4().hex}"
+            request_id = new_request_id()
             previous = body.previous_response_id
             request = turn_request(body, request_id, settings.max_input_items, kept.get(previous))
             stream = await turns.stream(tenant, request)
